@@ -1,9 +1,27 @@
 """Med3D-R1 model: 3D ViT encoder, adaptive pooling + Residual Alignment bridge, LLM wrapper, checkpoints.
 
-(The model sections are written above the runtime section below.)
+    volume (B, 1, X, Y, Z) -> ViT3D -> (B, N, C) -> Bridge: Conv3d pooling -> Linear+LN -> RAM gate eq. (2)-(3)
+    -> + position embedding -> LN -> (B, N_img, D), spliced into the LLM's input embeddings at each row's
+    N_img image placeholders.
+
+Deliberate choices (numbers in SPEC §2-4):
+1. ViT3D uses timm parameter names, so a published BrgSA_vision_encoder.pth loads with strict key matching.
+2. The text anchor of eq. (1) is the mean of the LLM's input-embedding rows over the real vocabulary, computed once
+   when the model is built, kept as a frozen buffer of the bridge and saved with it.
+3. Each row finds its own placeholder positions, so left and right padding are both correct; position ids come from
+   the attention mask, so a left-padded row scores exactly like the same row unpadded.
+4. generate() is a short hand-written loop: plain temperature sampling with a KV cache, G samples per prompt from one
+   image encoding, completions returned as the generated ids (never decoded and re-tokenised).
+5. The chat template's turn end (<|im_end|> for ChatML models) is the EOS everywhere; pad is a different token, but
+   masks are built from lengths, never from token values.
+6. A checkpoint is one directory — llm/ (Hugging Face format, tokenizer included), vision.safetensors,
+   bridge.safetensors (anchor included), config.json — written atomically and rebuilt by VLM.load(dir).
+
+The training runtime shared by the stages (DDP, schedule, atomic checkpoints) is the last section of this file.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -16,6 +34,510 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+try:  # optional, CUDA only
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+IMAGE_TOKEN = "<im_patch>"
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+# Tags of the targets and rewards; single tokens in the tiny LLM (ordinary text for Qwen2.5, which splits them).
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>", "<finding>", "</finding>", "<impression>", "</impression>"]
+
+VIT_PRESETS = {
+    "base": dict(img_size=(224, 224, 112), patch_size=(16, 16, 8), width=768, depth=12, heads=12, mlp_dim=3072),
+    "tiny": dict(img_size=(64, 64, 32), patch_size=(8, 8, 4), width=128, depth=4, heads=4, mlp_dim=512),
+}
+
+
+def sincos_pos_embed_3d(dim: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Fixed 3D sin-cos position embedding (gx*gy*gz, dim): a third of the channels per axis (sin half, cos half).
+
+    Token order is x-major, z fastest, like Conv3d(...).flatten(2). Channels left over when dim is not a multiple
+    of 6 are zero.
+    """
+    per_axis = dim // 6 * 2
+    omega = 1.0 / 10000 ** (torch.arange(per_axis // 2, dtype=torch.float64) / max(1, per_axis // 2))
+    coords = torch.meshgrid(*[torch.arange(g, dtype=torch.float64) for g in grid], indexing="ij")
+    parts = []
+    for c in coords:
+        angles = c.reshape(-1, 1) * omega  # (N, per_axis / 2)
+        parts += [angles.sin(), angles.cos()]
+    emb = torch.cat(parts, dim=1)
+    return F.pad(emb, (0, dim - emb.shape[1])).float()
+
+
+# =====================================================================================================================
+# Vision encoder: 3D ViT with timm names (SPEC §2)
+# =====================================================================================================================
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).unbind(2)  # each (B, N, H, hd)
+        if flash_attn_func is not None and x.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            out = flash_attn_func(q, k, v)  # (B, N, H, hd)
+        else:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        return self.proj(out.reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, mlp_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, mlp_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(mlp_dim, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, width: int, heads: int, mlp_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = Mlp(width, mlp_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: tuple[int, int, int], width: int):
+        super().__init__()
+        self.proj = nn.Conv3d(1, width, kernel_size=patch_size, stride=patch_size)
+
+
+class ViT3D(nn.Module):
+    """3D ViT: (B, 1, X, Y, Z) -> (B, gx*gy*gz, width), cls token dropped, after the final LayerNorm."""
+
+    def __init__(self, img_size, patch_size, width: int, depth: int, heads: int, mlp_dim: int):
+        super().__init__()
+        self.img_size, self.patch_size = tuple(img_size), tuple(patch_size)
+        if any(i % p for i, p in zip(self.img_size, self.patch_size)):
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        self.grid = tuple(i // p for i, p in zip(self.img_size, self.patch_size))
+        self.width = width
+        self.preset = dict(img_size=list(self.img_size), patch_size=list(self.patch_size), width=width, depth=depth,
+                           heads=heads, mlp_dim=mlp_dim)
+        self.grad_checkpointing = False  # set True to trade compute for activation memory when training the ViT
+        self.patch_embed = PatchEmbed(self.patch_size, width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        pos = torch.cat([torch.zeros(1, width), sincos_pos_embed_3d(width, self.grid)])  # cls row, then patches
+        self.pos_embed = nn.Parameter(pos.unsqueeze(0))  # (1, 1 + N, width)
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        nn.init.normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_preset(cls, name: str) -> "ViT3D":
+        return cls(**VIT_PRESETS[name])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != (1, *self.img_size):
+            raise ValueError(f"ViT3D expects (B, 1, {', '.join(map(str, self.img_size))}), got {tuple(x.shape)}")
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, C), x-major token order
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm(x)[:, 1:]  # (B, N, C)
+
+
+def load_vision_weights(vit: ViT3D, path: str | Path) -> ViT3D:
+    """Load BrgSA-layout encoder weights with strict key matching: .pth/.pt via torch.load(weights_only=True),
+    .safetensors via safetensors. A training checkpoint wrapping them under "state_dict" or "model" also works."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+    vit.load_state_dict(state, strict=True)
+    return vit
+
+
+def save_vision_weights(vit: ViT3D, path: str | Path) -> Path:
+    """Write the encoder as a BrgSA/timm-named safetensors file (atomically: a crash leaves the old file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(_cpu_state(vit), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+
+
+# =====================================================================================================================
+# Bridge: adaptive weighted pooling + Residual Alignment Mechanism (SPEC §3, paper eq. (1)-(3))
+# =====================================================================================================================
+
+def compute_anchor(llm: nn.Module, vocab_size: int | None = None) -> torch.Tensor:
+    """eq. (1): t_anchor = mean of the input-embedding rows (the first vocab_size rows: the tokenizer's real
+    vocabulary when the matrix is padded, as Qwen2.5's is). Returns a detached float32 (D,) tensor."""
+    weight = llm.get_input_embeddings().weight
+    rows = weight[:vocab_size] if vocab_size else weight
+    return rows.detach().float().mean(dim=0)
+
+
+class Bridge(nn.Module):
+    """(B, N, C) ViT tokens on grid (gx, gy, gz) -> (B, N_img, D) LLM-space image tokens, N_img = prod(g // 2)."""
+
+    def __init__(self, vit_width: int, grid, llm_dim: int, anchor: torch.Tensor, ram: bool = True):
+        super().__init__()
+        self.in_grid = tuple(grid)
+        self.grid = tuple(g // 2 for g in self.in_grid)
+        self.n_img = math.prod(self.grid)
+        self.pool = nn.Conv3d(vit_width, llm_dim, kernel_size=2, stride=2)  # adaptive weighted pooling, 14^3 -> 7^3
+        self.proj = nn.Linear(llm_dim, llm_dim)
+        self.proj_norm = nn.LayerNorm(llm_dim)
+        # RAM gate MLP on [x; a]: W1 2D -> D, ReLU, W2 D -> D; one gate per channel (ram=False: ablation, no gate)
+        self.gate = nn.Sequential(nn.Linear(2 * llm_dim, llm_dim), nn.ReLU(), nn.Linear(llm_dim, llm_dim)) if ram else None
+        self.pos_embed = nn.Parameter(sincos_pos_embed_3d(llm_dim, self.grid).unsqueeze(0))  # (1, N_img, D), learnable
+        self.norm = nn.LayerNorm(llm_dim)
+        self.register_buffer("anchor", anchor.detach().float().clone().reshape(llm_dim))  # frozen, saved
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        B, N, C = tokens.shape
+        x = tokens.transpose(1, 2).reshape(B, C, *self.in_grid)  # (B, C, gx, gy, gz)
+        x = self.pool(x).flatten(2).transpose(1, 2)  # (B, N_img, D)
+        x = self.proj_norm(self.proj(x))
+        if self.gate is not None:
+            a = self.anchor.to(x.dtype).expand_as(x)
+            g = torch.sigmoid(self.gate(torch.cat([x, a], dim=-1)))  # eq. (3), per channel
+            x = g * a + (1 - g) * x  # eq. (2)
+        return self.norm(x + self.pos_embed)
+
+
+# =====================================================================================================================
+# The vision-language model
+# =====================================================================================================================
+
+def _has_flash_attn() -> bool:
+    return flash_attn_func is not None
+
+
+def load_llm(llm_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load a local Hugging Face causal LM and its tokenizer: no downloads, no remote code.
+
+    Attention: flash_attention_2 when flash-attn is installed, the device is CUDA and the weights are bf16/fp16;
+    otherwise PyTorch SDPA (which itself uses fused flash kernels on CUDA under bf16 autocast).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device, dtype = torch.device(device), dtype or torch.float32
+    fa2 = _has_flash_attn() and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype, local_files_only=True,
+                                               attn_implementation="flash_attention_2" if fa2 else "sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir, local_files_only=True)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{llm_dir}: the tokenizer has no chat template; Med3D-R1 builds every prompt with it")
+    return llm.to(device), tokenizer
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2, ... over each row's real tokens (pads get 0), so padding never shifts a row's positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class VLM(nn.Module):
+    """ViT3D + Bridge + causal LM. Build with VLM.build(llm_dir, ...) or VLM.load(ckpt_dir)."""
+
+    def __init__(self, vit: ViT3D, bridge: Bridge, llm: nn.Module, tokenizer, config: dict):
+        super().__init__()
+        self.vit, self.bridge, self.llm, self.tokenizer = vit, bridge, llm, tokenizer
+        self.config = config
+        self.n_img = bridge.n_img
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id
+        self._cache_kw = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+
+    # ---- construction, checkpoints -----------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, llm_dir: str | Path, vit_preset: str | dict = "tiny", vit_weights: str | Path | None = None,
+              ram: bool = True, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "VLM":
+        """A fresh VLM from a local HF LLM directory and (optionally) BrgSA-layout encoder weights.
+
+        The anchor (eq. (1)) is computed from the LLM before the image placeholder is added to its vocabulary.
+        """
+        llm, tokenizer = load_llm(llm_dir, "cpu", dtype)
+        embed_rows = llm.get_input_embeddings().weight.shape[0]
+        anchor = compute_anchor(llm, vocab_size=min(len(tokenizer), embed_rows))  # eq. (1)
+        _prepare_tokenizer(tokenizer)
+        if len(tokenizer) > embed_rows:  # new special tokens need rows; start them at the anchor
+            llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            with torch.no_grad():
+                llm.get_input_embeddings().weight[embed_rows:] = anchor.to(llm.dtype)
+        llm.config.eos_token_id = llm.generation_config.eos_token_id = tokenizer.eos_token_id
+        llm.config.pad_token_id = llm.generation_config.pad_token_id = tokenizer.pad_token_id
+        vit = ViT3D(**(VIT_PRESETS[vit_preset] if isinstance(vit_preset, str) else vit_preset))
+        if vit_weights is not None:
+            load_vision_weights(vit, vit_weights)
+        llm_dim = llm.get_input_embeddings().weight.shape[1]
+        bridge = Bridge(vit.width, vit.grid, llm_dim, anchor, ram=ram)
+        config = dict(format="med3d-r1-vlm", vit=vit.preset, vit_preset=vit_preset if isinstance(vit_preset, str) else None,
+                      n_img=bridge.n_img, ram=ram, llm_dim=llm_dim, image_token=IMAGE_TOKEN,
+                      llm_source=str(llm_dir), vit_weights=str(vit_weights) if vit_weights else None, meta={})
+        return cls(vit, bridge, llm, tokenizer, config).to(device)
+
+    @classmethod
+    def load(cls, ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "VLM":
+        """Rebuild a VLM saved by vlm.save(ckpt_dir, meta); the meta is in vlm.config["meta"]."""
+        ckpt_dir = Path(ckpt_dir)
+        if not (ckpt_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{ckpt_dir} is not a complete VLM checkpoint (no config.json)")
+        config = json.loads((ckpt_dir / "config.json").read_text())
+        llm, tokenizer = load_llm(ckpt_dir / "llm", "cpu", dtype)
+        vit = ViT3D(**config["vit"])
+        vit.load_state_dict(load_file(ckpt_dir / "vision.safetensors"), strict=True)
+        bridge_state = load_file(ckpt_dir / "bridge.safetensors")
+        bridge = Bridge(vit.width, vit.grid, config["llm_dim"], bridge_state["anchor"], ram=config["ram"])
+        bridge.load_state_dict(bridge_state, strict=True)
+        return cls(vit, bridge, llm, tokenizer, config).to(device)
+
+    def save(self, ckpt_dir: str | Path, meta: dict | None = None) -> Path:
+        """Write the whole model into one directory, atomically (a crash mid-save leaves the previous version).
+        Call it on one rank; `meta` (the stage's run config, JSON-able) comes back as vlm.config["meta"]."""
+        parts = {"vit": self.vit, "bridge": self.bridge, "llm": self.llm}
+        self.config = {**self.config, "meta": meta or {},
+                       "trainable": {name: any(p.requires_grad for p in m.parameters()) for name, m in parts.items()}}
+        with atomic_dir(ckpt_dir) as tmp:
+            self.llm.save_pretrained(tmp / "llm")
+            self.tokenizer.save_pretrained(tmp / "llm")
+            save_file(_cpu_state(self.vit), tmp / "vision.safetensors")
+            save_file(_cpu_state(self.bridge), tmp / "bridge.safetensors")
+            (tmp / "config.json").write_text(json.dumps(self.config, indent=2, default=str))
+        return Path(ckpt_dir)
+
+    def set_trainable(self, vit: bool, bridge: bool, llm: bool) -> None:
+        """Freeze or unfreeze the three parts (the anchor is a buffer and always frozen)."""
+        for module, flag in ((self.vit, vit), (self.bridge, bridge), (self.llm, llm)):
+            module.requires_grad_(flag)
+
+    @property
+    def device(self) -> torch.device:
+        return self.bridge.anchor.device
+
+    # ---- text ---------------------------------------------------------------------------------------------------
+
+    def prompt(self, user_text: str, with_image: bool = True) -> str:
+        """One user turn through the tokenizer's chat template, ending with the assistant header."""
+        content = f"{VISION_START}{IMAGE_TOKEN * self.n_img}{VISION_END}\n{user_text}" if with_image else user_text
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def tokenize(self, prompts: list[str], padding_side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (input_ids, attention_mask), both (B, T) on the model's device. The template already holds every
+        special token, so none are added."""
+        batch = self.tokenizer(list(prompts), padding=True, padding_side=padding_side, add_special_tokens=False,
+                               return_tensors="pt")
+        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    # ---- forward --------------------------------------------------------------------------------------------------
+
+    def image_embeds(self, volumes: torch.Tensor) -> torch.Tensor:
+        """(B, 1, X, Y, Z) -> (B, N_img, D)."""
+        return self.bridge(self.vit(volumes))
+
+    def bridge_embeds(self, vit_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) ViT tokens (e.g. cached from a frozen encoder) -> (B, N_img, D)."""
+        return self.bridge(vit_tokens)
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, T, D) with each row's N_img placeholder embeddings replaced by that row's image_embeds."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        is_image = input_ids == self.image_token_id  # (B, T), found per row
+        counts = is_image.sum(1)
+        if image_embeds is None:
+            if bool(counts.any()):
+                raise ValueError("the prompts hold image placeholders but no image_embeds were given")
+            return embeds
+        if image_embeds.shape[:2] != (input_ids.shape[0], self.n_img) or bool((counts != self.n_img).any()):
+            raise ValueError(f"every row needs exactly {self.n_img} placeholders and image embeddings; got "
+                             f"placeholders {counts.tolist()} and image_embeds {tuple(image_embeds.shape)}")
+        # masked_scatter fills positions in row-major order: row b's placeholders get image_embeds[b], in order
+        return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
+        """-> logits (B, T, V), or of the last logits_to_keep positions only (B, logits_to_keep, V) when > 0."""
+        out = self.llm(inputs_embeds=self.embed(input_ids, image_embeds), attention_mask=attention_mask,
+                       position_ids=position_ids(attention_mask), use_cache=False, logits_to_keep=logits_to_keep)
+        return out.logits
+
+    def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       image_embeds: torch.Tensor | None = None, temperature: float = 1.0,
+                       last: int | None = None) -> torch.Tensor:
+        """(B, T-1) float32: log p(input_ids[:, t+1] | ..t) under softmax(logits / temperature); with `last`, only
+        the log-probs of the last `last` tokens (B, last), e.g. a completion, and the LM head runs on those
+        positions only. Values at padded positions are finite and meaningless; mask them by position."""
+        if temperature <= 0:
+            raise ValueError("token_logprobs needs a temperature > 0")
+        keep = 0 if last is None else last + 1
+        logits = self.forward(input_ids, attention_mask, image_embeds, logits_to_keep=keep)[:, :-1].float()
+        logits = logits / temperature
+        targets = input_ids[:, 1:] if last is None else input_ids[:, input_ids.shape[1] - last:]
+        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor | None = None,
+                 num_samples: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sample num_samples completions per prompt (plain temperature sampling; temperature 0 = greedy).
+
+        Prompts should be left-padded. Rows are prompt-major (prompt 0 samples 0..G-1, prompt 1 ...). The image
+        embeddings are computed once by the caller and repeated here. Returns (completion_ids (B*G, T_new) padded
+        with the pad id, lengths (B*G,) counting the EOS token when produced, finished (B*G,) True where EOS came).
+        """
+        ids = input_ids.repeat_interleave(num_samples, dim=0)
+        mask = attention_mask.repeat_interleave(num_samples, dim=0)
+        images = image_embeds.repeat_interleave(num_samples, dim=0) if image_embeds is not None else None
+        n = ids.shape[0]
+        out = self.llm(inputs_embeds=self.embed(ids, images), attention_mask=mask, position_ids=position_ids(mask),
+                       use_cache=True, logits_to_keep=1)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        next_pos = mask.long().sum(1, keepdim=True)  # (n, 1) position of the next token of each row
+        completion = torch.full((n, max_new_tokens), self.pad_token_id, dtype=torch.long, device=ids.device)
+        lengths = torch.zeros(n, dtype=torch.long, device=ids.device)
+        finished = torch.zeros(n, dtype=torch.bool, device=ids.device)
+        for t in range(max_new_tokens):
+            logits = out.logits[:, -1].float()  # (n, V)
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                token = logits.argmax(-1)
+            token = torch.where(finished, self.pad_token_id, token)
+            completion[:, t] = token
+            lengths += (~finished).long()
+            finished |= token == self.eos_token_id
+            if t == max_new_tokens - 1 or bool(finished.all()):
+                break
+            mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
+            out = self.llm(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
+                           **{self._cache_kw: cache})
+            cache = out.cache if hasattr(out, "cache") else out.past_key_values
+            next_pos = next_pos + 1
+        return completion[:, :int(lengths.max())], lengths, finished
+
+
+def _prepare_tokenizer(tokenizer) -> None:
+    """Add the image placeholder (and vision start/end if missing) as special tokens; make the chat template's
+    turn end the EOS when the vocabulary has <|im_end|>; make sure a pad token other than EOS exists."""
+    vocab = tokenizer.get_vocab()
+    if "<|im_end|>" in vocab:
+        tokenizer.eos_token = "<|im_end|>"
+    new = [t for t in (VISION_START, VISION_END, IMAGE_TOKEN) if t not in vocab]
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        pad = "<|endoftext|>" if "<|endoftext|>" in vocab and tokenizer.eos_token != "<|endoftext|>" else "<|pad|>"
+        tokenizer.pad_token = pad
+        if pad not in vocab:
+            new.append(pad)
+    if new:
+        tokenizer.add_tokens(new, special_tokens=True)
+
+
+# =====================================================================================================================
+# The tiny phantom-world LLM: a Qwen2-architecture model with a locally trained byte-level BPE tokenizer
+# =====================================================================================================================
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", VISION_START, VISION_END, IMAGE_TOKEN]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_llm(texts: list[str], out_dir: str | Path, vocab_size: int = 2048, hidden: int = 256, layers: int = 4,
+                   heads: int = 4, kv_heads: int = 2, intermediate: int | None = None, seed: int = 0) -> Path:
+    """Write an untrained Qwen2-architecture LLM + byte-level BPE tokenizer (trained on `texts`) as an HF directory
+    that AutoModelForCausalLM / AutoTokenizer load like Qwen2.5-3B. eos = <|im_end|>, pad = <|endoftext|>."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(list(texts) + ["system", "user", "assistant"] * 10, trainer)
+    # tags are single tokens but not "special": decode(skip_special_tokens=True) keeps them
+    bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=SPECIAL_TOKENS[1:], model_max_length=4096)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    config = Qwen2Config(vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=hidden, num_hidden_layers=layers,
+                         intermediate_size=intermediate or 3 * hidden, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, max_position_embeddings=4096, tie_word_embeddings=True,
+                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        llm = Qwen2ForCausalLM(config)
+    llm.generation_config.eos_token_id, llm.generation_config.pad_token_id = config.eos_token_id, config.pad_token_id
+    with atomic_dir(out_dir) as tmp:
+        llm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def ensure_tiny_llm(phantom_root: str | Path = "runs/phantom") -> Path:
+    """<phantom_root>/tiny_llm, built from the phantom world's texts if absent (builds the phantom world if needed)."""
+    out = Path(phantom_root) / "tiny_llm"
+    if (out / "config.json").is_file():
+        return out
+    import data  # the phantom world and every text format live in data.py
+
+    built = Path(phantom_root) / "phantom.json"  # an existing world keeps the size it was built with
+    params = json.loads(built.read_text()) if built.is_file() else {}
+    return build_tiny_llm(phantom_texts(data.ensure_phantom(phantom_root, **params)), out)
+
+
+def phantom_texts(paths: dict) -> list[str]:
+    """The texts the tiny tokenizer learns from: reports, VQA, MMVQA prompts and targets of the training split."""
+    import data
+
+    texts = [data.report_instruction(s) for s in ({"findings": 1, "impressions": 1}, {"findings": 1}, {"impressions": 1})]
+    for report in data.read_reports(paths["train_reports"]).values():
+        texts += [s for s in (report["findings"], report["impressions"]) if s]
+    for item in data.read_vqa(paths["train_vqa"]):
+        texts += [item["question"], item["answer"]]
+    labels = data.read_labels(paths["train_labels"])
+    for item in json.loads(Path(paths["mmvqa_train"]).read_text()):
+        present = [name for name, y in zip(data.ABNORMALITIES, labels.get(item["VolumeName"], [])) if y]
+        for think in (True, False):
+            texts += [data.mmvqa_prompt(item, think=think), data.mmvqa_target(item, present, think=think)]
+    return texts
 
 
 # =====================================================================================================================
