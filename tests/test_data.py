@@ -1,0 +1,557 @@
+"""data.py: readers, preprocessing numerics, labels, task builders, the OpenAI labeller, the phantom world."""
+import csv
+import gzip
+import json
+import subprocess
+import sys
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import data
+
+SHARED = Path("/work/shared")
+CTRATE, RAD = SHARED / "ctrate", SHARED / "radchestct"
+needs_real = pytest.mark.skipif(not CTRATE.exists(), reason="real CT-RATE CSVs not present")
+SMALL = data.Preset("small", (1.5, 1.5, 3.0), (40, 40, 20), (32, 32, 16))
+LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # CT-RATE voxel order (L, P, S) expressed in nibabel's RAS world
+
+
+def meta_row(name="valid_1_a_1.nii.gz", xy=(0.75, 0.75), z=1.5, intercept=-1024, slope=1):
+    return {"VolumeName": name, "XYSpacing": f"[{xy[0]}, {xy[1]}]", "ZSpacing": str(z),
+            "RescaleIntercept": str(intercept), "RescaleSlope": str(slope)}
+
+
+def write_nifti(path, array, affine=None):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, LPS if affine is None else affine), str(path))
+    return path
+
+
+# ------------------------------------------------ real CSVs -----------------------------------------------------
+
+@needs_real
+def test_real_ctrate_csvs_parse_completely():
+    meta = data.read_metadata(CTRATE / "validation_metadata.csv")
+    assert len(meta) == 3039
+    with open(CTRATE / "validation_metadata.csv", newline="") as f:
+        assert next(csv.reader(f)) == data.METADATA_COLUMNS
+    spacings = np.array([data.metadata_spacing(r) for r in meta.values()])
+    assert np.isfinite(spacings).all() and (spacings > 0).all() and spacings[:, 0].max() < 1.5
+    siemens = [r for r in meta.values() if r["Manufacturer"] == "Siemens Healthineers"]
+    assert siemens and all(r["RescaleIntercept"] == "-8192" for r in siemens)
+    valid, train = data.read_labels(CTRATE / "valid_predicted_labels.csv"), data.read_labels(
+        CTRATE / "train_predicted_labels.csv")
+    assert (len(valid), len(train)) == (3039, 47149) and set(valid) == set(meta)
+    assert sum(v.sum() == 0 for v in valid.values()) == 346 and sum(v.sum() == 0 for v in train.values()) == 5226
+    assert len({data.patient_id(n) for n in valid}) == 1304 and len({data.patient_id(n) for n in train}) == 20000
+
+
+@needs_real
+def test_mmvqa_on_real_valid_labels_key_positive_distractors_negative():
+    labels = data.read_labels(CTRATE / "valid_predicted_labels.csv")
+    stats = {}
+    items = data.build_mmvqa(labels, seed=0, stats=stats)
+    eligible = [n for n, v in labels.items() if v.sum() >= 1 and (v == 0).sum() >= 3]
+    assert len(items) == len(eligible) == stats["items"] and stats["no_positive"] == 346
+    for it in items:
+        lab = labels[it["VolumeName"]]
+        idx = {l: data.ABNORMALITIES.index(o) for l, o in it["options"].items()}
+        assert lab[idx[it["answer"]]] == 1
+        assert all(lab[i] == 0 for l, i in idx.items() if l != it["answer"])
+        assert len(set(idx.values())) == 4
+        assert it["question"].endswith(" ".join(f"{l}) {o}" for l, o in it["options"].items()))
+    counts = Counter(it["answer"] for it in items)
+    assert max(counts.values()) - min(counts.values()) <= 1  # answer position uniform
+    assert data.build_mmvqa(labels, seed=0) == items and data.build_mmvqa(labels, seed=1) != items
+    per_label = data.build_mmvqa(labels, seed=0, per_label=True)
+    assert len(per_label) == sum(int(labels[n].sum()) for n in eligible)
+
+
+@needs_real
+def test_real_radchestct_labels_map_84_to_18():
+    labels = data.read_radchestct_labels(RAD / "imgtest_abnormality_labels_84.csv")
+    assert len(labels) == 360
+    mosaic = data.ABNORMALITIES.index("Mosaic attenuation pattern")
+    rows = {r["NoteAcc_DEID"]: r for r in csv.DictReader(open(RAD / "imgtest_abnormality_labels_84.csv"))}
+    for name, lab in labels.items():
+        assert np.isnan(lab[mosaic]) and set(np.delete(lab, mosaic)) <= {0.0, 1.0}
+        r = rows[name]
+        assert lab[data.ABNORMALITIES.index("Coronary artery wall calcification")] == float(r["calcification"])
+        assert lab[data.ABNORMALITIES.index("Lung nodule")] == float(r["nodule"])
+        device = max(float(r[c]) for c in data.RAD_TO_CTRATE["Medical material"])
+        assert lab[data.ABNORMALITIES.index("Medical material")] == device
+    items = data.build_mmvqa(labels, seed=0)
+    assert items and all("Mosaic attenuation pattern" not in it["options"].values() for it in items)
+    with open(RAD / "Summary_3630.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 3630
+
+
+def test_radchestct_location_file_collapses_by_max(tmp_path):
+    cols = ["NoteAcc_DEID", "nodule*right_lung", "nodule*left_lung", "stent*heart", "emphysema*left_lung"]
+    (tmp_path / "loc.csv").write_text(",".join(cols) + "\ntrn1,0.0,1.0,0.0,0.0\ntrn2,0.0,0.0,1.0,1.0\n")
+    lab = data.read_radchestct_labels(tmp_path / "loc.csv")
+    i = data.ABNORMALITIES.index
+    assert lab["trn1"][i("Lung nodule")] == 1 and lab["trn1"][i("Medical material")] == 0
+    assert lab["trn2"][i("Medical material")] == 1 and lab["trn2"][i("Emphysema")] == 1
+    assert lab["trn2"][i("Lung nodule")] == 0
+
+
+@needs_real
+def test_rl_subset_is_patient_level():
+    names = list(data.read_labels(CTRATE / "train_predicted_labels.csv"))
+    sub = data.rl_subset(names, frac=0.05, seed=0)
+    patients = {data.patient_id(n) for n in sub}
+    assert len(patients) == 1000  # 5 % of 20,000 training patients
+    assert sub == [n for n in names if data.patient_id(n) in patients]  # every reconstruction of a chosen patient
+    assert data.rl_subset(names, 0.05, 0) == sub and data.rl_subset(names, 0.05, 1) != sub
+
+
+# ------------------------------------------------ preprocessing numerics ----------------------------------------
+
+def test_resample_puts_a_known_cube_at_the_right_size_and_place():
+    hu = np.full((80, 80, 40), -1000.0, np.float32)  # 0.75 x 0.75 x 1.5 mm -> 60 x 60 x 60 mm
+    hu[20:60, 20:60, 10:30] = 500.0  # a 30 x 30 x 30 mm cube in the centre
+    out = data.preprocess_volume(hu, (0.75, 0.75, 1.5), SMALL)
+    assert out.shape == SMALL.shape and out.dtype == np.int16
+    inside = out > 0
+    assert inside.sum(axis=0).max() == 20 and inside.sum(axis=2).max() == 10  # 30 mm / 1.5 mm, 30 mm / 3 mm
+    xs, ys, zs = np.nonzero(inside)
+    assert (xs.min(), xs.max(), zs.min(), zs.max()) == (10, 29, 5, 14)  # 40-voxel grid padded 5 each side -> centred
+    assert out[0, 0, 0] == -1000  # padding (-1024) clamped to -1000
+
+
+def test_resample_is_exact_on_linear_ramps_and_clamps():
+    x = np.arange(60, dtype=np.float32)[:, None, None] * 0.5  # 0.5 HU per voxel at 0.75 mm
+    ramp = np.broadcast_to(x, (60, 60, 30)).copy()
+    out = data.preprocess_volume(ramp, (0.75, 0.75, 1.5), SMALL).astype(int)
+    crop = out[5:35, 5:35, 2:17]  # the 30 x 30 x 15 resampled voxels, away from the pad
+    assert np.abs(np.diff(crop[2:-2], axis=0) - 1).max() <= 1  # 1.5 mm per voxel -> +1 HU per voxel
+    assert np.ptp(crop, axis=(1, 2)).max() <= 1
+    big = np.full((40, 40, 20), 3000.0, np.float32)
+    big[:, :, :10] = -3000.0
+    clamped = data.preprocess_volume(big, (1.5, 1.5, 3.0), SMALL)
+    assert clamped.max() == 1000 and clamped.min() == -1000
+
+
+def test_crop_takes_the_centre_and_pad_fills_evenly():
+    vol = np.arange(50 * 50 * 26, dtype=np.float32).reshape(50, 50, 26) % 997 - 500
+    out = data.preprocess_volume(vol, SMALL.spacing, SMALL)  # same spacing: pure crop
+    assert np.array_equal(out, np.rint(vol[5:45, 5:45, 3:23]).astype(np.int16))
+    small = np.zeros((30, 31, 20), np.float32)
+    out = data.preprocess_volume(small, SMALL.spacing, SMALL)
+    assert (out[5:35, 4:35] == 0).all() and (out[:5] == -1000).all() and (out[:, :4] == -1000).all()
+    assert (out[:, 35:] == -1000).all() and (out[35:] == -1000).all()
+
+
+def test_online_transform_crop_and_normalisation():
+    vol = np.zeros(data.PHANTOM.shape, np.int16)
+    vol[0] = -1000
+    vol[-1] = 1000
+    x = data.online_transform(vol, data.PHANTOM)
+    assert x.shape == (1, *data.PHANTOM.crop) and x.dtype == torch.float32
+    assert torch.allclose(x, torch.full_like(x, (0 - 0.4978) / 0.2449))  # centre crop drops the edge slabs
+    full = data.online_transform(vol, data.Preset("p", (5, 5, 10), (72, 72, 36), (72, 72, 36)))
+    assert full[0, 0].max() == pytest.approx((-1 - 0.4978) / 0.2449) and full[0, -1].min() == pytest.approx(
+        (1 - 0.4978) / 0.2449)
+    ramp = np.broadcast_to(np.arange(72, dtype=np.int16)[:, None, None], data.PHANTOM.shape)
+    a = data.online_transform(ramp, data.PHANTOM, train=True, rng=np.random.default_rng(0))
+    b = data.online_transform(ramp, data.PHANTOM, train=True, rng=np.random.default_rng(0))
+    assert torch.equal(a, b)
+    crops = [data.online_transform(ramp, data.PHANTOM, train=True, rng=np.random.default_rng(s)) for s in range(30)]
+    starts = {round((float(c[0, 0, 0, 0]) * 0.2449 + 0.4978) * 1000) for c in crops}
+    assert len(starts) > 3 and min(starts) >= 0 and max(starts) <= 8  # random crops stay inside the volume
+
+
+# ------------------------------------------------ volume readers --------------------------------------------------
+
+def test_reorientation_from_the_affine(tmp_path):
+    rng = np.random.default_rng(0)
+    target = rng.integers(-1000, 1000, (6, 7, 5)).astype(np.int16)  # L, P, S order
+    hu, spacing = data.read_ctrate_volume(write_nifti(tmp_path / "a.nii.gz", target), meta_row(xy=(0.7, 0.6), z=2.0))
+    assert np.array_equal(hu, target) and spacing == (0.6, 0.7, 2.0)  # XYSpacing is [row (y), column (x)]
+    ras = write_nifti(tmp_path / "b.nii.gz", target[::-1, ::-1, :].copy(), np.diag([1.0, 1.0, 1.0, 1.0]))
+    assert np.array_equal(data.read_ctrate_volume(ras, meta_row())[0], target)
+    swapped = np.array([[0, -1, 0, 0], [-1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])  # stored (P, L, S)
+    pls = write_nifti(tmp_path / "c.nii.gz", target.transpose(1, 0, 2).copy(), swapped)
+    assert np.array_equal(data.read_ctrate_volume(pls, meta_row())[0], target)
+
+
+def test_double_rescale_guard(tmp_path):
+    hu = np.full((8, 8, 4), -1024, np.int16)
+    hu[2:6, 2:6] = 40
+    v2 = write_nifti(tmp_path / "v2.nii.gz", hu)  # v2: already HU, although its CSV row says intercept -8192
+    out, _ = data.read_ctrate_volume(v2, meta_row(intercept=-8192))
+    assert np.array_equal(out, hu.astype(np.float32))
+    v1 = write_nifti(tmp_path / "v1.nii.gz", (hu.astype(np.int32) + 8192).astype(np.int16))  # raw Siemens values
+    assert np.array_equal(data.read_ctrate_volume(v1, meta_row(intercept=-8192))[0], hu)
+    v1b = write_nifti(tmp_path / "v1b.nii.gz", (hu + 1024).astype(np.uint16))  # raw values, intercept -1024
+    assert np.array_equal(data.read_ctrate_volume(v1b, meta_row(intercept=-1024))[0], hu)
+    img = nib.Nifti1Image((hu + 2048).astype(np.int16), LPS)  # NIfTI header scaling (scl_inter) already gives HU
+    img.header.set_slope_inter(1.0, -2048.0)
+    nib.save(img, str(tmp_path / "scl.nii.gz"))
+    out, _ = data.read_ctrate_volume(tmp_path / "scl.nii.gz", meta_row(intercept=-1024))
+    assert out.dtype == np.float32 and np.array_equal(out, hu)
+
+
+def test_bad_files_raise_errors_naming_the_file(tmp_path):
+    good = write_nifti(tmp_path / "good.nii.gz", np.full((8, 8, 4), -1000, np.int16))
+    cases = {"missing.nii.gz": None, "corrupt.nii.gz": b"this is not a nifti file at all" * 20,
+             "truncated.nii.gz": good.read_bytes()[: len(good.read_bytes()) // 2]}
+    for name, content in cases.items():
+        if content is not None:
+            (tmp_path / name).write_bytes(content)
+        with pytest.raises(data.VolumeReadError, match=name):
+            data.read_ctrate_volume(tmp_path / name, meta_row())
+    write_nifti(tmp_path / "four_d.nii.gz", np.zeros((4, 4, 4, 2), np.int16))
+    with pytest.raises(data.VolumeReadError, match="four_d.nii.gz.*3-D"):
+        data.read_ctrate_volume(tmp_path / "four_d.nii.gz", meta_row())
+    with pytest.raises(data.VolumeReadError, match="valid_9_a_1.*NaN"):
+        data.read_ctrate_volume(good, meta_row("valid_9_a_1.nii.gz", z=float("nan")))
+    np.savez(tmp_path / "no_ct.npz", image=np.zeros((2, 2, 2)))
+    with pytest.raises(data.VolumeReadError, match="no_ct.npz"):
+        data.read_radchestct_volume(tmp_path / "no_ct.npz")
+
+
+def test_radchestct_reader_flips_superior_first(tmp_path):
+    ct = np.full((10, 6, 8), -1000, np.int16)  # (Z, Y, X), index 0 = superior
+    ct[0, 1, 2] = 500  # top slice, y = 1, x = 2
+    np.savez_compressed(tmp_path / "trn1.npz", ct=ct)
+    hu, spacing = data.read_radchestct_volume(tmp_path / "trn1.npz")
+    assert hu.shape == (8, 6, 10) and spacing == (0.8, 0.8, 0.8)
+    assert hu[2, 1, 9] == 500 and hu.sum() == 500 - 1000 * (hu.size - 1)
+
+
+def test_preprocess_dir_is_resumable_and_records_bad_files(tmp_path):
+    src = tmp_path / "valid_fixed"
+    rows = []
+    for i in (1, 2, 3):
+        name = f"valid_{i}_a_1.nii.gz"
+        vol = np.full((30, 30, 12), -1000, np.int16)
+        vol[10:20, 10:20, 4:8] = 100 * i
+        write_nifti(data.ctrate_path(src, name), vol)
+        rows.append({**meta_row(name, xy=(2.0, 2.0), z=5.0)})
+    data.ctrate_path(src, "valid_4_a_1.nii.gz").parent.mkdir(parents=True)
+    data.ctrate_path(src, "valid_4_a_1.nii.gz").write_bytes(b"broken")
+    rows.append(meta_row("valid_4_a_1.nii.gz"))
+    write_nifti(data.ctrate_path(src, "valid_5_a_1.nii.gz"), np.zeros((4, 4, 4), np.int16))  # no metadata row
+    meta = tmp_path / "meta.csv"
+    with open(meta, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=data.METADATA_COLUMNS, restval="")
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "cache"
+    write_nifti(data.ctrate_path(src, "valid_6_a_1.nii.gz"), np.zeros((4, 4, 4), np.int16))  # a head CT
+    (tmp_path / "no_chest.txt").write_text("dataset/valid/valid_6/valid_6_a/valid_6_a_1.nii.gz\n")
+    assert data.preprocess_dir(src, out, "ctrate", meta, data.PHANTOM, no_chest=tmp_path / "no_chest.txt",
+                               progress=False) == {"written": 3, "skipped": 0, "bad": 2, "excluded": 1}
+    bad = [json.loads(l) for l in open(out / "bad_files.jsonl")]
+    assert {b["VolumeName"] for b in bad} == {"valid_4_a_1.nii.gz", "valid_5_a_1.nii.gz"}
+    assert all(b["VolumeName"][:-7] in b["error"] for b in bad)
+    assert data.main(["preprocess", "--src", str(src), "--metadata", str(meta), "--out", str(out),
+                      "--preset", "phantom", "--workers", "2", "--no-chest", str(tmp_path / "no_chest.txt")]) is None
+    assert len(open(out / "manifest.jsonl").readlines()) == 3  # the rerun skipped what was done
+    cache = data.VolumeCache(out)
+    assert cache.preset == data.PHANTOM and sorted(cache.names) == [f"valid_{i}_a_1.nii.gz" for i in (1, 2, 3)]
+    vol = cache.load("some/dir/valid_2_a_1.nii.gz")
+    assert isinstance(vol, np.memmap) and vol.shape == data.PHANTOM.shape and vol.max() == 200
+    assert "valid_3_a_1" in cache and "valid_4_a_1.nii.gz" not in cache
+    with pytest.raises(KeyError, match="valid_4_a_1"):
+        cache.load("valid_4_a_1.nii.gz")
+    with pytest.raises(ValueError, match="another preset"):
+        data.preprocess_dir(src, out, "ctrate", meta, data.REAL, progress=False)
+
+
+# ------------------------------------------------ reports and labels ---------------------------------------------
+
+REAL_STYLE = {  # CT-RATE-style sentences -> abnormal?
+    "Trachea and both main bronchi are open.": False,
+    "Mediastinal structures were evaluated as suboptimal since contrast material was not given.": False,
+    "Heart contour and size are within normal limits.": False,
+    "Pericardial effusion-thickening was not observed.": False,
+    "No lymph nodes in pathological size and appearance were detected in the mediastinal and hilar regions.": False,
+    "No pleural effusion.": False,
+    "Thyroid gland is unremarkable.": False,
+    "No mass or infiltrative lesion was detected in both lungs.": False,
+    "No lytic-destructive lesions were detected in the bone structures within the sections.": False,
+    "Atherosclerotic calcifications are observed in the aorta and coronary arteries.": True,
+    "Millimetric nonspecific nodules are observed in both lungs.": True,
+    "Subsegmental atelectasis is present in the lower lobe of the left lung.": True,
+    "Emphysematous changes are seen in both lungs.": True,
+    "No pleural effusion, but there are minimal atelectatic changes in the lower lobes.": True,
+    "Hiatal hernia is observed.": True,
+    "Cardiomegaly.": True,
+    "Degenerative changes are observed in the thoracic spine.": True,
+    "Ground-glass opacities are seen in both lungs.": True,
+    "Thyroid gland is not enlarged.": False,
+    "Liver size is normal; hepatosteatosis is observed.": True,
+    "Postoperative changes are observed in the left hemithorax.": True,
+}
+
+
+def test_rule_labeller_on_real_style_sentences():
+    assert {s: data.rule_label(s) for s in REAL_STYLE} == REAL_STYLE
+
+
+def test_split_sentences_and_reports(tmp_path):
+    assert data.split_sentences("Heart size is normal. A 3.5 mm nodule is seen in the right lung. No effusion.") == [
+        "Heart size is normal.", "A 3.5 mm nodule is seen in the right lung.", "No effusion."]
+    assert data.split_sentences(None) == [] and data.split_sentences("") == []
+    path = tmp_path / "r.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(data.REPORT_COLUMNS)
+        w.writerow(["a.nii.gz", "x", "y", "Not given.", "Cardiomegaly."])
+    assert data.read_reports(path) == {"a.nii.gz": {"findings": None, "impressions": "Cardiomegaly."}}
+
+
+class FakeLLM(BaseHTTPRequestHandler):
+    """A chat-completions endpoint that labels the numbered sentences with the rule labeller (or fails)."""
+    mode, requests = "ok", 0
+
+    def do_POST(self):
+        FakeLLM.requests += 1
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path != "/v1/chat/completions" or FakeLLM.mode == "error":
+            self.send_response(500)
+            self.end_headers()
+            self.wfile.write(b'{"error": {"message": "boom"}}')
+            return
+        lines = body["messages"][-1]["content"].split("\n\n", 1)[1].split("\n")
+        labels = [int(data.rule_label(l.split(". ", 1)[1])) for l in lines]
+        content = f"Labels: {json.dumps(labels)}" if FakeLLM.mode == "ok" else "I cannot help with that."
+        reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                 "choices": [{"index": 0, "finish_reason": "stop",
+                              "message": {"role": "assistant", "content": content}}],
+                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        raw = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_llm():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeLLM)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    FakeLLM.mode, FakeLLM.requests = "ok", 0
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_openai_labeller_against_a_local_server(fake_llm, tmp_path):
+    sents = list(REAL_STYLE)
+    lab = data.OpenAILabeller(fake_llm, "fake-model", "key", tmp_path / "cache", timeout=5, retries=1)
+    assert lab(sents) == list(REAL_STYLE.values()) and FakeLLM.requests == 1  # one request per report
+    assert lab(sents[:3]) == list(REAL_STYLE.values())[:3] and FakeLLM.requests == 1  # cached
+    FakeLLM.mode = "error"
+    again = data.OpenAILabeller(fake_llm, "fake-model", "key", tmp_path / "cache", timeout=5, retries=1)
+    assert again(sents) == list(REAL_STYLE.values()) and FakeLLM.requests == 1  # the on-disk cache is reused
+    with pytest.raises(RuntimeError, match=r"127\.0\.0\.1.*fake-model.*2 attempts"):
+        again(["A new sentence about a nodule."])
+    assert FakeLLM.requests == 3  # tried, retried, failed loudly
+    FakeLLM.mode = "garbage"
+    with pytest.raises(RuntimeError, match="ValueError"):
+        again(["Another new sentence."])
+    dead = data.OpenAILabeller("http://127.0.0.1:9/v1", "m", "k", tmp_path / "c2", timeout=1, retries=0)
+    with pytest.raises(RuntimeError, match="127.0.0.1:9"):
+        dead(["No effusion."])
+
+
+def test_label_cli_with_openai_labeller(fake_llm, tmp_path, monkeypatch):
+    reports = tmp_path / "r.csv"
+    with open(reports, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(data.REPORT_COLUMNS)
+        w.writerow(["v_1_a_1.nii.gz", "", "", "Trachea is open. Cardiomegaly is seen.", "Not given."])
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_llm)
+    monkeypatch.setenv("OPENAI_MODEL", "fake-model")
+    data.main(["label", "--reports", str(reports), "--out", str(tmp_path / "s.jsonl"), "--labeller", "openai",
+               "--cache", str(tmp_path / "cache")])
+    got = data.read_sentence_labels(tmp_path / "s.jsonl")
+    assert got == {"v_1_a_1.nii.gz": {"findings": [("Trachea is open.", False), ("Cardiomegaly is seen.", True)],
+                                      "impressions": None}}
+
+
+# ------------------------------------------------ VQA, prompts and targets ---------------------------------------
+
+def test_read_vqa_both_formats(tmp_path):
+    ctchat = [{"id": "short_answer_1", "image": "train_1_a_1.nii.gz", "conversations": [
+        {"from": "human", "type": "x", "value": "<image>\nIs there an effusion? <short_answer>"},
+        {"from": "gpt", "value": "No."},
+        {"from": "human", "value": "How large is the heart? <short_answer>"}, {"from": "gpt", "value": "Enlarged."}]},
+        {"id": "long_answer_2", "conversations": [{"from": "human", "value": "What is emphysema? <long_answer>"},
+                                                  {"from": "gpt", "value": "A disease."}]},
+        {"id": "multiple_choice_3", "image": "train_2_a_1.nii.gz", "conversations": [
+            {"from": "human", "value": "<image>\nWhich? (a) A (b) B <multiple_choice>"},
+            {"from": "gpt", "value": "(b) B"}]}]
+    (tmp_path / "c.json").write_text(json.dumps(ctchat))
+    assert data.read_vqa(tmp_path / "c.json") == [
+        {"VolumeName": "train_1_a_1.nii.gz", "question": "Is there an effusion?", "answer": "No.", "kind": "yes_no"},
+        {"VolumeName": "train_1_a_1.nii.gz", "question": "How large is the heart?", "answer": "Enlarged.",
+         "kind": "open"},
+        {"VolumeName": "train_2_a_1.nii.gz", "question": "Which? (a) A (b) B", "answer": "(b) B",
+         "kind": "multiple_choice"}]
+    med3d = [{"Image Path": "/d/valid_1_a_1.nii.gz", "Question": "Is the heart enlarged?", "Answer": "Yes",
+              "Answer Choice": "A", "Question Type": "Closed", "Choice A": "Yes", "Choice B": "No"},
+             {"Image Path": "/d/valid_1_a_1.nii.gz", "Question": "Where is the nodule?", "Answer": "Right lung",
+              "Answer Choice": "C", "Question Type": "Closed", "Choice A": "Liver", "Choice B": "Heart",
+              "Choice C": "Right lung", "Choice D": "Spine"},
+             {"Image Path": "/d/valid_1_a_1.nii.gz", "Question": "Describe the lungs.", "Answer": "Clear.",
+              "Answer Choice": "", "Question Type": "Open"}]
+    (tmp_path / "m.json").write_text(json.dumps(med3d))
+    got = data.read_vqa(tmp_path / "m.json")
+    assert [g["kind"] for g in got] == ["yes_no", "multiple_choice", "open"]
+    assert got[1]["question"].endswith("A) Liver B) Heart C) Right lung D) Spine")
+    assert got[1]["answer"] == "C) Right lung"
+
+
+def test_report_target_and_instruction():
+    sents = {"findings": [("Heart is normal.", False), ("A nodule.", True)], "impressions": [("Nodule.", True)]}
+    seg = data.report_target(sents)
+    assert "".join(t for t, _ in seg) == "<finding>Heart is normal. A nodule.</finding><impression>Nodule.</impression>"
+    assert [a for _, a in seg] == [False, False, True, False, False, True, False]
+    assert data.report_instruction(sents) == data.REPORT_INSTRUCTION
+    only = {"findings": sents["findings"], "impressions": None}
+    assert "".join(t for t, _ in data.report_target(only)) == "<finding>Heart is normal. A nodule.</finding>"
+    assert "impression" not in data.report_instruction(only)
+
+
+def test_mmvqa_prompt_and_target():
+    item = {"VolumeName": "v.nii.gz", "question": "What abnormality is present in this CT scan? A) Emphysema "
+            "B) Cardiomegaly C) Hiatal hernia D) Lung nodule", "options": {"A": "Emphysema", "B": "Cardiomegaly",
+            "C": "Hiatal hernia", "D": "Lung nodule"}, "answer": "B"}
+    assert data.mmvqa_prompt(item, True).startswith(item["question"]) and "<think>" in data.mmvqa_prompt(item, True)
+    assert "<think>" not in data.mmvqa_prompt(item, False)
+    assert data.mmvqa_target(item, ["Cardiomegaly"], think=False) == "<answer>B</answer>"
+    t = data.mmvqa_target(item, ["Cardiomegaly", "Pleural effusion"], think=True)
+    assert t.startswith("<think>") and t.endswith("</think><answer>B</answer>") and "pleural effusion" in t
+
+
+# ------------------------------------------------ the phantom world ----------------------------------------------
+
+def test_phantom_headers_match_ctrate_byte_for_byte(phantom_world):
+    first = lambda p: open(p, "rb").readline()
+    if CTRATE.exists():
+        assert first(phantom_world["valid_metadata"]) == first(CTRATE / "validation_metadata.csv")
+        assert first(phantom_world["train_labels"]) == first(CTRATE / "train_predicted_labels.csv")
+        assert first(phantom_world["radchestct_labels"]) == first(RAD / "imgtest_abnormality_labels_84.csv")
+    assert first(phantom_world["train_reports"]) == b"VolumeName,ClinicalInformation_EN,Technique_EN,Findings_EN," \
+                                                    b"Impressions_EN\n"
+    meta = data.read_metadata(phantom_world["valid_metadata"])
+    labels = data.read_labels(phantom_world["valid_labels"])
+    assert len(meta) == len(labels) == 12 and set(meta) == set(labels)
+    for name, row in meta.items():  # the exact CT-RATE v2 folder layout, read through the real-data reader
+        hu, spacing = data.read_ctrate_volume(data.ctrate_path(phantom_world["valid_volumes"], name), row)
+        assert hu.min() < -900 and spacing == data.metadata_spacing(row)
+
+
+def test_phantom_caches_have_anatomy_in_the_convention(phantom_world):
+    for key in ("train_cache", "valid_cache", "radchestct_cache"):
+        cache = data.VolumeCache(phantom_world[key])
+        assert cache.preset == data.PHANTOM and len(cache) == {"train_cache": 24, "valid_cache": 12,
+                                                               "radchestct_cache": 8}[key]
+        for name in cache.names[:3]:
+            v = np.asarray(cache.load(name), dtype=np.float32)
+            assert v.shape == data.PHANTOM.shape and v.dtype == np.float32
+            bone = v > 250
+            yb = np.nonzero(bone)[1].mean()
+            assert yb > 36  # the spine lies posterior (Y grows anterior -> posterior)
+            liver = (np.abs(v - 55) < 30)[:, :, :10]  # liver under the right hemidiaphragm: low Z, low X
+            assert np.nonzero(liver)[0].mean() < 36
+            lung = (v < -600)[:, :, 12:24].mean()
+            assert lung > 0.1
+
+
+def test_phantom_reports_labels_and_vqa_agree(phantom_world):
+    for split in ("train", "valid"):
+        labels = data.read_labels(phantom_world[f"{split}_labels"])
+        sents = data.read_sentence_labels(phantom_world[f"{split}_sentences"])
+        assert set(sents) == set(labels)
+        for name, lab in labels.items():
+            s = sents[name]
+            if s["findings"]:
+                assert sum(a for _, a in s["findings"]) == lab.sum()  # one abnormal sentence per finding
+                first_abnormal = next((i for i, (_, a) in enumerate(s["findings"]) if a), len(s["findings"]))
+                assert not any(a for _, a in s["findings"][:first_abnormal])  # normal sentences first
+                assert all(a for _, a in s["findings"][first_abnormal:])
+            if s["impressions"]:
+                assert sum(a for _, a in s["impressions"]) == lab.sum()
+        vqa = data.read_vqa(phantom_world[f"{split}_vqa"])
+        assert {q["kind"] for q in vqa} == {"report", "open", "yes_no", "multiple_choice"}
+        for q in vqa:
+            if q["kind"] == "yes_no":
+                asked = next(a for a in data.ABNORMALITIES if f"there {a.lower()} in" in q["question"])
+                assert (q["answer"] == "Yes.") == bool(labels[q["VolumeName"]][data.ABNORMALITIES.index(asked)])
+    for key, lab_key in (("mmvqa_valid", "valid_labels"), ("mmvqa_rl", "train_labels")):
+        labels = data.read_labels(phantom_world[lab_key])
+        for it in json.load(open(phantom_world[key])):
+            assert labels[it["VolumeName"]][data.ABNORMALITIES.index(it["options"][it["answer"]])] == 1
+    rad = data.read_radchestct_labels(phantom_world["radchestct_labels"])
+    cache = data.VolumeCache(phantom_world["radchestct_cache"])
+    assert set(rad) == set(cache.names) and all(it["VolumeName"] in cache for it in json.load(
+        open(phantom_world["mmvqa_radchestct"])))
+
+
+def test_every_phantom_abnormality_is_visible_at_the_phantom_preset():
+    """Adding one finding to a normal patient changes a clear block of voxels after preprocessing."""
+    for seed in (0, 1):
+        base = data._phantom_patient(np.random.default_rng(seed), force_normal=True)
+        render = lambda p: data.preprocess_volume(data._render(p, (86, 86, 44), (4.2, 4.2, 8.0),
+                                                               np.random.default_rng(5)), (4.2, 4.2, 8.0), data.PHANTOM)
+        normal = render(base).astype(int)[4:68, 4:68, 2:34]
+        for k, name in enumerate(data.ABNORMALITIES):
+            p = dict(base, labels=np.eye(18, dtype=bool)[k])
+            changed = (np.abs(render(p).astype(int)[4:68, 4:68, 2:34] - normal) >= 80).sum()
+            assert changed >= 20, (name, seed, changed)
+
+
+def test_phantom_label_statistics():
+    rng = np.random.default_rng(0)
+    labels = np.array([data._phantom_patient(rng)["labels"] for _ in range(3000)])
+    prevalence = labels.mean(0)
+    assert prevalence.min() > 0.13 and prevalence.max() < 0.37
+    assert 0.04 < (labels.sum(1) == 0).mean() < 0.1 and labels.sum(1).mean() > 3
+
+
+def test_phantom_is_deterministic_and_ensure_is_idempotent(tmp_path, phantom_world):
+    data.make_phantom(tmp_path / "a", n_train=3, n_valid=1, n_rad=1, seed=3, workers=1, progress=False)
+    data.main(["phantom", "--out", str(tmp_path / "b"), "--n-train", "3", "--n-valid", "1", "--n-rad", "1",
+               "--seed", "3"])  # through the CLI, with a worker pool: same bytes
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) > 10
+    for f in files:
+        a, b = (tmp_path / "a" / f).read_bytes(), (tmp_path / "b" / f).read_bytes()
+        if f.suffix == ".gz":
+            a, b = gzip.decompress(a), gzip.decompress(b)
+        if f.suffix == ".npz":  # zip members carry time stamps: compare the arrays
+            a, b = (np.load(tmp_path / d / f)["ct"].tobytes() for d in ("a", "b"))
+        assert a == b, f
+    before = {p: p.stat().st_mtime_ns for p in Path(phantom_world["root"]).rglob("*.json")}
+    assert data.ensure_phantom(phantom_world["root"], n_train=24, n_valid=12, n_rad=8) == phantom_world
+    assert before == {p: p.stat().st_mtime_ns for p in Path(phantom_world["root"]).rglob("*.json")}
+    with pytest.raises(ValueError, match="another root"):
+        data.ensure_phantom(phantom_world["root"], n_train=25, n_valid=12, n_rad=8)
+
+
+def test_mmvqa_cli_runs_as_a_script(tmp_path, phantom_world):
+    out = tmp_path / "q.json"
+    r = subprocess.run([sys.executable, "data.py", "mmvqa", "--labels", str(phantom_world["radchestct_labels"]),
+                        "--format", "radchestct", "--out", str(out), "--seed", "4"],
+                       cwd=Path(data.__file__).parent, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "questions written" in r.stdout and json.load(open(out)) == data.build_mmvqa(
+        data.read_radchestct_labels(phantom_world["radchestct_labels"]), 4)
