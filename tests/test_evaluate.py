@@ -1,0 +1,408 @@
+"""Tests for evaluate.py: standard metrics on fixed strings, answer parsing + fallback, the judge against a real local
+HTTP server, positional bias, and (slow) sharded == single-process evaluation under torchrun."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+import evaluate as E
+
+JAVA = shutil.which("java") is not None
+
+# one hand-checkable pair, one identical pair, two report-like pairs (no brackets: PTB would keep "-lrb-")
+HYPS = ["the cat sat on the mat", "no pleural effusion.",
+        "Mild emphysema in both upper lobes. A 4 mm nodule in the right lower lobe. No pleural effusion.",
+        "Heart size is normal. Atelectasis in the left lower lobe."]
+REFS = ["the cat is on the mat", "No pleural effusion.",
+        "There is mild centrilobular emphysema. A 3.5 mm nodule is seen in the right lower lobe.",
+        "Cardiomegaly. Left lower lobe atelectasis and a small pleural effusion."]
+
+
+@pytest.fixture(scope="module")
+def metrics():
+    return E.report_metrics(HYPS, REFS)
+
+
+def test_tokenize_matches_ptb_punctuation_rules():
+    assert E.tokenize("No pleural effusion; 3.5 cm, well-defined 1/2...") == "no pleural effusion 3.5 cm well-defined 1/2"
+
+
+def test_known_scores_on_fixed_strings(metrics):
+    s = metrics["per_item"]
+    # "the cat sat on the mat" vs "the cat is on the mat": 5/6 unigrams and 3/5 bigrams match, equal lengths
+    assert s["BLEU-1"][0] == pytest.approx(5 / 6, abs=1e-6)
+    assert s["BLEU-2"][0] == pytest.approx(math.sqrt(5 / 6 * 3 / 5), abs=1e-6)
+    assert s["ROUGE-L"][0] == pytest.approx(5 / 6, abs=1e-6)      # LCS 5 of 6 both ways
+    assert s["ROUGE-1"][0] == pytest.approx(5 / 6, abs=1e-6)
+    assert s["ROUGE-2"][0] == pytest.approx(3 / 5, abs=1e-6)
+    # identical after tokenisation (case and the full stop do not count)
+    assert s["BLEU-1"][1] == pytest.approx(1.0) and s["ROUGE-L"][1] == pytest.approx(1.0)
+    assert s["ROUGE-1"][1] == pytest.approx(1.0) and s["ROUGE-2"][1] == pytest.approx(1.0)
+    if JAVA:
+        assert s["METEOR"][1] > 0.99 and s["METEOR"][0] < s["METEOR"][1]
+    sc = metrics["scores"]
+    assert sc["Mean"] == pytest.approx(sum(sc[k] for k in metrics["mean_over"]) / len(metrics["mean_over"]))
+    assert sc["BERT-F1"] is None and "local BERT" in metrics["missing"]["BERT-F1"]
+    assert sc["LLM-score"] is None and "judge" in metrics["missing"]["LLM-score"]
+
+
+def test_scores_equal_pycocoevalcap_own_output(metrics):
+    """Corpus scores equal pycocoevalcap's scorers fed by its own (Java) PTBTokenizer, as COCO-style code does."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    if JAVA:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+        ptb = PTBTokenizer()
+        res = ptb.tokenize({i: [{"caption": h}] for i, h in enumerate(HYPS)})
+        gts = ptb.tokenize({i: [{"caption": r}] for i, r in enumerate(REFS)})
+        assert res == {i: [E.tokenize(h)] for i, h in enumerate(HYPS)}
+    else:
+        res, gts = {i: [E.tokenize(h)] for i, h in enumerate(HYPS)}, {i: [E.tokenize(r)] for i, r in enumerate(REFS)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    sc = metrics["scores"]
+    for n in range(4):
+        assert sc[f"BLEU-{n + 1}"] == pytest.approx(bleu[n], rel=1e-12)
+    assert sc["ROUGE-L"] == pytest.approx(Rouge().compute_score(gts, res)[0], rel=1e-12)
+    assert sc["CIDEr"] == pytest.approx(Cider().compute_score(gts, res)[0], rel=1e-12)
+    if JAVA:
+        meteor = E._meteor()                                     # pycocoevalcap's Meteor (one JVM per process)
+        assert sc["METEOR"] == pytest.approx(meteor.compute_score(gts, res)[0], rel=1e-9)
+        assert "Meteor" in metrics["implementations"]["METEOR"]
+
+
+def test_meteor_without_java_is_null_with_reason(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))            # no java on PATH
+    out = E.report_metrics(HYPS[:2], REFS[:2])
+    assert out["scores"]["METEOR"] is None and "Java" in out["missing"]["METEOR"]
+    assert "METEOR" not in out["mean_over"] and out["scores"]["BLEU-1"] is not None
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A random 2-layer BERT with a word-level vocabulary, saved as a local HF directory."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+    path = tmp_path_factory.mktemp("bert")
+    words = "no pleural effusion mild emphysema the cat sat on mat is hiatal hernia atelectasis".split()
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, "."]) + "\n")
+    BertTokenizer(str(path / "vocab.txt"), model_max_length=64).save_pretrained(path)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words) + 6, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(path)
+    return str(path)
+
+
+def test_bertscore_from_local_dir_only(tiny_bert):
+    f1 = E._bert_f1(["no pleural effusion.", "the cat sat on the mat"], ["no pleural effusion.", "mild emphysema"],
+                    tiny_bert, None)
+    assert f1[0] == pytest.approx(1.0, abs=1e-5) and f1[1] < 0.999
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        E._bert_f1(["a"], ["a"], "roberta-large", None)                # a hub name is never fetched
+
+
+def test_sentence_encoder_fallback(tiny_bert):
+    embed = E.encoder_embedder(tiny_bert)
+    assert embed(["no pleural effusion", "mild emphysema"]).shape == (2, 16)
+    options = {"A": "hiatal hernia", "B": "pleural effusion", "C": "atelectasis", "D": "emphysema"}
+    assert E.resolve_answer("<answer>pleural effusion</answer>", options, embed) == ("B", "similarity")
+
+
+def test_paired_test_matches_scipy():
+    from scipy import stats
+    a = {"x": 0.1, "y": 0.5, "z": 0.3, "w": None, "only_a": 1.0}
+    b = {"x": 0.2, "y": 0.9, "z": 0.35, "w": 0.4}
+    out = E.paired_test(a, b)
+    t, p = stats.ttest_rel([0.1, 0.5, 0.3], [0.2, 0.9, 0.35])   # ids x, y, z; "w" has a null, "only_a" no pair
+    assert out["n"] == 3 and out["p"] == pytest.approx(p) and out["t"] == pytest.approx(t)
+    assert E.paired_test(a, a)["p"] is None                   # identical runs: no test, not NaN
+
+
+def test_mcnemar_and_compare(tmp_path):
+    from scipy import stats
+    t = E.mcnemar([True, True, True, False, True], [False, False, False, False, True])
+    assert (t["a_only"], t["b_only"]) == (3, 0) and t["p"] == pytest.approx(stats.binomtest(3, 3).pvalue)
+    recs = lambda flags: {"records": [{"correct": f} for f in flags]}
+    for name, flags, bleu in (("a", [True, True, False], {"v1": 0.5, "v2": 0.7}),
+                              ("b", [False, True, False], {"v1": 0.1, "v2": 0.2})):
+        run = {"mmvqa": {"CT-RATE": {"think": recs(flags)}}, "reports": {"per_item": {"BLEU-1": bleu}}}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"runs": {"sft": run}}))
+    tests = E.main(["--compare", str(tmp_path / "a.json"), f"{tmp_path / 'b.json'}:sft"])
+    (pair,) = tests.values()
+    assert pair["reports/BLEU-1"]["n"] == 2 and pair["reports/BLEU-1"]["mean_a"] == pytest.approx(0.6)
+    assert pair["mmvqa/CT-RATE/think"]["a_only"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MMVQA answer resolution
+# ---------------------------------------------------------------------------------------------------------------------
+
+OPTIONS = {"A": "Hiatal hernia", "B": "Atelectasis", "C": "Pleural effusion", "D": "Emphysema"}
+VOCAB = "hiatal hernia atelectasis pleural effusion emphysema lung the there is a".split()
+
+
+def bag_of_words(texts):
+    return torch.tensor([[float(t.lower().count(w)) for w in VOCAB] for t in texts])
+
+
+@pytest.mark.parametrize("output, letter, path", [
+    ("<think>fluid at the base</think><answer>C</answer>", "C", "parsed"),
+    ("<think>x</think>\n<answer> (c) </answer>", "C", "parsed"),
+    ("D", "D", "parsed"),                                       # lone letter without tags
+    ("B) Atelectasis", "B", "parsed"),
+    ("<think>…</think><answer>Pleural effusion</answer>", "C", "similarity"),   # option text, no letter
+    ("<answer>A or B</answer> there is a hiatal hernia", "A", "similarity"),   # two letters: parser refuses
+    ("<answer>A</answer><answer>B</answer> emphysema", "D", "similarity"),     # two answer blocks
+    ("A lung with emphysema", "D", "similarity"),                # article "A", not a letter
+    ("", None, "none"),
+    ("<think></think><answer></answer>", None, "none"),
+])
+def test_resolve_answer(output, letter, path):
+    assert E.resolve_answer(output, OPTIONS, bag_of_words) == (letter, path)
+
+
+def test_format_compliance_per_prompt():
+    assert E.follows_format("<think>effusion at the base</think><answer>C</answer>", think=True)
+    assert not E.follows_format("<answer>C</answer>", think=True)
+    assert E.follows_format(" <answer>C</answer>\n", think=False)
+    assert not E.follows_format("<think>x</think><answer>C</answer>", think=False)
+    assert not E.follows_format("C", think=False)
+
+
+def test_llm_embedder_mean_pools_input_embeddings():
+    emb = torch.nn.Embedding(50, 8)
+
+    class Tok:
+        pad_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1 + (ord(c) % 49) for c in text.replace(" ", "")]}
+
+    llm = torch.nn.Module()
+    llm.get_input_embeddings = lambda: emb
+    vecs = E.llm_embedder(llm, Tok())(["ab", "ba", "c"])
+    assert vecs.shape == (3, 8)
+    assert torch.allclose(vecs[0], (emb.weight[1 + ord("a") % 49] + emb.weight[1 + ord("b") % 49]) / 2)
+    assert torch.allclose(vecs[0], vecs[1])                      # order-free mean
+    assert E.resolve_answer("the ccc", {"A": "ab", "B": "c"}, E.llm_embedder(llm, Tok())) == ("B", "similarity")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The judge against a real HTTP server speaking /v1/chat/completions
+# ---------------------------------------------------------------------------------------------------------------------
+
+class ChatServer:
+    """Replies by a marker in the prompt: GOOD -> valid JSON, BAD -> prose, SLOW -> sleeps past the client timeout."""
+
+    def __init__(self):
+        self.requests = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                prompt = body["messages"][-1]["content"]
+                if "SLOW" in prompt:
+                    time.sleep(2.0)
+                if "BAD" in prompt:
+                    content = "I would give this report a score of about 70."
+                elif "clinical_correctness" in prompt:
+                    content = '```json\n{"clinical_correctness": 4, "clarity": 3, "differential_diagnosis": 2, ' \
+                              '"conciseness": 5}\n```'
+                else:
+                    content = '{"score": 80}'
+                payload = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                                      "choices": [{"index": 0, "finish_reason": "stop",
+                                                   "message": {"role": "assistant", "content": content}}]}).encode()
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass                                          # the client gave up (timeout test)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = ChatServer()
+    yield s
+    s.close()
+
+
+def test_judge_scores_bad_reply_timeout_and_cache(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-test-secret-123")
+    judge = E.Judge(server.url, "judge-model", "MY_JUDGE_KEY", tmp_path / "cache", timeout=0.5, retries=0, workers=3)
+    hyps = ["GOOD report", "BAD report", "SLOW report"]
+    out = judge.llm_scores(hyps, ["ref one", "ref two", "ref three"])
+    assert out["per_item"] == [0.8, None, None] and out["mean"] == pytest.approx(0.8) and out["n_valid"] == 1
+    assert any("unparseable" in e for e in out["errors"]) and any("Timeout" in e for e in out["errors"])
+    first = server.requests[0]
+    assert first["path"] == "/v1/chat/completions" and first["body"]["temperature"] == 0
+    assert first["body"]["model"] == "judge-model" and first["auth"] == "Bearer sk-test-secret-123"
+    # only the valid reply is cached; the key never reaches the disk
+    cached = list((tmp_path / "cache").glob("*.json"))
+    assert len(cached) == 1 and "sk-test-secret" not in cached[0].read_text()
+    n = len(server.requests)
+    again = judge.llm_scores(hyps[:1], ["ref one"])
+    assert again["per_item"] == [0.8] and len(server.requests) == n   # served from the cache
+
+    r = judge.reasoning_scores(["Q? A) x B) y"], ["the effusion is on the left"], ["Left pleural effusion."])
+    assert r["means"] == {"clinical_correctness": 4.0, "clarity": 3.0, "differential_diagnosis": 2.0,
+                          "conciseness": 5.0} and r["n_valid"] == 1
+
+
+def test_report_metrics_with_judge(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))            # skip METEOR's Java start-up here
+    judge = E.Judge(server.url, "m", "NO_SUCH_ENV_VAR", tmp_path / "c", timeout=5, retries=0)
+    out = E.report_metrics(["GOOD a", "BAD b"], ["a", "b"], judge=judge)
+    assert out["per_item"]["LLM-score"] == [0.8, None] and out["scores"]["LLM-score"] == pytest.approx(0.8)
+    assert "LLM-score" in out["mean_over"]
+
+
+@pytest.mark.parametrize("reply, ok", [
+    ('{"score": 42}', True), ('  ```json\n{"score": 0}\n```  ', True), ('{"score": 101}', False),
+    ('{"score": 4.5}', False), ('{"score": true}', False), ('{"score": "42"}', False), ('Score: 42', False),
+    ('{"score": 42, "why": "x"}', False), ('{"score": 42} thanks', False), ("", False), (None, False),
+])
+def test_parse_judge_reply_is_strict(reply, ok):
+    assert (E.parse_judge_reply(reply, ["score"], 0, 100) is not None) == ok
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Positional bias (paper figure 1)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_positional_bias_normal_first(tmp_path):
+    import csv
+    rows = [["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"],
+            ["valid_1_a_1.nii.gz", "", "", "Trachea is patent. Heart size is normal. No pleural effusion. "
+             "A 5 mm nodule in the right upper lobe.", "Lung nodule."],
+            ["valid_2_a_1.nii.gz", "", "", "Mediastinal structures are unremarkable. Emphysema in both lungs.",
+             "Not given."]]
+    with open(tmp_path / "reports.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    out = E.positional_bias(tmp_path / "reports.csv", tmp_path / "bias.png", bins=4)
+    assert out["normal"]["n_sentences"] == 4 and out["abnormal"]["n_sentences"] == 3
+    # report 1: five sentences, abnormal at 3.5/5 and 4.5/5; report 2: two sentences, abnormal at 1.5/2
+    assert out["abnormal"]["mean_position"] == pytest.approx((0.7 + 0.9 + 0.75) / 3)
+    assert out["normal"]["mean_position"] == pytest.approx((0.1 + 0.3 + 0.5 + 0.25) / 4)
+    assert sum(d * 0.25 for d in out["normal"]["density"]) == pytest.approx(1.0)   # densities integrate to 1
+    assert (tmp_path / "bias.png").read_bytes()[:4] == b"\x89PNG"
+    with open(tmp_path / "labelled.jsonl", "w") as f:            # the same sentences, labelled elsewhere
+        f.write(json.dumps({"VolumeName": "v1", "findings": [["a", False], ["b", False], ["c", False], ["d", True]],
+                            "impressions": [["e", True]]}) + "\n")
+        f.write(json.dumps({"VolumeName": "v2", "findings": [["a", False], ["b", True]], "impressions": None}) + "\n")
+    assert E.positional_bias(tmp_path / "labelled.jsonl", bins=4)["abnormal"] == out["abnormal"]
+    res = E.main(["--tasks", "bias", "--bias-reports", str(tmp_path / "reports.csv"), "--out", str(tmp_path / "o")])
+    assert res["positional_bias"]["abnormal"]["mean_position"] == out["abnormal"]["mean_position"]
+    assert "Positional bias" in (tmp_path / "o/results.md").read_text() and res["runs"] == {}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model-driven evaluation on the small phantom world with an untrained tiny VLM
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def eval_setup(phantom_world, tmp_path_factory):
+    """A tiny VLM checkpoint at <root>/runs/sft/vlm; its LLM matrices are re-drawn large so that greedy decoding of
+    the untrained model emits varied tokens (letters, tags, words) instead of one repeated token."""
+    import model
+    root = tmp_path_factory.mktemp("eval")
+    llm_dir = model.build_tiny_llm(model.phantom_texts(phantom_world), root / "llm", vocab_size=512, hidden=64,
+                                   layers=2)
+    vlm = model.VLM.build(llm_dir, "tiny")
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for name, p in vlm.llm.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                torch.nn.init.normal_(p, std=0.5)
+    vlm.save(root / "runs/sft/vlm", meta={"stage": "sft", "args": {"arw_lambda": 1.1}})
+    return phantom_world, root
+
+
+def eval_argv(world, root, out, *extra):
+    return ["--runs", str(root / "runs"), "--data-root", str(world["root"]), "--n-mmvqa", "6", "--n-reports", "3",
+            "--max-new-tokens", "12", "--max-report-tokens", "16", "--batch-size", "2", "--out", str(out), *extra]
+
+
+def test_evaluate_end_to_end(eval_setup, server, tmp_path):
+    """No-argument-style run on a checkpoint: table 1 and 2 numbers, provenance, the judge for LLM score and table 4."""
+    import hashlib
+    import model
+    world, root = eval_setup
+    res = E.main(eval_argv(world, root, tmp_path, "--tasks", "mmvqa,reports,reasoning", "--judge-base-url",
+                           server.url, "--judge-model", "m"))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["runs"].keys() == {"sft"} and saved["reference"] == "sft"
+    qfile = saved["provenance"]["question_files"]["CT-RATE"]
+    assert qfile["sha256"] == hashlib.sha256(open(world["mmvqa_valid"], "rb").read()).hexdigest()
+    assert qfile["n_evaluated"] == 6 and saved["provenance"]["versions"]["pycocoevalcap"]
+    run = res["runs"]["sft"]
+    assert run["ram"] is True and run["arw_lambda"] == 1.1
+    vlm = model.VLM.load(root / "runs/sft/vlm")
+    embed = E.llm_embedder(vlm.llm, vlm.tokenizer)
+    for qset, key in (("CT-RATE", "mmvqa_valid"), ("RAD-ChestCT", "mmvqa_radchestct")):
+        options = {q["VolumeName"]: q["options"] for q in json.loads(open(world[key]).read())}
+        for prompt in ("think", "no_think"):
+            s = run["mmvqa"][qset][prompt]
+            assert s["n"] == 6 and sum(s["paths"].values()) == 6
+            assert s["accuracy"] == pytest.approx(sum(r["correct"] for r in s["records"]) / 6)
+            assert sum(v["n"] for v in s["per_abnormality"].values()) == 6 and 1 <= s["n_scans"] <= 6
+            for r in s["records"]:                      # every answer is re-derivable from its raw output
+                assert (r["pred"], r["path"]) == E.resolve_answer(r["output"], options[r["VolumeName"]], embed)
+    rep = run["reports"]
+    assert len(rep["per_item"]["BLEU-1"]) == 3 and "BERT-F1" in rep["missing"] and rep["scores"]["BLEU-1"] is not None
+    assert rep["scores"]["LLM-score"] == pytest.approx(0.8)              # the test server always answers 80
+    assert run["reasoning"]["n_valid"] == 6 and run["reasoning"]["means"]["clarity"] == 3.0
+    md = (tmp_path / "results.md").read_text()
+    assert "| Method | CT-RATE w think | CT-RATE w/o think | RAD-ChestCT w think | RAD-ChestCT w/o think" in md
+    assert "| sft | ✓ | 1.1 |" in md and "| Run | Clinical | Clarity | Diff. Dx | Concis |" in md
+
+
+def test_scan_id_groups_reconstructions():
+    assert E.scan_id("valid_12_a_2.nii.gz") == E.scan_id("/x/valid_12_a_1.nii.gz") == "valid_12_a"
+    assert E.scan_id("trn24737.npz") == "trn24737"
+
+
+@pytest.mark.slow
+def test_sharded_equals_single_process(eval_setup, tmp_path):
+    """2-process gloo torchrun gives exactly the single-process results (outputs, answers, scores)."""
+    import os
+    import subprocess
+    import sys
+    world, root = eval_setup
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PATH": str(tmp_path)}  # no METEOR JVM
+    runs = {"single": [sys.executable, "evaluate.py"],
+            "sharded": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "evaluate.py"]}
+    out = {}
+    for name, cmd in runs.items():
+        argv = eval_argv(world, root, tmp_path / name, "--tasks", "mmvqa,reports", "--n-mmvqa", "5")
+        proc = subprocess.run(cmd + argv, cwd=E.Path(E.__file__).parent, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name] = json.loads((tmp_path / name / "results.json").read_text())
+    assert out["sharded"]["provenance"]["world_size"] == 2 and out["single"]["provenance"]["world_size"] == 1
+    a, b = out["single"]["runs"]["sft"], out["sharded"]["runs"]["sft"]
+    assert a["mmvqa"] == b["mmvqa"]
+    assert a["reports"]["per_item"] == b["reports"]["per_item"] and a["reports"]["scores"] == b["reports"]["scores"]
