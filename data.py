@@ -35,7 +35,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing import Pool
+import multiprocessing
 from pathlib import Path
 
 import nibabel as nib
@@ -260,6 +260,12 @@ def _worker_init():
     torch.set_num_threads(1)  # one volume per process; also avoids OpenMP thread pools inherited through fork
 
 
+def _pool(workers: int):
+    """Worker processes from a clean forkserver: fork() of a process that already runs torch/OpenMP threads can
+    deadlock on a lock inherited in the locked state (seen under pytest)."""
+    return multiprocessing.get_context("forkserver").Pool(workers, _worker_init)
+
+
 def _preprocess_one(job) -> dict:
     name, src, fmt, meta_row, preset, spacing, out_dir = job
     try:
@@ -309,7 +315,7 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
         if volume_key(name) not in done:
             jobs.append((name, p, fmt, meta.get(name), preset, spacing, out))
     bad = []
-    pool = Pool(min(workers, len(jobs)), _worker_init) if workers > 1 and len(jobs) > 1 else None
+    pool = _pool(min(workers, len(jobs))) if workers > 1 and len(jobs) > 1 else None
     with open(manifest, "a") as man, open(out / "bad_files.jsonl", "w") as badf:
         results = pool.imap_unordered(_preprocess_one, jobs) if pool else map(_preprocess_one, jobs)
         for rec in tqdm(results, total=len(jobs), desc=f"preprocess {src.name}", disable=not progress):
@@ -1063,7 +1069,7 @@ def make_phantom(out, n_train=400, n_valid=100, n_rad=48, seed=0, workers=None, 
             left -= k
     jobs += [(seed, "rad", i + 1, 1, out / "radchestct" / "volumes") for i in range(n_rad)]
     workers = workers or min(os.cpu_count() or 1, 8)
-    with Pool(workers, _worker_init) as pool:
+    with _pool(workers) as pool:
         results = list(tqdm(pool.imap(_phantom_patient_job, jobs, chunksize=4), total=len(jobs), desc="phantom",
                             disable=not progress))
     by_split = defaultdict(list)
