@@ -1,0 +1,450 @@
+"""Med3D-R1 stage 1: supervised fine-tuning of the bridge with the Residual Alignment gate and Abnormality Re-Weighting.
+
+The vision encoder (from clip3d.py) and the LLM are frozen; the bridge (adaptive pooling + RAM gate, model.py) learns
+to speak to the LLM through report generation mixed with open / yes-no / multiple-choice VQA (paper §4, SPEC §5).
+`--warmup` is a second, smaller job: it trains the phantom world's untrained tiny LLM on the phantom texts alone
+(no image), so that it knows its language and the <think>/<answer> format before bridge-only SFT. It stands in for
+the LLM's own pretraining (Qwen2.5 needs no warm-up).
+
+Deliberate choices:
+1. Trainable: the bridge only (the paper's "projection layer"); ViT, LLM and the text anchor stay frozen.
+   `--lora` adds LoRA adapters on the LLM's attention projections (paper table 3); they are merged into the LLM
+   weights when the checkpoint is written, so the output loads like any other.
+2. ARW, eq. (4)-(5): a target is tokenised segment by segment (data.report_target gives (text, abnormal) pieces),
+   so every target token knows its sentence: weight λ on tokens of abnormal sentences, 1 on every other target token
+   (normal sentences, section tags, VQA answers, EOS), 0 on prompt, image placeholders and padding.
+3. Loss = Σ w·CE / Σ w, where Σ w is the weight sum of the whole optimizer step over all micro-batches and ranks
+   (all-reduced before the forward), so gradient accumulation and DDP give the gradient of one big batch.
+   (The official code divided by all tokens, padding included.)
+4. Every rank takes the same path: the finite check on loss and gradient norm is all-reduced before the optimizer
+   step; `--nan-policy skip` drops that step on every rank, `stop` ends every rank with an error.
+5. Data order: one seeded permutation per epoch, grouped by length (less padding), cut into global batches; rank r
+   takes every world-th example of each batch. The data position is therefore the step counter, and `--resume` restores the exact run (trainable
+   weights, AdamW state, step, RNG states; the learning rate is a function of the step).
+6. `--cache-features`: the encoder is frozen and the crop deterministic (centre crop), so each volume's ViT output
+   is computed once, kept in memory, and reused in later epochs (see the README for the measured speed-up).
+7. One prompt format everywhere: the tokenizer's chat template through vlm.prompt (the same as grpo.py/evaluate.py).
+
+Phantom defaults differ from the paper's (SPEC §5: lr 1e-4, 1 epoch, batch 2, bf16, max length 2048) only to fit a
+2-core CPU in minutes: SFT uses lr 1e-3 (1 epoch, batch 8); the warm-up (the whole tiny LLM, from scratch) uses
+lr 2e-3, 2 epochs, batch 8. `--preset real` restores the paper's values (DEFAULTS). On a busy shared CPU,
+OMP_NUM_THREADS=1 was several times faster than two threads.
+
+Run:
+  python sft.py --warmup                     # phantom world: tiny LLM learns its language -> runs/warmup
+  python sft.py                              # 1 CPU, phantom world -> runs/sft/vlm  (needs runs/clip3d, runs/warmup)
+  python sft.py --preset real --llm /models/Qwen2.5-3B --vit-preset base \\
+      --vision-weights BrgSA_vision_encoder.pth --data-root /data/ct-rate-cache    # 1 GPU, real data
+  torchrun --standalone --nproc_per_node 8 sft.py --preset real --llm /models/Qwen2.5-3B --vit-preset base \\
+      --vision-weights BrgSA_vision_encoder.pth --data-root /data/ct-rate-cache    # 8 GPUs
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import model
+from model import (all_ranks_finite, all_reduce, any_rank, atomic_dir, autocast, cosine_lr, latest_train_state,
+                   print0, rng_state, save_train_state, seed_everything, set_rng_state, setup_distributed,
+                   cleanup_distributed, SigtermFlag)
+
+# Defaults that differ between the phantom world (2-core CPU, minutes) and the paper's CT-RATE run (SPEC §5).
+DEFAULTS = {"real": dict(lr=1e-4, epochs=1, batch_size=2),
+            "phantom": dict(lr=1e-3, epochs=1, batch_size=8),
+            "warmup": dict(lr=2e-3, epochs=2, batch_size=8)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # mode and paths
+    p.add_argument("--warmup", action="store_true", help="text-only warm-up of the phantom tiny LLM -> runs/warmup")
+    p.add_argument("--preset", choices=["phantom", "real"], default="phantom", help="phantom world or CT-RATE defaults")
+    p.add_argument("--data-root", default="runs/phantom", help="phantom root (built if absent) or real data root")
+    p.add_argument("--llm", default=None, help="HF causal-LM dir (default: runs/warmup; warm-up: the phantom tiny LLM)")
+    p.add_argument("--vision-weights", default="runs/clip3d/vision_encoder.safetensors", help="or 'none' (tests)")
+    p.add_argument("--vit-preset", default="tiny", choices=list(model.VIT_PRESETS))
+    p.add_argument("--out", default=None, help="output root (default runs/sft; warm-up: runs/warmup)")
+    # method
+    p.add_argument("--arw-lambda", type=float, default=1.10, help="eq. (5) weight of abnormal-sentence tokens; 1.0 = no ARW")
+    p.add_argument("--no-ram", action="store_true", help="bridge without the Residual Alignment gate (table 2)")
+    p.add_argument("--lora", action="store_true", help="also train LoRA adapters on the LLM (table 3)")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--no-vqa", action="store_true", help="report generation only")
+    p.add_argument("--mmvqa", action="store_true", help="also train on the MMVQA training questions (not in the paper)")
+    # optimisation (None = the preset's default, see DEFAULTS)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="per device and micro-step")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup-frac", type=float, default=0.03, help="cosine schedule warm-up fraction")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="0 = off")
+    p.add_argument("--max-len", type=int, default=2048)
+    p.add_argument("--cache-features", action="store_true", help="compute each volume's ViT output once and reuse it")
+    # robustness and bookkeeping
+    p.add_argument("--nan-policy", default="skip", choices=["skip", "stop"], help="on a non-finite loss/grad, on all ranks")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under <out>/ckpt")
+    p.add_argument("--save-every", type=int, default=100, help="optimizer steps between resumable checkpoints")
+    p.add_argument("--stop-at", type=int, default=None, help="save and exit after this step (time-boxed jobs, tests)")
+    p.add_argument("--max-steps", type=int, default=None, help="cap the schedule length (tests)")
+    p.add_argument("--inject-nan", default=None, help="STEP:RANK, make that rank's loss NaN at that step (tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    args = p.parse_args(argv)
+    defaults = DEFAULTS["warmup" if args.warmup and args.preset == "phantom" else args.preset]
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.out = args.out or ("runs/warmup" if args.warmup else "runs/sft")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Examples: (volume, user text, target segments) -> token ids and ARW weights
+# ---------------------------------------------------------------------------------------------------------------------
+
+def encode(tokenizer, prompt: str, segments: list[tuple[str, bool]], arw_lambda: float, max_len: int):
+    """Token ids of prompt + target + EOS, and per-token weights: 0 prompt, λ abnormal sentence, 1 other target. eq. (5)"""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if len(ids) >= max_len:
+        raise ValueError(f"prompt of {len(ids)} tokens does not fit --max-len {max_len}")
+    weights = [0.0] * len(ids)
+    for text, abnormal in segments:  # piecewise, so each token inherits its sentence's label
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        weights += [arw_lambda if abnormal else 1.0] * len(piece)
+    ids.append(tokenizer.eos_token_id)
+    weights.append(1.0)
+    return ids[:max_len], weights[:max_len]
+
+
+def collate(encoded: list[tuple[list[int], list[float]]], pad_id: int):
+    """Right-pad to (B, T) input_ids, attention_mask and weights (padding weight 0)."""
+    T = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(encoded), T, dtype=torch.long)
+    weights = torch.zeros(len(encoded), T)
+    for i, (ids, w) in enumerate(encoded):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        mask[i, :len(ids)] = 1
+        weights[i, :len(w)] = torch.tensor(w)
+    return input_ids, mask, weights
+
+
+def weighted_ce_sum(logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """eq. (4) before normalisation: Σ_t α_t · (−log p(y_t | y_<t)); position t predicts token t+1."""
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none")
+    return (ce * weights[:, 1:].flatten()).sum()
+
+
+def chat_prompt(tokenizer, user_text: str) -> str:
+    """The chat-template prompt without an image (warm-up); the same string as vlm.prompt(user_text, with_image=False)."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def mmvqa_examples(paths: dict) -> list[dict]:
+    """MMVQA training questions (data.mmvqa_target answers), each with and without <think>."""
+    labels, examples = data.read_labels(paths["train_labels"]), []
+    for item in json.load(open(paths["mmvqa_train"])):
+        present = [n for n, y in zip(data.ABNORMALITIES, labels[item["VolumeName"]]) if y]
+        for think in (True, False):
+            examples.append({"volume": item["VolumeName"], "user": data.mmvqa_prompt(item, think),
+                             "segments": [(data.mmvqa_target(item, present, think), False)]})
+    return examples
+
+
+def sft_examples(paths: dict, with_vqa: bool = True, with_mmvqa: bool = False) -> list[dict]:
+    """Report generation (sentence-labelled targets) for every training volume, plus the training VQA items."""
+    sentences = data.read_sentence_labels(paths["train_sentences"])
+    examples = [{"volume": name, "user": data.report_instruction(s), "segments": data.report_target(s)}
+                for name, s in sorted(sentences.items())]
+    if with_vqa:
+        for item in data.read_vqa(paths["train_vqa"]):
+            if item["kind"] != "report":  # reports come from the sentence labels above, with ARW weights
+                examples.append({"volume": item["VolumeName"], "user": item["question"],
+                                 "segments": [(item["answer"], False)]})
+    return examples + (mmvqa_examples(paths) if with_mmvqa else [])
+
+
+def warmup_examples(paths: dict) -> list[dict]:
+    """Text-only examples for the warm-up: report targets, VQA answers, MMVQA answers with and without <think>."""
+    return [dict(e, volume=None) for e in sft_examples(paths, with_vqa=True, with_mmvqa=True)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LoRA (paper table 3 ablation): y = W x + (α / r) · B A x with W frozen and B = 0 at the start
+# ---------------------------------------------------------------------------------------------------------------------
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.lora_a.T.to(x.dtype)) @ self.lora_b.T.to(x.dtype) * self.scale
+
+    def merged(self) -> nn.Linear:
+        with torch.no_grad():
+            self.base.weight += (self.lora_b @ self.lora_a * self.scale).to(self.base.weight.dtype)
+        return self.base
+
+
+def add_lora(llm: nn.Module, rank: int, alpha: float, targets=("q_proj", "k_proj", "v_proj", "o_proj")) -> None:
+    for name, module in list(llm.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear(child, rank, alpha))
+
+
+def merge_lora(llm: nn.Module) -> None:
+    for module in list(llm.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, child_name, child.merged())
+
+
+class WeightedLM(nn.Module):
+    """Σ w·CE of a micro-batch, with every trainable parameter inside one forward (what DDP needs to see)."""
+
+    def __init__(self, vlm=None, llm=None):
+        super().__init__()
+        self.vlm, self.llm = vlm, llm
+
+    def forward(self, input_ids, attention_mask, weights, vit_tokens=None):
+        if self.vlm is None:  # warm-up: text only
+            logits = self.llm(input_ids=input_ids, attention_mask=attention_mask).logits
+        else:
+            image_embeds = self.vlm.bridge_embeds(vit_tokens)  # (B, N_img, D)
+            logits = self.vlm(input_ids, attention_mask, image_embeds)  # (B, T, V)
+        return weighted_ce_sum(logits, input_ids, weights)
+
+
+def data_paths(args, world: int) -> dict:
+    """Paths of the training cache, sentence labels, VQA, labels and MMVQA; the phantom world is built (rank 0) if absent."""
+    if args.preset == "phantom":
+        built = Path(args.data_root) / "phantom.json"  # an existing world keeps its size (e.g. the tests' small one)
+        size = json.loads(built.read_text()) if built.is_file() else {}
+        if model.get_rank() == 0:
+            data.ensure_phantom(args.data_root, **size)
+            if args.warmup and args.llm is None:
+                model.ensure_tiny_llm(args.data_root)
+        if world > 1:
+            torch.distributed.barrier()
+        return data.ensure_phantom(args.data_root, **size)
+    root = Path(args.data_root)  # real CT-RATE: `python data.py preprocess / label / mmvqa` wrote these
+    return dict(train_cache=root / "cache/train", train_sentences=root / "sentences/train.jsonl",
+                train_vqa=root / "dataset/vqa/train_vqa.json", mmvqa_train=root / "mmvqa/train.json",
+                train_labels=root / "dataset/multi_abnormality_labels/train_predicted_labels.csv")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    rank, local_rank, world, device = setup_distributed()
+    out = Path(args.out)
+
+    # ---- data and model -------------------------------------------------------------------------------------------
+    paths = data_paths(args, world)
+    seed_everything(args.seed)  # right before the model, so a given seed always gives the same initial bridge
+    if args.warmup:
+        llm_dir = Path(args.llm or model.ensure_tiny_llm(args.data_root))
+        llm, tokenizer = model.load_llm(llm_dir, device)  # the whole LLM trains, in float32 (bf16 autocast on GPU)
+        llm.train()
+        net, vlm, volumes = WeightedLM(llm=llm), None, None
+        examples = warmup_examples(paths)
+        prompts = [chat_prompt(tokenizer, e["user"]) for e in examples]
+        prev_meta = {}
+    else:
+        llm_dir = Path(args.llm or "runs/warmup")
+        if not (llm_dir / "config.json").is_file():
+            raise SystemExit(f"{llm_dir} is missing: run `python sft.py --warmup` first (or pass --llm)")
+        vision = None if args.vision_weights == "none" else Path(args.vision_weights)
+        if vision is not None and not vision.is_file():
+            raise SystemExit(f"{vision} is missing: run `python clip3d.py` first (or pass --vision-weights)")
+        vlm = model.VLM.build(llm_dir, vit_preset=args.vit_preset, vit_weights=vision, ram=not args.no_ram,
+                              device=str(device))
+        vlm.set_trainable(vit=False, bridge=True, llm=False)  # the anchor is a buffer: frozen, eq. (1)
+        if args.lora:
+            add_lora(vlm.llm, args.lora_rank, args.lora_alpha)
+            vlm.llm.to(device)
+        vlm.eval()
+        vlm.bridge.train()
+        tokenizer, net = vlm.tokenizer, WeightedLM(vlm=vlm)
+        volumes = data.VolumeCache(paths["train_cache"])
+        examples = [e for e in sft_examples(paths, not args.no_vqa, args.mmvqa) if e["volume"] in volumes]
+        prompts = [vlm.prompt(e["user"]) for e in examples]
+        # inherit the earlier stages' run configs (warm-up meta beside the LLM, clip3d's config beside the encoder)
+        earlier = {"warmup": llm_dir / "warmup_meta.json", "clip3d": vision and vision.parent / "config.json"}
+        prev_meta = {k: json.loads(p.read_text()) for k, p in earlier.items() if p and p.is_file()}
+    encoded = [encode(tokenizer, p, e["segments"], args.arw_lambda, args.max_len) for p, e in zip(prompts, examples)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    print0(f"{len(examples)} examples, {sum(p.numel() for p in trainable):,} trainable parameters, world {world}")
+    ddp = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else None
+    forward = ddp or net
+
+    # ---- schedule, optimizer, resume ------------------------------------------------------------------------------
+    global_batch = args.batch_size * args.grad_accum * world
+    steps_per_epoch = len(examples) // global_batch
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(examples)} examples < one global batch of {global_batch}")
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or 10**12)
+    warmup_steps = int(args.warmup_frac * total_steps)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    start = 0
+    state = latest_train_state(out / "ckpt") if args.resume else None
+    if state is not None:
+        with torch.no_grad():
+            for n, p in zip(names, trainable):
+                p.copy_(state["trainable"][n])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        start = state["step"]
+        print0(f"resumed from step {start}")
+    elif args.resume:
+        print0(f"no checkpoint under {out / 'ckpt'}: starting from step 0")
+
+    def save(step: int) -> None:
+        rngs = [None] * world
+        if world > 1:
+            torch.distributed.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if rank == 0:
+            save_train_state(out / "ckpt", step, {
+                "step": step, "trainable": {n: p.detach().cpu() for n, p in zip(names, trainable)},
+                "optimizer": optimizer.state_dict(), "rng": rngs, "args": vars(args)})
+
+    @functools.lru_cache(maxsize=1)
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        """The global batches of an epoch: a seeded permutation, sorted by length within windows of 4 batches (less
+        padding, batches still mix the tasks), cut into batches whose order is shuffled again. A function of (seed, epoch) only."""
+        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        perm, window = torch.randperm(len(examples), generator=g).tolist(), 4 * global_batch
+        batches = []
+        for w in range(0, steps_per_epoch * global_batch, window):
+            chunk = sorted(perm[w:min(w + window, steps_per_epoch * global_batch)], key=lambda i: -len(encoded[i][0]))
+            batches += [chunk[b:b + global_batch] for b in range(0, len(chunk), global_batch)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+    def micro_batches(step: int) -> list[list[int]]:
+        """This rank's example indices of optimizer step `step`, split into grad_accum micro-batches."""
+        epoch, k = divmod(step, steps_per_epoch)
+        mine = epoch_batches(epoch)[k][rank::world]
+        return [mine[i * args.batch_size:(i + 1) * args.batch_size] for i in range(args.grad_accum)]
+
+    features: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def vit_tokens(idx: list[int]) -> torch.Tensor:
+        """(B, N, C) frozen-encoder tokens of the examples' volumes (centre crop), from the cache when enabled."""
+        todo, fresh = sorted({examples[i]["volume"] for i in idx} - features.keys()), {}
+        if todo:
+            x = torch.stack([data.online_transform(volumes.load(v), volumes.preset, train=False) for v in todo])
+            with autocast(device):
+                fresh = dict(zip(todo, vlm.vit(x.to(device)).float()))  # volume -> (N, C)
+        if args.cache_features:
+            features.update(fresh)
+        return torch.stack([features.get(examples[i]["volume"], fresh.get(examples[i]["volume"])) for i in idx])
+
+    inject_step, inject_rank = map(int, args.inject_nan.split(":")) if args.inject_nan else (-1, -1)
+    sigterm = SigtermFlag()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc="warmup" if args.warmup else "sft")
+    history, skipped, t_epoch, t0 = [], 0, time.time(), time.time()
+
+    # ---- the loop -------------------------------------------------------------------------------------------------
+    for step in range(start, total_steps):
+        lr = cosine_lr(step, total_steps, warmup_steps, args.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches = [collate([encoded[i] for i in idx], pad_id) + (idx,) for idx in micro_batches(step)]
+        # eq. (4) normaliser: Σ w over every micro-batch of this step on every rank
+        weight_total = all_reduce(sum(w[:, 1:].sum() for _, _, w, _ in batches).to(device).double(), "sum").float()
+        loss_sum = torch.zeros((), device=device)
+        for j, (input_ids, mask, weights, idx) in enumerate(batches):
+            last = j == len(batches) - 1
+            with (ddp.no_sync() if ddp is not None and not last else nullcontext()):
+                tokens = None if args.warmup else vit_tokens(idx)
+                with autocast(device):
+                    s = forward(input_ids.to(device), mask.to(device), weights.to(device), tokens)
+                if step == inject_step and rank == inject_rank:
+                    s = s * float("nan")
+                (s * world / weight_total).backward()  # DDP averages over ranks -> Σ_all w·CE / Σ_all w
+            loss_sum += s.detach()
+        grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip) if args.grad_clip > 0
+                     else torch.norm(torch.stack([p.grad.norm() for p in trainable if p.grad is not None])))
+        loss = all_reduce(loss_sum.clone(), "sum") / weight_total
+        if all_ranks_finite(loss_sum, grad_norm):
+            optimizer.step()
+        elif args.nan_policy == "stop":
+            print(f"[rank {rank}] non-finite loss at step {step}: stopping (--nan-policy stop)", flush=True)
+            raise SystemExit(f"non-finite loss at step {step} on some rank (--nan-policy stop)")
+        else:
+            skipped += 1
+            print(f"[rank {rank}] non-finite loss at step {step}: skipping the update (--nan-policy skip)", flush=True)
+        optimizer.zero_grad(set_to_none=True)
+        history.append(loss.item())
+        bar.update(1)
+        row = {"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "skipped": skipped,
+               "sec": round(time.time() - t0, 2)}
+        if (step + 1) % steps_per_epoch == 0:
+            row["epoch_sec"] = round(time.time() - t_epoch, 2)
+            t_epoch = time.time()
+        if rank == 0 and ((step + 1) % args.log_every == 0 or "epoch_sec" in row or step + 1 == total_steps):
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}")
+        done = step + 1
+        if any_rank(sigterm.raised, device) or done == args.stop_at:
+            save(done)
+            print0(f"saved a resumable checkpoint at step {done}; continue with --resume")
+            cleanup_distributed()
+            return {"losses": history, "step": done, "interrupted": True, "net": net}
+        if args.save_every and done % args.save_every == 0 and done < total_steps:
+            save(done)
+    bar.close()
+
+    # ---- output ---------------------------------------------------------------------------------------------------
+    meta = {"stage": "warmup" if args.warmup else "sft", "args": vars(args), "steps": total_steps,
+            "final_loss": history[-1] if history else None, "skipped_steps": skipped, **prev_meta}
+    if rank == 0:
+        if args.warmup:  # an HF dir beside ckpt/ and metrics.jsonl; config.json is moved in last = complete
+            with atomic_dir(out / "tmp_llm") as tmp:
+                net.llm.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                (tmp / "warmup_meta.json").write_text(json.dumps(meta, indent=1))
+            (out / "config.json").unlink(missing_ok=True)
+            for f in sorted((out / "tmp_llm").iterdir(), key=lambda f: f.name == "config.json"):
+                f.replace(out / f.name)
+            (out / "tmp_llm").rmdir()
+            print0(f"wrote {out}")
+        else:
+            if args.lora:
+                merge_lora(vlm.llm)
+            vlm.save(out / "vlm", meta=meta)
+            print0(f"wrote {out / 'vlm'}")
+    cleanup_distributed()
+    return {"losses": history, "step": total_steps, "interrupted": False, "net": net}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""Tests for grpo.py: rewards on adversarial completions, the loss against a hand computation, the training loop."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import grpo
+import model
+from grpo import (accuracy_reward, discretise, format_reward, group_advantages, grpo_loss, make_consistency_scorer,
+                  offline_consistency, parse_answer)
+
+OPTIONS = {"A": "Emphysema", "B": "Atelectasis", "C": "Pleural effusion", "D": "Cardiomegaly"}
+GOOD = "<think>Fluid in the pleural space.</think><answer>C</answer>"
+
+# (completion, format, accuracy for key "C")
+BATTERY = [
+    (GOOD, 1.0, 1.0),
+    ("  <think>\nFluid.\n</think>\n<answer> C </answer>\n", 1.0, 1.0),            # white space outside is fine
+    ("<think>x</think><answer>c</answer>", 1.0, 1.0),                            # lower case
+    ("<think>x</think><answer>(C)</answer>", 1.0, 1.0),                          # brackets
+    ("<think>x</think><answer>[C]</answer>", 1.0, 1.0),
+    ("<think>x</think><answer>C) Pleural effusion</answer>", 1.0, 1.0),          # letter + its own option text
+    ("<think>x</think><answer>C) Emphysema</answer>", 1.0, 0.0),                 # letter + another option's text
+    ("<think>x</think><answer>A or B</answer>", 1.0, 0.0),                       # two letters
+    ("<think>x</think><answer>C or D</answer>", 1.0, 0.0),                       # two letters, one correct
+    ("<think>x</think><answer>B, C</answer>", 1.0, 0.0),
+    ("<think>x</think><answer>CD</answer>", 1.0, 0.0),
+    ("<think>x</think><answer>B</answer>", 1.0, 0.0),                            # wrong letter
+    ("<think>x</think><answer></answer>", 0.0, 0.0),                             # empty answer
+    ("<think>x</think><answer>   </answer>", 0.0, 0.0),
+    ("<think></think><answer>C</answer>", 0.0, 1.0),                             # empty think
+    ("<think>x</think><answer>C</answer><answer>C</answer>", 0.0, 0.0),          # two answer blocks
+    ("<think>x</think><think>y</think><answer>C</answer>", 0.0, 1.0),            # two think blocks
+    ("<answer>C</answer><think>x</think>", 0.0, 1.0),                            # wrong order
+    ("The answer is C", 0.0, 0.0),                                               # no tags
+    ("C", 0.0, 0.0),
+    ("<think>x</think><answer>C</answer> because of fluid", 0.0, 1.0),           # text after </answer>
+    ("Sure. <think>x</think><answer>C</answer>", 0.0, 1.0),                      # text before <think>
+    ("<think>x <finding>fluid</finding></think><answer>C</answer>", 0.0, 1.0),   # unknown tag inside
+    ("<think>x</think><answer>C</answer><foo>", 0.0, 1.0),                       # unknown tag outside
+    ("<think>x</think><answer><b>C</b></answer>", 0.0, 0.0),
+    ("<think>x</think><answer>C", 0.0, 0.0),                                     # truncated answer
+    ("<think>size < 3 cm</think><answer>C</answer>", 1.0, 1.0),                  # a '<' is not a tag
+]
+
+
+@pytest.mark.parametrize("completion,fmt,acc", BATTERY)
+def test_reward_battery(completion, fmt, acc):
+    assert format_reward(completion) == fmt
+    assert accuracy_reward(completion, "C", OPTIONS) == acc
+
+
+def test_parse_answer():
+    assert parse_answer(GOOD) == "C"
+    assert parse_answer("<answer> d. </answer>") == "D"
+    assert parse_answer("B") == "B" and parse_answer("(b)") == "B"            # no tags: a lone letter
+    assert parse_answer("<think>fluid, so C</think> C") == "C" and parse_answer("<think>C</think>") is None
+    assert parse_answer("Cardiomegaly") is None and parse_answer("A or B") is None
+    assert parse_answer("<answer>C) Pleural effusion</answer>") == "C"        # without options: no other letter
+    assert parse_answer("<answer>C) a nodule</answer>") is None               # "a" could be option A: refuse
+    assert parse_answer("<answer>C) Pleural effusion.</answer>", options=OPTIONS) == "C"
+    assert parse_answer("<answer>C) Atelectasis</answer>", options=OPTIONS) is None
+    assert parse_answer("<answer>E</answer>") is None and parse_answer("<answer>E</answer>", letters="ABCDE") == "E"
+    assert accuracy_reward("C", "C") == 0.0                                    # reward needs the answer block
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Consistency
+# --------------------------------------------------------------------------------------------------------------------
+
+REPORT = ("Findings: Centrilobular emphysema in both upper lobes. Coronary artery wall calcification. "
+          "No pleural or pericardial effusion. Impression: Emphysema. Pleural effusion is not seen.")
+
+
+def test_clinical_stances():
+    s = grpo.clinical_stances("No pleural effusion. There is emphysema and no nodule; consolidation is not seen, "
+                              "but coronary artery wall calcification is present. Cardiomegaly? No cardiomegaly.")
+    assert s == {"Pleural effusion": "deny", "Emphysema": "affirm", "Lung nodule": "deny", "Consolidation": "deny",
+                 "Coronary artery wall calcification": "affirm", "Cardiomegaly": "both"}
+
+
+def test_offline_consistency_scores():
+    # report affirms {Emphysema, Coronary artery wall calcification}
+    assert offline_consistency("Emphysema and coronary artery wall calcification; no pleural effusion.", REPORT) == 1.0
+    assert offline_consistency("Emphysema. No pleural effusion.", REPORT) == 2 / 3        # missed the calcification
+    assert offline_consistency("Pleural effusion and emphysema.", REPORT) == 1 / 3          # one wrong, one missed
+    assert offline_consistency("No emphysema.", REPORT) == 0.0
+    assert offline_consistency("The scan looks interesting.", REPORT) == 0.0                # nothing clinical
+
+
+def test_discretise_spec_thresholds():
+    th, lv = grpo.CON_DEFAULTS["rm"]
+    got = [discretise(s, th, lv) for s in (-0.5, 0.0, 0.1, 0.2, 0.49, 0.5, 0.99, 1.0, 1.59, 1.6, 9.0)]
+    assert got == [0.0, 0.2, 0.2, 0.4, 0.4, 0.6, 0.6, 0.8, 0.8, 1.0, 1.0]
+
+
+def test_offline_scorer_levels():
+    score = make_consistency_scorer("offline")
+    got = score(["Emphysema and coronary artery wall calcification.", "Emphysema. No pleural effusion.",
+                 "Pleural effusion and emphysema.", "", "No emphysema."], [REPORT] * 5)
+    assert got == [1.0, 0.8, 0.5, 0.0, 0.0]
+    score = make_consistency_scorer("offline", thresholds=[0.5], levels=[0.0, 1.0])
+    assert score(["Emphysema. No pleural effusion."], [REPORT]) == [1.0]
+    with pytest.raises(ValueError):
+        make_consistency_scorer("bogus")
+
+
+def test_rm_scorer_tiny_model(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(REPORT.lower().replace(".", " ").split()))
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab))
+    tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    torch.manual_seed(0)
+    rm = BertForSequenceClassification(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1,
+                                                  num_attention_heads=2, intermediate_size=32, num_labels=1))
+    rm.save_pretrained(tmp_path), tok.save_pretrained(tmp_path)
+    thinks = ["emphysema", "no pleural effusion", ""]
+    with torch.no_grad():
+        raw = [rm.eval()(**tok(grpo.RM_QUESTION.format(report=REPORT) + "\n" + t, return_tensors="pt")).logits[0, 0]
+               for t in thinks[:2]]
+    th, lv = [-100.0, float(raw[0] + raw[1]) / 2], [0.0, 0.5, 1.0]    # the two thinks fall in different levels
+    score = make_consistency_scorer(f"rm:{tmp_path}", thresholds=th, levels=lv)
+    expected = [discretise(float(r), th, lv) for r in raw] + [0.0]     # no think: 0 without calling the model
+    assert score(thinks, [REPORT] * 3) == expected and sorted(expected[:2]) == [0.5, 1.0]
+
+
+class FakeJudge:
+    def __init__(self, replies):
+        self.replies, self.calls = list(replies), 0
+        self.chat = self
+        self.completions = self
+
+    def create(self, **kw):
+        self.calls += 1
+        reply = self.replies.pop(0)
+        if isinstance(reply, Exception):
+            raise reply
+        msg = type("M", (), {"content": reply})
+        return type("R", (), {"choices": [type("C", (), {"message": msg})]})
+
+
+def test_judge_scorer():
+    score = make_consistency_scorer("judge:some-model", client=FakeJudge(["7", " 10 ", "1"]))
+    assert score(["a", "b", "c"], [REPORT] * 3) == [0.8, 1.0, 0.0]
+    judge = FakeJudge(["9", ConnectionError("down"), "maybe"])
+    score = make_consistency_scorer("judge:m", client=judge, judge_failures="exclude")
+    got = score(["a", "b", "c", ""], [REPORT] * 4)
+    assert got[0] == 0.8 and math.isnan(got[1]) and math.isnan(got[2]) and got[3] == 0.0 and judge.calls == 3
+    with pytest.raises(RuntimeError, match="judge"):
+        make_consistency_scorer("judge:m", client=FakeJudge([ConnectionError("down")]))(["a"], [REPORT])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Advantages and loss
+# --------------------------------------------------------------------------------------------------------------------
+
+def test_group_advantages():
+    r = torch.tensor([1.8, 1.8, 1.8, 1.8, 0.0, 1.0, 2.0, 3.0, 0.7, 0.7, 0.7, 0.7])
+    adv = group_advantages(r, 4)
+    assert torch.equal(adv[:4], torch.zeros(4)) and torch.equal(adv[8:], torch.zeros(4))
+    std = math.sqrt(((1.5 ** 2 + 0.5 ** 2) * 2) / 3)                        # unbiased std of 0,1,2,3
+    expected = torch.tensor([(x - 1.5) / (std + 1e-4) for x in (0, 1, 2, 3)])
+    assert torch.allclose(adv[4:8], expected, atol=1e-6)
+
+
+def hand_loss(logp, old, ref, adv, mask, eps, beta):
+    """Scalar re-computation of the GRPO loss and its gradient with respect to logp, token by token."""
+    B, T = len(logp), len(logp[0])
+    loss, grad = 0.0, [[0.0] * T for _ in range(B)]
+    for i in range(B):
+        n = sum(mask[i])
+        for t in range(T):
+            if not mask[i][t]:
+                continue
+            ratio = math.exp(logp[i][t] - old[i][t])
+            clipped_ratio = min(max(ratio, 1 - eps), 1 + eps)
+            unclipped_is_min = ratio * adv[i] <= clipped_ratio * adv[i]
+            kl = math.exp(ref[i][t] - logp[i][t]) - (ref[i][t] - logp[i][t]) - 1
+            loss += (-min(ratio * adv[i], clipped_ratio * adv[i]) + beta * kl) / n / B
+            d_pg = -ratio * adv[i] if unclipped_is_min else 0.0          # clipped branch is constant in logp
+            d_kl = beta * (1 - math.exp(ref[i][t] - logp[i][t]))
+            grad[i][t] = (d_pg + d_kl) / n / B
+    return loss, grad
+
+
+def test_grpo_loss_matches_hand_computation():
+    logp = [[-1.0, -0.5, -2.0, -0.1], [-0.3, -1.2, -0.7, -3.0]]
+    old = [[-1.1, -0.9, -2.0, -0.1], [-0.3, -0.9, -0.2, -3.0]]   
+    ref = [[-1.2, -0.4, -1.5, -5.0], [-0.2, -1.0, -0.9, -1.0]]
+    adv, mask = [1.5, -0.8], [[1, 1, 1, 0], [1, 1, 1, 1]]
+    eps, beta = 0.2, 0.04
+    lp = torch.tensor(logp, dtype=torch.float64, requires_grad=True)
+    loss, stats = grpo_loss(lp, torch.tensor(old, dtype=torch.float64), torch.tensor(ref, dtype=torch.float64),
+                            torch.tensor(adv, dtype=torch.float64), torch.tensor(mask), eps, beta)
+    loss.backward()
+    want_loss, want_grad = hand_loss(logp, old, ref, adv, mask, eps, beta)
+    assert loss.item() == pytest.approx(want_loss, abs=1e-12)
+    assert torch.allclose(lp.grad, torch.tensor(want_grad, dtype=torch.float64), atol=1e-12)
+    assert lp.grad[0, 3] == 0                                               # masked token: no gradient
+    # clipped: row 0 t=1 (ratio e^.4 > 1.2, A > 0); row 1 t=1, t=2 (e^-.3, e^-.5 < 0.8, A < 0): 1 of 3, 2 of 4
+    assert stats["clip_frac"] == pytest.approx((1 / 3 + 2 / 4) / 2)
+    kl = [[math.exp(r - l) - (r - l) - 1 for r, l in zip(rr, ll)] for rr, ll in zip(ref, logp)]
+    assert stats["kl"] == pytest.approx((sum(kl[0][:3]) / 3 + sum(kl[1]) / 4) / 2)
+
+
+def test_grpo_loss_on_policy_value_and_token_mean():
+    """mu = 1: ratio = 1, so the surrogate's value is -mean(A) (zero for group-normalised A) and only KL remains."""
+    torch.manual_seed(0)
+    logp = torch.randn(4, 5)
+    adv = group_advantages(torch.tensor([0.0, 1.0, 2.0, 2.0]), 4)
+    mask = torch.ones(4, 5)
+    loss, stats = grpo_loss(logp, logp, logp, adv, mask)
+    assert loss.abs().item() < 1e-6 and stats["kl"] == 0 and stats["clip_frac"] == 0
+    mask[0, 2:] = 0
+    loss_tok, _ = grpo_loss(logp, logp, logp, torch.tensor([1.0, 0.0, 0.0, 0.0]), mask, reduction="token")
+    assert loss_tok.item() == pytest.approx(-2 / 17)                        # 2 of 17 masked-in tokens carry A = 1
+
+
+def test_completion_mask_through_first_eos_and_placeholder_cut():
+    EOS, PAD, IMG = 2, 0, 9
+    completion = torch.tensor([[5, 6, EOS, PAD], [5, 6, 7, 8], [5, IMG, 7, EOS], [EOS, PAD, PAD, PAD]])
+    lengths, finished = torch.tensor([3, 4, 4, 1]), torch.tensor([True, False, True, True])
+    ids, lengths, finished, mask = grpo.completion_mask(completion, lengths, finished, IMG, PAD)
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 0, 0, 0]]     # EOS itself is trained on
+    assert lengths.tolist() == [3, 4, 1, 1] and finished.tolist() == [True, False, False, True]
+    assert ids[2].tolist() == [5, PAD, PAD, PAD] and torch.equal(ids[[0, 1, 3]], completion[[0, 1, 3]])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The training loop: a tiny VLM and a stand-in accuracy reward that varies within a group (an untrained LLM never
+# writes a correct answer), so that advantages are non-zero and the policy-gradient path runs
+# --------------------------------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+DRIVER = f"""import sys
+sys.path.insert(0, {str(ROOT)!r})
+import grpo
+grpo.accuracy_reward = lambda completion, answer, options=None: float(len(completion) % 3 == 0)
+grpo.main(sys.argv[1:])
+"""
+
+
+def stand_in_accuracy(completion, answer, options=None):
+    return float(len(completion) % 3 == 0)
+
+
+@pytest.fixture(scope="module")
+def sft_ckpt(phantom_world, tmp_path_factory):
+    """A small untrained VLM saved like runs/sft/vlm."""
+    tmp = tmp_path_factory.mktemp("grpo_sft")
+    llm = model.build_tiny_llm(model.phantom_texts(phantom_world), tmp / "llm", hidden=64, layers=2, heads=2,
+                               kv_heads=1)
+    torch.manual_seed(0)
+    return str(model.VLM.build(llm, vit_preset="tiny").save(tmp / "vlm", meta={"stage": "sft"}))
+
+
+def run_args(world, sft, out, *extra):
+    return ["--data-root", str(world["root"]), "--sft", sft, "--out", str(out), "--steps", "4", "--batch-size", "2",
+            "--max-new-tokens", "12", "--lr", "1e-3", "--eval-every", "0", "--save-every", "0", *map(str, extra)]
+
+
+def trained_state(out):
+    return model.VLM.load(Path(out) / "vlm").state_dict()
+
+
+def without_time(rows):
+    return [{k: v for k, v in r.items() if k != "sec"} for r in rows]
+
+
+def test_resume_replays_exactly(phantom_world, sft_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(grpo, "accuracy_reward", stand_in_accuracy)
+    full = grpo.main(run_args(phantom_world, sft_ckpt, tmp_path / "a"))
+    rows = full["history"]
+    assert len(rows) == 4 and all(r["grad_norm"] > 0 for r in rows) and rows[-1]["kl"] > 0
+    assert any(r["zero_std_frac"] < 1 for r in rows)                        # some groups carry a signal
+    first = grpo.main(run_args(phantom_world, sft_ckpt, tmp_path / "b", "--stop-at", 2))
+    assert first["interrupted"] and first["step"] == 2 and not (tmp_path / "b" / "vlm").exists()
+    rest = grpo.main(run_args(phantom_world, sft_ckpt, tmp_path / "b", "--resume"))
+    assert without_time(rest["history"]) == without_time(rows[2:])
+    a, b = trained_state(tmp_path / "a"), trained_state(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sft = model.VLM.load(sft_ckpt).state_dict()
+    assert not torch.equal(a["vit.patch_embed.proj.weight"], sft["vit.patch_embed.proj.weight"])  # whole model trains
+    assert torch.equal(a["bridge.anchor"], sft["bridge.anchor"])                                    # anchor frozen
+    meta = json.loads((tmp_path / "a" / "vlm" / "config.json").read_text())["meta"]
+    assert meta["stage"] == "grpo" and meta["sft"] == {"stage": "sft"}
+
+
+def test_truncation_freeze_encoder_and_logs(phantom_world, sft_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(grpo, "accuracy_reward", stand_in_accuracy)
+    out = grpo.main(run_args(phantom_world, sft_ckpt, tmp_path, "--steps", 1, "--max-new-tokens", 3,
+                             "--freeze-encoder", "--eval-every", 1, "--eval-n", 4))
+    row = out["history"][-1]
+    assert row["truncated"] == 1.0 and row["r_fmt"] == 0.0 and row["completion_len"] == 3.0   # no EOS in 3 tokens
+    for key in ("reward", "r_acc", "r_con", "reward_std", "zero_std_frac", "kl", "clip_frac", "grad_norm", "sample",
+                "val_acc", "val_format"):
+        assert key in row
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [0, 1] and "val_acc" in logged[0]
+    trained, sft = trained_state(tmp_path), model.VLM.load(sft_ckpt).state_dict()
+    assert all(torch.equal(trained[k], sft[k]) for k in trained if k.startswith("vit."))
+    assert not torch.equal(trained["bridge.proj.weight"], sft["bridge.proj.weight"])
+
+
+def test_sigterm_saves_and_exits(phantom_world, sft_ckpt, tmp_path, monkeypatch):
+    def format_then_sigterm(completion):              # the real signal, delivered mid-step
+        os.kill(os.getpid(), signal.SIGTERM)
+        return 0.0
+    monkeypatch.setattr(grpo, "format_reward", format_then_sigterm)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        out = grpo.main(run_args(phantom_world, sft_ckpt, tmp_path))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert out["interrupted"] and out["step"] == 1 and (tmp_path / "ckpt" / "step_00000001" / "state.pt").is_file()
+    assert not (tmp_path / "vlm").exists()
+
+
+@pytest.mark.slow
+def test_one_and_two_processes_agree(phantom_world, sft_ckpt, tmp_path):
+    """2 ranks x 1 question (gloo) = 1 rank x 2 questions: same samples, rewards and weights."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = run_args(phantom_world, sft_ckpt, tmp_path / "one", "--steps", 2)
+    two = run_args(phantom_world, sft_ckpt, tmp_path / "two", "--steps", 2, "--batch-size", 1)
+    subprocess.run([sys.executable, str(driver), *one], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(driver), *two], check=True, env=env, capture_output=True)
+    rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("one", "two")]
+    for r1, r2 in zip(*rows):
+        assert r1["sample"] == r2["sample"]
+        for key in ("reward", "r_fmt", "r_acc", "r_con", "completion_len", "zero_std_frac", "kl", "grad_norm"):
+            assert r1[key] == pytest.approx(r2[key], rel=1e-4, abs=1e-6), key
+    a, b = trained_state(tmp_path / "one"), trained_state(tmp_path / "two")
+    # summation order differs across ranks; Adam can magnify a float-noise gradient into up to lr = 1e-3 per step,
+    # so allow a tenth of one step
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)

@@ -1,0 +1,194 @@
+"""sft.py: ARW weights, the weighted loss, what trains, DDP / accumulation / resume equivalence, the NaN policy."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import model
+import sft
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class CharTokenizer:
+    """One token per character: makes token counts per segment obvious."""
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_arw_weights_are_lambda_one_zero():
+    segments = [("<finding>", False), ("Heart normal. ", False), ("Pleural effusion. ", True), ("</finding>", False)]
+    ids, w = sft.encode(CharTokenizer(), "PROMPT", segments, arw_lambda=1.1, max_len=1000)
+    expected = [0.0] * 6 + [1.0] * (9 + 14) + [1.1] * 18 + [1.0] * 10 + [1.0]  # prompt, normal, abnormal, tag, EOS
+    assert w == expected and ids[-1] == 0 and len(ids) == len(w)
+    input_ids, mask, weights = sft.collate([(ids, w), (ids[:10], w[:10])], pad_id=7)
+    assert weights[1, 10:].eq(0).all() and mask[1, 10:].eq(0).all() and input_ids[1, 10:].eq(7).all()
+    assert weights[0].tolist() == pytest.approx(expected)
+
+
+def test_arw_weights_with_the_real_tokenizer(tiny_llm):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_llm)
+    segments = [("<finding>", False), ("The heart is normal. ", False), ("There is a pleural effusion.", True),
+                ("</finding>", False)]
+    prompt = sft.chat_prompt(tok, "Write the report.")
+    ids, w = sft.encode(tok, prompt, segments, arw_lambda=1.25, max_len=4096)
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert set(w[:n_prompt]) == {0.0} and w[-1] == 1.0 and ids[-1] == tok.eos_token_id
+    abnormal = [i for i, x in zip(ids, w) if x == 1.25]
+    assert tok.decode(abnormal) == "There is a pleural effusion."
+    assert all(x == 1.0 for x in w[n_prompt:] if x != 1.25)
+
+
+def test_weighted_loss_matches_hand_computation():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5)
+    ids = torch.tensor([[1, 2, 3, 4], [0, 1, 1, 3]])
+    weights = torch.tensor([[0.0, 1.0, 1.1, 1.0], [0.0, 0.0, 1.1, 0.0]])
+    by_hand = 0.0
+    for b in range(2):
+        for t in range(3):  # position t predicts token t + 1
+            p = torch.softmax(logits[b, t], -1)[ids[b, t + 1]].item()
+            by_hand += weights[b, t + 1].item() * -math.log(p)
+    assert sft.weighted_ce_sum(logits, ids, weights).item() == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_lora_starts_at_the_base_model_and_merges_exactly():
+    torch.manual_seed(0)
+    net = torch.nn.Module()
+    net.q_proj, net.mlp = torch.nn.Linear(6, 6), torch.nn.Linear(6, 6)
+    x = torch.randn(3, 6)
+    base = net.q_proj(x)
+    sft.add_lora(net, rank=2, alpha=4.0)
+    assert isinstance(net.q_proj, sft.LoRALinear) and torch.equal(net.q_proj(x), base)
+    with torch.no_grad():
+        net.q_proj.lora_b.normal_()
+    adapted = net.q_proj(x)
+    sft.merge_lora(net)
+    assert isinstance(net.q_proj, torch.nn.Linear) and torch.allclose(net.q_proj(x), adapted, atol=1e-6)
+    assert not isinstance(net.mlp, sft.LoRALinear)  # only the named projections get adapters
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# runs of sft.main on the small phantom world with the untrained tiny LLM and a random encoder
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_llm(phantom_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("llm") / "tiny_llm"
+    return str(model.build_tiny_llm(model.phantom_texts(phantom_world), out, vocab_size=512, hidden=64, layers=2))
+
+
+@pytest.fixture(scope="session")
+def vision_weights(tmp_path_factory):
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("vit") / "vision_encoder.safetensors"
+    model.save_vision_weights(model.ViT3D.from_preset("tiny"), path)
+    return str(path)
+
+
+def sft_args(world, llm, vit, out, *extra):
+    return ["--data-root", str(world["root"]), "--llm", llm, "--vision-weights", vit, "--out", str(out),
+            "--batch-size", "2", "--max-steps", "3", "--log-every", "1", "--lr", "1e-3", *map(str, extra)]
+
+
+def trainable_state(result):
+    return {n: p.detach().clone() for n, p in result["net"].named_parameters() if p.requires_grad}
+
+
+def test_only_the_bridge_changes(phantom_world, tiny_llm, vision_weights, tmp_path):
+    model.seed_everything(0)
+    ref = model.VLM.build(tiny_llm, vit_preset="tiny", vit_weights=vision_weights)
+    result = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path, "--max-steps", 1))
+    after = dict(result["net"].vlm.named_parameters())
+    changed = {n for n, p in ref.named_parameters() if not torch.equal(p, after[n])}
+    assert changed and all(n.startswith("bridge.") for n in changed)
+    assert all(torch.equal(p, after[n]) for n, p in ref.named_parameters() if n.startswith(("llm.", "vit.")))
+    loaded = model.VLM.load(tmp_path / "vlm")  # the written checkpoint holds the trained bridge
+    assert all(torch.equal(p, after[n]) for n, p in loaded.named_parameters())
+
+
+def test_grad_accumulation_equals_one_big_batch(phantom_world, tiny_llm, vision_weights, tmp_path):
+    big = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "a", "--batch-size", 4))
+    acc = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "b", "--batch-size", 2,
+                            "--grad-accum", 2))
+    assert big["losses"] == pytest.approx(acc["losses"], rel=1e-5)
+    a, b = trainable_state(big), trainable_state(acc)
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+
+
+def test_resume_is_exact(phantom_world, tiny_llm, vision_weights, tmp_path):
+    straight = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "a", "--max-steps", 4))
+    first = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "b", "--max-steps", 4,
+                              "--stop-at", 2))
+    assert first["interrupted"] and first["step"] == 2
+    second = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "b", "--max-steps", 4,
+                               "--resume"))
+    assert first["losses"] + second["losses"] == straight["losses"]
+    a, b = trainable_state(straight), trainable_state(second)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_cached_features_train_the_same(phantom_world, tiny_llm, vision_weights, tmp_path):
+    more = ["--batch-size", 8, "--max-steps", 2]  # 16 of ~120 examples over 24 volumes: volumes repeat
+    plain = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "a", *more))
+    cached = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "b", *more, "--cache-features"))
+    assert plain["losses"] == pytest.approx(cached["losses"], rel=1e-5)
+
+
+def test_nan_step_is_skipped_or_stops(phantom_world, tiny_llm, vision_weights, tmp_path):
+    two = ["--max-steps", 2]
+    skipped = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "a", *two, "--inject-nan", "1:0"))
+    one_step = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "b", *two, "--stop-at", 1))
+    assert math.isnan(skipped["losses"][1])
+    a, b = trainable_state(skipped), trainable_state(one_step)
+    assert all(torch.equal(a[n], b[n]) for n in a)  # the poisoned step changed nothing
+    with pytest.raises(SystemExit, match="non-finite"):
+        sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "c", *two, "--inject-nan", "1:0",
+                          "--nan-policy", "stop"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# two processes under torchrun (gloo)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def torchrun(nproc, args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "sft.py"), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in open(Path(out) / "metrics.jsonl")]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(phantom_world, tiny_llm, vision_weights, tmp_path):
+    one = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "one", "--grad-accum", 2))
+    run = torchrun(2, sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "two"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert losses(tmp_path / "two") == pytest.approx(one["losses"], rel=1e-5)
+    two = model.VLM.load(tmp_path / "two" / "vlm")
+    mine = dict(one["net"].vlm.named_parameters())
+    assert all(torch.allclose(p, mine[n], atol=1e-6) for n, p in two.named_parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_nan_on_one_rank_is_handled_by_all(phantom_world, tiny_llm, vision_weights, tmp_path, policy):
+    run = torchrun(2, sft_args(phantom_world, tiny_llm, vision_weights, tmp_path, "--inject-nan", "1:1",
+                               "--nan-policy", policy))
+    log = run.stdout + run.stderr
+    for rank in (0, 1):
+        assert f"[rank {rank}] non-finite loss at step 1: {'skipping' if policy == 'skip' else 'stopping'}" in log
+    assert (run.returncode == 0) == (policy == "skip"), log[-3000:]
+    if policy == "skip":
+        assert "step 2:" not in log  # only the poisoned step was dropped
