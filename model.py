@@ -404,9 +404,18 @@ class VLM(nn.Module):
             raise ValueError("token_logprobs needs a temperature > 0")
         keep = 0 if last is None else last + 1
         logits = self.forward(input_ids, attention_mask, image_embeds, logits_to_keep=keep)[:, :-1].float()
-        logits = logits / temperature
+        logits = self.block_unsampled(logits / temperature)
         targets = input_ids[:, 1:] if last is None else input_ids[:, input_ids.shape[1] - last:]
         return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+    def block_unsampled(self, logits: torch.Tensor) -> torch.Tensor:
+        """Give the image placeholder, the vision markers and pad a (finite) -1e9 logit: a completion can never
+        contain them, and sampling and scoring (token_logprobs) see the same distribution."""
+        ids = [self.image_token_id, self.pad_token_id] + [i for i in self.tokenizer.convert_tokens_to_ids(
+            [VISION_START, VISION_END]) if i is not None and i != self.tokenizer.unk_token_id]
+        logits = logits.clone()
+        logits[..., [i for i in ids if i != self.eos_token_id]] = -1e9
+        return logits
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor | None = None,
@@ -430,7 +439,7 @@ class VLM(nn.Module):
         lengths = torch.zeros(n, dtype=torch.long, device=ids.device)
         finished = torch.zeros(n, dtype=torch.bool, device=ids.device)
         for t in range(max_new_tokens):
-            logits = out.logits[:, -1].float()  # (n, V)
+            logits = self.block_unsampled(out.logits[:, -1].float())  # (n, V)
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, dim=-1)
                 token = torch.multinomial(probs, 1, generator=generator).squeeze(1)

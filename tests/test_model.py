@@ -206,6 +206,7 @@ def test_generate_samples_reproducibly_and_matches_full_forward(vlm):
     c2, l2, f2 = sample(1)
     assert c1.shape[0] == 2 * G and torch.equal(c1, c2) and torch.equal(l1, l2)  # same seed, same samples
     assert not torch.equal(c1, sample(2)[0])  # another seed, other samples
+    assert not bool((c1 == vlm.image_token_id).any())  # a placeholder is never sampled (it would break the splice)
     for p in range(2):  # G samples of one prompt are independent draws, not copies
         assert len({tuple(c1[p * G + g].tolist()) for g in range(G)}) > 1
     # the KV-cache loop agrees with the full forward pass: greedy tokens are the argmax of the full logits
@@ -222,7 +223,7 @@ def test_generate_samples_reproducibly_and_matches_full_forward(vlm):
     # token_logprobs scores the same tokens: a greedy token has the highest log-prob at its position
     lp = vlm.token_logprobs(full_ids, full_mask, images.repeat_interleave(2, 0))
     assert lp.shape == (full_ids.shape[0], full_ids.shape[1] - 1) and bool(torch.isfinite(lp).all())
-    best = torch.log_softmax(logits[:, T - 1:-1].float(), -1).max(-1).values
+    best = torch.log_softmax(vlm.block_unsampled(logits[:, T - 1:-1].float()), -1).max(-1).values
     torch.testing.assert_close(lp[:, T - 1:][comp_mask.bool()], best[comp_mask.bool()], atol=1e-4, rtol=0)
     # `last` scores only the completion, with the LM head on those positions only; same numbers
     lp_last = vlm.token_logprobs(full_ids, full_mask, images.repeat_interleave(2, 0), last=comp.shape[1])
