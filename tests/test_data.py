@@ -16,7 +16,9 @@ import torch
 
 import data
 
-SHARED = Path("/work/shared")
+# the team's shared/ folder lies beside the checkout (CI copies it there); /work/shared on the development machines
+SHARED = next((p for p in (Path(__file__).resolve().parents[2] / "shared", Path("/work/shared")) if p.exists()),
+              Path(__file__).resolve().parents[2] / "shared")
 CTRATE, RAD = SHARED / "ctrate", SHARED / "radchestct"
 needs_real = pytest.mark.skipif(not CTRATE.exists(), reason="real CT-RATE CSVs not present")
 SMALL = data.Preset("small", (1.5, 1.5, 3.0), (40, 40, 20), (32, 32, 16))
