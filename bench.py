@@ -530,8 +530,7 @@ def table(res: dict) -> str:
 
 def phantom(args) -> tuple[dict, Path]:
     """The phantom world's paths (built if missing, with the parameters it was built with) and the LLM dir."""
-    built = Path(args.data_root) / "phantom.json"
-    paths = data.ensure_phantom(args.data_root, **(json.loads(built.read_text()) if built.is_file() else {}))
+    paths = data.ensure_phantom(args.data_root)  # an existing world keeps the size it was built with
     return paths, Path(args.llm or model.ensure_tiny_llm(args.data_root))
 
 

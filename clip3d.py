@@ -200,13 +200,11 @@ def ensure_tiny_text_encoder(paths: dict) -> Path:
 def data_paths(args) -> dict:
     """Paths of caches, reports and labels; the phantom world is generated (rank 0 first) if absent."""
     if args.preset == "phantom":
-        built = Path(args.data_root) / "phantom.json"       # an existing world keeps the sizes it was built with
-        params = json.loads(built.read_text()) if built.is_file() else {}
-        if M.get_rank() == 0:
-            ensure_tiny_text_encoder(data.ensure_phantom(args.data_root, **params))
+        if M.get_rank() == 0:  # an existing world keeps the sizes it was built with
+            ensure_tiny_text_encoder(data.ensure_phantom(args.data_root))
         if M.world_size() > 1:
             dist.barrier()
-        paths = data.ensure_phantom(args.data_root, **params)
+        paths = data.ensure_phantom(args.data_root)
         args.text_encoder = args.text_encoder or str(Path(args.data_root) / "text_encoder")
         return paths
     root = Path(args.data_root)

@@ -1125,7 +1125,10 @@ def phantom_paths(root="runs/phantom") -> dict[str, Path]:
             "mmvqa_valid": root / "mmvqa" / "valid.json", "mmvqa_radchestct": root / "mmvqa" / "radchestct.json"}
 
 
-def ensure_phantom(root="runs/phantom", n_train=400, n_valid=100, n_rad=48, seed=0, rl_frac=0.25,
+PHANTOM_DEFAULTS = {"n_train": 400, "n_valid": 100, "n_rad": 48, "seed": 0, "rl_frac": 0.25}
+
+
+def ensure_phantom(root="runs/phantom", n_train=None, n_valid=None, n_rad=None, seed=None, rl_frac=None,
                    progress=False) -> dict[str, Path]:
     """Build whatever part of the phantom world under root is missing (dataset, caches, sentence labels, MMVQA
     files) and return its paths. Idempotent, safe under concurrent callers (file lock), about 20 s at the default
@@ -1134,9 +1137,13 @@ def ensure_phantom(root="runs/phantom", n_train=400, n_valid=100, n_rad=48, seed
     paths = phantom_paths(root)
     root, ds = paths["root"], paths["dataset"]
     root.mkdir(parents=True, exist_ok=True)
-    params = {"n_train": n_train, "n_valid": n_valid, "n_rad": n_rad, "seed": seed, "rl_frac": rl_frac}
+    asked = {"n_train": n_train, "n_valid": n_valid, "n_rad": n_rad, "seed": seed, "rl_frac": rl_frac}
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # torchrun ranks (or parallel tests) wait for the first builder
+        # a parameter left out keeps the value the existing world was built with (else the default)
+        built = json.loads((root / "phantom.json").read_text()) if (root / "phantom.json").exists() else {}
+        params = {k: v if v is not None else built.get(k, PHANTOM_DEFAULTS[k]) for k, v in asked.items()}
+        n_train, n_valid, n_rad, seed, rl_frac = params.values()
         if (root / "phantom.json").exists() and json.loads((root / "phantom.json").read_text()) != params:
             raise ValueError(f"{root} holds a phantom world built with {(root / 'phantom.json').read_text()}, "
                              f"not {params}: delete it or pass another root")

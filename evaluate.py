@@ -613,13 +613,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def eval_paths(args) -> dict:
     if args.preset == "phantom":
-        built = Path(args.data_root) / "phantom.json"   # an existing world keeps its size (e.g. the tests' small one)
-        size = json.loads(built.read_text()) if built.is_file() else {}
-        if get_rank() == 0:
-            data.ensure_phantom(args.data_root, **size)
+        if get_rank() == 0:  # an existing world keeps its size (e.g. the tests' small one)
+            data.ensure_phantom(args.data_root)
         if world_size() > 1:
             dist.barrier()
-        paths = dict(data.ensure_phantom(args.data_root, **size))
+        paths = dict(data.ensure_phantom(args.data_root))
     else:
         root = Path(args.data_root)   # written by `python data.py preprocess / label / mmvqa`
         paths = dict(valid_cache=root / "cache/valid", radchestct_cache=root / "cache/radchestct",

@@ -357,13 +357,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def data_paths(args, world: int) -> dict:
     """RL questions, training cache and reports, validation questions and cache."""
     if args.preset == "phantom":
-        built = Path(args.data_root) / "phantom.json"  # an existing world keeps its size (e.g. the tests' small one)
-        size = json.loads(built.read_text()) if built.is_file() else {}
-        if get_rank() == 0:
-            data.ensure_phantom(args.data_root, **size)
+        if get_rank() == 0:  # an existing world keeps its size (e.g. the tests' small one)
+            data.ensure_phantom(args.data_root)
         if world > 1:
             torch.distributed.barrier()
-        return data.ensure_phantom(args.data_root, **size)
+        return data.ensure_phantom(args.data_root)
     root = Path(args.data_root)  # real CT-RATE: `python data.py preprocess / label / mmvqa` wrote these
     return dict(train_cache=root / "cache/train", valid_cache=root / "cache/valid", mmvqa_rl=root / "mmvqa/train_rl.json",
                 mmvqa_valid=root / "mmvqa/valid.json",

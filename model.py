@@ -527,9 +527,7 @@ def ensure_tiny_llm(phantom_root: str | Path = "runs/phantom") -> Path:
         return out
     import data  # the phantom world and every text format live in data.py
 
-    built = Path(phantom_root) / "phantom.json"  # an existing world keeps the size it was built with
-    params = json.loads(built.read_text()) if built.is_file() else {}
-    return build_tiny_llm(phantom_texts(data.ensure_phantom(phantom_root, **params)), out)
+    return build_tiny_llm(phantom_texts(data.ensure_phantom(phantom_root)), out)  # keeps the world's size
 
 
 def phantom_texts(paths: dict) -> list[str]:

@@ -238,15 +238,13 @@ class WeightedLM(nn.Module):
 def data_paths(args, world: int) -> dict:
     """Paths of the training cache, sentence labels, VQA, labels and MMVQA; the phantom world is built (rank 0) if absent."""
     if args.preset == "phantom":
-        built = Path(args.data_root) / "phantom.json"  # an existing world keeps its size (e.g. the tests' small one)
-        size = json.loads(built.read_text()) if built.is_file() else {}
-        if model.get_rank() == 0:
-            data.ensure_phantom(args.data_root, **size)
+        if model.get_rank() == 0:  # an existing world keeps its size (e.g. the tests' small one)
+            data.ensure_phantom(args.data_root)
             if args.warmup and args.llm is None:
                 model.ensure_tiny_llm(args.data_root)
         if world > 1:
             torch.distributed.barrier()
-        return data.ensure_phantom(args.data_root, **size)
+        return data.ensure_phantom(args.data_root)
     root = Path(args.data_root)  # real CT-RATE: `python data.py preprocess / label / mmvqa` wrote these
     return dict(train_cache=root / "cache/train", train_sentences=root / "sentences/train.jsonl",
                 train_vqa=root / "dataset/vqa/train_vqa.json", mmvqa_train=root / "mmvqa/train.json",
