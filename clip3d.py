@@ -58,8 +58,8 @@ import model as M
 
 # Defaults that differ between the phantom world and CT-RATE (real: BrgSA's lr 5e-5, batch 64, 39 epochs).
 DEFAULTS = {
-    "phantom": dict(vit="tiny", lr=3e-4, batch_size=16, micro_batch=None, epochs=6, warmup_frac=0.1,
-                    max_text_len=256, eval_every=50, save_every=50, workers=0, augment=False, sentences=0),
+    "phantom": dict(vit="tiny", lr=1e-3, batch_size=16, micro_batch=None, epochs=12, warmup_frac=0.1,
+                    max_text_len=256, eval_every=100, save_every=100, workers=0, augment=False, sentences=0),
     "real": dict(vit="base", lr=5e-5, batch_size=64, micro_batch=8, epochs=39, warmup_frac=0.03,
                  max_text_len=512, eval_every=1000, save_every=1000, workers=8, augment=True, sentences=0),
 }

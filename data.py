@@ -95,7 +95,7 @@ class Preset:
 
 
 REAL = Preset("real", (1.5, 1.5, 3.0), (256, 256, 128), (224, 224, 112))
-PHANTOM = Preset("phantom", (5.0, 5.0, 10.0), (72, 72, 36), (64, 64, 32))  # ViT tiny patch (8,8,4) -> 8x8x8 tokens
+PHANTOM = Preset("phantom", (5.0, 5.0, 10.0), (72, 72, 36), (64, 64, 32))  # ViT tiny patch (16,16,8) -> 4x4x4 tokens
 PRESETS = {"real": REAL, "phantom": PHANTOM}
 
 
@@ -621,17 +621,17 @@ def mmvqa_prompt(item: dict, think: bool = True) -> str:
 
 
 def mmvqa_target(item: dict, abnormal_names_present: list[str], think: bool = True) -> str:
-    """The warm-up completion: a short rationale naming what the scan shows, then the key letter."""
+    """The warm-up completion: what the scan shows, then each option in turn (present / not seen), then the key.
+    Going option by option keeps every step a short look-up, which even the tiny phantom LLM can learn."""
     answer = f"<answer>{item['answer']}</answer>"
     if not think:
         return answer
-    present = [a.lower() for a in abnormal_names_present]
+    present = list(abnormal_names_present)  # names spelled as in the options: the rationale copies them verbatim
     shown = (", ".join(present[:-1]) + " and " + present[-1] if len(present) > 1 else present[0]) if present \
         else "no abnormality"
-    opts = item["options"]
-    others = [opts[l].lower() for l in "ABCD" if l != item["answer"]]
-    return (f"<think>The scan shows {shown}. Of the options, {opts[item['answer']].lower()} is present, while "
-            f"{others[0]}, {others[1]} and {others[2]} are not seen. The answer is {item['answer']}.</think>{answer}")
+    walk = " ".join(f"{l}) {v}: {'present' if l == item['answer'] else 'not seen'}."
+                    for l, v in item["options"].items())
+    return f"<think>The scan shows {shown}. {walk} The answer is {item['answer']}.</think>{answer}"
 
 
 # ================================================ the phantom world ==============================================

@@ -33,7 +33,7 @@ Run (needs the SFT checkpoint, runs/sft/vlm from `python sft.py`):
     torchrun --standalone --nproc_per_node 8 grpo.py --preset real --data-root /data/ct-rate-cache   # 8 GPUs
 Phantom defaults (DEFAULTS) differ from the paper's: the tiny phantom LLM needs an lr far above the paper's 1e-6
 (which is for a 3B LLM) to move within a few minutes (1e-4; 3e-4 and more drive the KL above 1 and the rationale
-collapses), its answers are short (80 new tokens), and it samples at temperature 0.7 because at 1.0 half of its
+collapses), its answers are short (96 new tokens), and it samples at temperature 0.7 because at 1.0 half of its
 samples break the tag format.
 """
 from __future__ import annotations
@@ -304,7 +304,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 
 DEFAULTS = {  # --preset: the paper's settings (SPEC §6; lr 1e-6 is for a 3B LLM) or the phantom world's tiny LLM
     "real": dict(lr=1e-6, steps=1000, batch_size=2, max_new_tokens=512, temperature=1.0, eval_n=500),
-    "phantom": dict(lr=1e-4, steps=80, batch_size=4, max_new_tokens=80, temperature=0.7, eval_n=100),
+    "phantom": dict(lr=1e-4, steps=80, batch_size=4, max_new_tokens=96, temperature=0.7, eval_n=100),
 }
 
 

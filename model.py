@@ -50,7 +50,7 @@ TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>", "<finding>", "</fi
 
 VIT_PRESETS = {
     "base": dict(img_size=(224, 224, 112), patch_size=(16, 16, 8), width=768, depth=12, heads=12, mlp_dim=3072),
-    "tiny": dict(img_size=(64, 64, 32), patch_size=(8, 8, 4), width=128, depth=4, heads=4, mlp_dim=512),
+    "tiny": dict(img_size=(64, 64, 32), patch_size=(16, 16, 8), width=128, depth=4, heads=4, mlp_dim=512),
 }
 
 

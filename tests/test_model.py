@@ -102,10 +102,10 @@ def test_brgsa_pth_loads_strictly(tmp_path):
 def test_encoder_and_bridge_shapes():
     vit = M.ViT3D.from_preset("tiny")
     tokens = vit(volumes(2))
-    assert tokens.shape == (2, 512, 128)
+    assert tokens.shape == (2, 64, 128)  # (16, 16, 8) patches on 64 x 64 x 32: a 4 x 4 x 4 grid
     anchor = torch.randn(96)
     bridge = M.Bridge(vit.width, vit.grid, 96, anchor)
-    assert bridge.n_img == 64 and bridge(tokens).shape == (2, 64, 96)
+    assert bridge.n_img == 8 and bridge(tokens).shape == (2, 8, 96)
     assert torch.equal(bridge.anchor, anchor) and "anchor" in bridge.state_dict()
     assert not any(p is bridge.anchor for p in bridge.parameters())  # frozen: a buffer, not a parameter
     with pytest.raises(ValueError, match="expects"):
@@ -157,7 +157,7 @@ def test_anchor_is_the_embedding_mean(tiny_llm, vlm):
 
 def test_prompt_holds_n_img_placeholders(vlm):
     ids, mask = vlm.tokenize([vlm.prompt("Describe the scan.")])
-    assert int((ids == vlm.image_token_id).sum()) == vlm.n_img == 64
+    assert int((ids == vlm.image_token_id).sum()) == vlm.n_img == 8
     text_only, _ = vlm.tokenize([vlm.prompt("Describe the scan.", with_image=False)])
     assert int((text_only == vlm.image_token_id).sum()) == 0
 
@@ -354,7 +354,7 @@ def test_save_then_load_in_a_fresh_process_gives_identical_logits(vlm, tmp_path)
     inputs = _inputs(vlm, tmp_path)
     vlm.save(tmp_path / "vlm", meta={"stage": "sft", "args": {"lr": 1e-4, "out": tmp_path}})
     config = json.loads((tmp_path / "vlm" / "config.json").read_text())
-    assert config["trainable"] == {"vit": False, "bridge": True, "llm": False} and config["n_img"] == 64
+    assert config["trainable"] == {"vit": False, "bridge": True, "llm": False} and config["n_img"] == 8
     assert sorted(p.name for p in (tmp_path / "vlm").iterdir()) == ["bridge.safetensors", "config.json", "llm",
                                                                     "vision.safetensors"]
     proc = _run(LOAD_AND_SCORE, ckpt=str(tmp_path / "vlm"), inputs=str(tmp_path / "inputs.pt"),
