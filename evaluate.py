@@ -587,8 +587,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-root", default="runs/phantom", help="phantom root (built if absent) or real data root")
     p.add_argument("--mmvqa-ctrate", default=None, help="MCQ JSON (official format; default <root>/mmvqa/valid.json)")
     p.add_argument("--mmvqa-radchestct", default=None, help="MCQ JSON (default <root>/mmvqa/radchestct.json)")
-    p.add_argument("--n-mmvqa", type=int, default=24, help="questions per set, first N of the file (0 = all)")
-    p.add_argument("--n-reports", type=int, default=8, help="valid reports to generate (0 = all)")
+    p.add_argument("--n-mmvqa", type=int, default=0, help="questions per set, first N of the file (0 = all)")
+    p.add_argument("--n-reports", type=int, default=32, help="valid reports to generate (0 = all)")
     p.add_argument("--bias-reports", default=None, help="figure 1 input: reports CSV or labelled-sentences JSONL "
                    "(default: the train reports CSV)")
     # ---- generation ----

@@ -81,7 +81,7 @@ def test_base_preset_matches_published_layout():
 def test_brgsa_pth_loads_strictly(tmp_path):
     # a fake published file: plain torch.save of a timm-named state dict
     cfg = M.VIT_PRESETS["tiny"]
-    shapes = brgsa_layout(cfg["width"], cfg["depth"], cfg["mlp_dim"], cfg["patch_size"], 8 * 8 * 8)
+    shapes = brgsa_layout(cfg["width"], cfg["depth"], cfg["mlp_dim"], cfg["patch_size"], 4 * 4 * 4)  # tiny grid
     fake = {k: torch.randn(s) for k, s in shapes.items()}
     torch.save(fake, tmp_path / "BrgSA_vision_encoder.pth")
     vit = M.load_vision_weights(M.ViT3D.from_preset("tiny"), tmp_path / "BrgSA_vision_encoder.pth")
