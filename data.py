@@ -174,7 +174,7 @@ def read_ctrate_volume(path, meta_row: dict) -> tuple[np.ndarray, tuple[float, f
         hu = hu * float(meta_row["RescaleSlope"]) + float(meta_row["RescaleIntercept"])
     to_lps = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
                                              nib.orientations.axcodes2ornt(("L", "P", "S")))
-    return np.ascontiguousarray(nib.orientations.apply_orientation(hu, to_lps)), spacing
+    return nib.orientations.apply_orientation(hu, to_lps), spacing  # a view: preprocess_volume avoids the copy
 
 
 def read_radchestct_volume(path, spacing=(0.8, 0.8, 0.8)) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -207,10 +207,17 @@ def _crop_or_pad(vol: np.ndarray, shape, value) -> np.ndarray:
 def preprocess_volume(hu: np.ndarray, spacing, preset: Preset = REAL) -> np.ndarray:
     """HU (X, Y, Z) at `spacing` -> int16 preset.shape: resample, centre crop/pad (-1024), clamp [-1000, 1000]."""
     size = [max(1, round(n * s / t)) for n, s, t in zip(hu.shape, spacing, preset.spacing)]
+    # Resample the array in its memory order: a reoriented NIfTI is a flipped / transposed view of nibabel's
+    # column-major data, and copying it into (X, Y, Z) order costs ~2 s per CT-RATE volume. Trilinear resampling
+    # (align_corners=False) commutes with axis flips and permutations, so they are applied to the small result.
+    flips = tuple(i for i, st in enumerate(hu.strides) if st < 0)
+    view = np.flip(hu, flips) if flips else hu
+    perm = [int(i) for i in np.argsort([-st for st in view.strides], kind="stable")]
     with torch.no_grad():
-        x = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[None, None]
-        x = F.interpolate(x, size=size, mode="trilinear", align_corners=False)[0, 0].numpy()
-    x = _crop_or_pad(x, preset.shape, PAD_HU)
+        x = torch.from_numpy(np.ascontiguousarray(view.transpose(perm), dtype=np.float32))[None, None]
+        x = F.interpolate(x, size=[size[p] for p in perm], mode="trilinear", align_corners=False)[0, 0].numpy()
+    x = x.transpose(np.argsort(perm))
+    x = _crop_or_pad(np.flip(x, flips) if flips else x, preset.shape, PAD_HU)
     return np.clip(np.rint(x), HU_MIN, HU_MAX).astype(np.int16)
 
 

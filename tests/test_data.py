@@ -186,6 +186,23 @@ def test_reorientation_from_the_affine(tmp_path):
     assert np.array_equal(data.read_ctrate_volume(pls, meta_row())[0], target)
 
 
+def test_reoriented_views_preprocess_like_contiguous_arrays(tmp_path):
+    """read_ctrate_volume returns nibabel's data as a flipped / transposed view (no copy); preprocess_volume must give
+    what it gives for the same voxels laid out contiguously in (X, Y, Z) order."""
+    rng = np.random.default_rng(1)
+    target = rng.integers(-1000, 1000, (41, 37, 23)).astype(np.int16)  # L, P, S order; odd sizes: uneven crops
+    spacing = (1.2, 0.9, 2.5)
+    expected = data.preprocess_volume(np.ascontiguousarray(target, dtype=np.float32), spacing, SMALL)
+    swapped = np.array([[0, -1, 0, 0], [-1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])  # stored (P, L, S)
+    files = {"lps": (target, None), "ras": (target[::-1, ::-1, :], np.eye(4)), "pls": (target.transpose(1, 0, 2), swapped)}
+    for name, (stored, affine) in files.items():
+        path = write_nifti(tmp_path / f"{name}.nii.gz", np.ascontiguousarray(stored), affine)
+        hu, _ = data.read_ctrate_volume(path, meta_row())
+        assert np.array_equal(hu, target)
+        got = data.preprocess_volume(hu, spacing, SMALL)
+        assert np.abs(got.astype(int) - expected).max() <= 1 and (got != expected).mean() < 1e-3, name
+
+
 def test_double_rescale_guard(tmp_path):
     hu = np.full((8, 8, 4), -1024, np.int16)
     hu[2:6, 2:6] = 40
