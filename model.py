@@ -21,6 +21,7 @@ The training runtime shared by the stages (DDP, schedule, atomic checkpoints) is
 """
 from __future__ import annotations
 
+import glob
 import inspect
 import json
 import math
@@ -653,6 +654,29 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_after_kill(final: Path) -> None:
+    """What a process killed inside atomic_dir left beside `final`: its half-written temporary (a checkpoint can be
+    gigabytes) is deleted; the previous version, if the kill fell between the two renames, is put back."""
+    for path in sorted(final.parent.glob(f".{glob.escape(final.name)}.*-*")):
+        kind, _, pid = path.name.rpartition("-")
+        if not pid.isdigit() or kind not in (f".{final.name}.tmp", f".{final.name}.old") or _pid_alive(int(pid)):
+            continue
+        if kind.endswith(".old") and not final.exists():
+            os.replace(path, final)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(final: str | Path):
     """Write a directory atomically: yield a temporary sibling, then swap it into place.
@@ -662,6 +686,7 @@ def atomic_dir(final: str | Path):
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _clean_after_kill(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -409,8 +409,30 @@ def test_interrupted_save_leaves_previous_checkpoint_loadable(vlm, tmp_path):
         proc.wait()
     again = M.VLM.load(ckpt)
     assert again.config["meta"] == {"version": 1} and torch.equal(_logits(again, inputs), before)
+    # the killed writer's half-written copy is removed by the next save, not left to fill the disk
+    leftover = tmp_path / f".vlm.tmp-{proc.pid}"
+    assert leftover.is_dir()
+    vlm.save(ckpt, meta={"version": 3})
+    assert not leftover.exists() and M.VLM.load(ckpt).config["meta"] == {"version": 3}
     with pytest.raises(FileNotFoundError, match="not a complete VLM checkpoint"):
         M.VLM.load(tmp_path / "nothing_here")
+
+
+def test_atomic_dir_puts_back_a_version_stranded_by_a_kill_between_its_renames(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process id that no longer runs
+    stranded = tmp_path / f".out.old-{dead.pid}"  # killed after moving `out` aside, before moving the new one in
+    stranded.mkdir()
+    (stranded / "v").write_text("1")
+    with pytest.raises(RuntimeError, match="write failed"):
+        with M.atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "v").write_text("2")
+            raise RuntimeError("write failed")
+    assert (tmp_path / "out" / "v").read_text() == "1" and not stranded.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    with M.atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "v").write_text("2")
+    assert (tmp_path / "out" / "v").read_text() == "2" and [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_ensure_tiny_llm_learns_the_phantom_language(phantom_world):
