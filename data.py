@@ -629,7 +629,8 @@ def mmvqa_prompt(item: dict, think: bool = True) -> str:
 
 def mmvqa_target(item: dict, abnormal_names_present: list[str], think: bool = True) -> str:
     """The warm-up completion: what the scan shows, then each option in turn (present / not seen), then the key.
-    Going option by option keeps every step a short look-up, which even the tiny phantom LLM can learn."""
+    Going option by option makes every claim of the rationale checkable and ties the letter to it (the tiny phantom
+    LLM still does not learn the look-ups within its warm-up budget: README, "Status")."""
     answer = f"<answer>{item['answer']}</answer>"
     if not think:
         return answer
