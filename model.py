@@ -667,14 +667,15 @@ def _pid_alive(pid: int) -> bool:
 def _clean_after_kill(final: Path) -> None:
     """What a process killed inside atomic_dir left beside `final`: its half-written temporary (a checkpoint can be
     gigabytes) is deleted; the previous version, if the kill fell between the two renames, is put back."""
-    for path in sorted(final.parent.glob(f".{glob.escape(final.name)}.*-*")):
-        kind, _, pid = path.name.rpartition("-")
-        if not pid.isdigit() or kind not in (f".{final.name}.tmp", f".{final.name}.old") or _pid_alive(int(pid)):
-            continue
-        if kind.endswith(".old") and not final.exists():
-            os.replace(path, final)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
+    for kind in ("old", "tmp"):
+        for path in sorted(final.parent.glob(f".{glob.escape(final.name)}.{kind}-*")):
+            pid = path.name.rpartition("-")[2]
+            if not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+            if kind == "old" and not final.exists():
+                os.replace(path, final)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 @contextmanager
