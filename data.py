@@ -628,18 +628,21 @@ def mmvqa_prompt(item: dict, think: bool = True) -> str:
 
 
 def mmvqa_target(item: dict, abnormal_names_present: list[str], think: bool = True) -> str:
-    """The warm-up completion: what the scan shows, then each option in turn (present / not seen), then the key.
-    Going option by option makes every claim of the rationale checkable and ties the letter to it (the tiny phantom
-    LLM still does not learn the look-ups within its warm-up budget: README, "Status")."""
-    answer = f"<answer>{item['answer']}</answer>"
+    """The warm-up completion: the option the scan shows, what else it shows, each option in turn, then the key.
+
+    The order suits a small LLM (README, "Status"): naming the present option first is one look at the image
+    restricted to the option names; the walk then marks each option by copying the stance given to its name
+    earlier ("Cardiomegaly: present"), and the key is copied from the walk. Every claim is checkable."""
+    key = item["answer"]
+    answer = f"<answer>{key}</answer>"
     if not think:
         return answer
     present = list(abnormal_names_present)  # names spelled as in the options: the rationale copies them verbatim
     shown = (", ".join(present[:-1]) + " and " + present[-1] if len(present) > 1 else present[0]) if present \
         else "no abnormality"
-    walk = " ".join(f"{l}) {v}: {'present' if l == item['answer'] else 'not seen'}."
-                    for l, v in item["options"].items())
-    return f"<think>The scan shows {shown}. {walk} The answer is {item['answer']}.</think>{answer}"
+    walk = " ".join(f"{l}) {v}: {'present' if l == key else 'not seen'}." for l, v in item["options"].items())
+    return (f"<think>Of the options, {item['options'][key]}: present. The scan shows {shown}. {walk} "
+            f"The answer is {key}.</think>{answer}")
 
 
 # ================================================ the phantom world ==============================================

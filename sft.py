@@ -27,7 +27,7 @@ Deliberate choices:
 
 Phantom defaults differ from the paper's (SPEC §5: lr 1e-4, 1 epoch, batch 2, bf16, max length 2048) only to fit a
 2-core CPU in minutes: SFT uses lr 1e-3 (1 epoch, batch 8); the warm-up (the whole tiny LLM, from scratch) uses
-lr 2e-3, 2 epochs, batch 8. `--preset real` restores the paper's values (DEFAULTS). On a busy shared CPU,
+lr 1e-3, 2 epochs, batch 8. `--preset real` restores the paper's values (DEFAULTS). On a busy shared CPU,
 OMP_NUM_THREADS=1 was several times faster than two threads.
 
 Run:
@@ -48,10 +48,12 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
@@ -63,7 +65,7 @@ from model import (all_ranks_finite, all_reduce, any_rank, atomic_dir, autocast,
 # Defaults that differ between the phantom world (2-core CPU, minutes) and the paper's CT-RATE run (SPEC §5).
 DEFAULTS = {"real": dict(lr=1e-4, epochs=1, batch_size=2),
             "phantom": dict(lr=1e-3, epochs=1, batch_size=8),
-            "warmup": dict(lr=2e-3, epochs=2, batch_size=8)}
+            "warmup": dict(lr=1e-3, epochs=2, batch_size=8)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -156,10 +158,10 @@ def chat_prompt(tokenizer, user_text: str) -> str:
                                          add_generation_prompt=True)
 
 
-def mmvqa_examples(paths: dict) -> list[dict]:
-    """MMVQA training questions (data.mmvqa_target answers), each with and without <think>."""
-    labels, examples = data.read_labels(paths["train_labels"]), []
-    for item in json.load(open(paths["mmvqa_train"])):
+def mmvqa_examples(items: list[dict], labels: dict) -> list[dict]:
+    """MMVQA questions with data.mmvqa_target answers, each with and without <think>."""
+    examples = []
+    for item in items:
         present = [n for n, y in zip(data.ABNORMALITIES, labels[item["VolumeName"]]) if y]
         for think in (True, False):
             examples.append({"volume": item["VolumeName"], "user": data.mmvqa_prompt(item, think),
@@ -177,12 +179,15 @@ def sft_examples(paths: dict, with_vqa: bool = True, with_mmvqa: bool = False) -
             if item["kind"] != "report":  # reports come from the sentence labels above, with ARW weights
                 examples.append({"volume": item["VolumeName"], "user": item["question"],
                                  "segments": [(item["answer"], False)]})
-    return examples + (mmvqa_examples(paths) if with_mmvqa else [])
+    if with_mmvqa:
+        examples += mmvqa_examples(json.load(open(paths["mmvqa_train"])), data.read_labels(paths["train_labels"]))
+    return examples
 
 
-def warmup_examples(paths: dict) -> list[dict]:
-    """Text-only examples for the warm-up: report targets, VQA answers, MMVQA answers with and without <think>."""
-    return [dict(e, volume=None) for e in sft_examples(paths, with_vqa=True, with_mmvqa=True)]
+def warmup_examples(paths: dict, labels: dict, seed: int) -> list[dict]:
+    """The warm-up's examples: report targets and VQA answers, and one MMVQA question per abnormality present in
+    each training scan (data.build_mmvqa per_label: ~5 per scan instead of the one of mmvqa/train.json)."""
+    return sft_examples(paths, with_vqa=True) + mmvqa_examples(data.build_mmvqa(labels, seed, per_label=True), labels)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -219,19 +224,32 @@ def merge_lora(llm: nn.Module) -> None:
                 setattr(module, child_name, child.merged())
 
 
-class WeightedLM(nn.Module):
-    """Σ w·CE of a micro-batch, with every trainable parameter inside one forward (what DDP needs to see)."""
+class FindingCode(nn.Module):
+    """Warm-up stand-in for the encoder: a scan's 18 labels -> N_img image embeddings, one learned vector per
+    abnormality summed over the findings present (plus a learned vector per image position), layer-normed like the
+    bridge's output. It teaches the tiny LLM to read findings from image embeddings, as Qwen2.5 reads meaning from
+    the embeddings it was pretrained on; it is discarded after the warm-up and never sees a volume."""
 
-    def __init__(self, vlm=None, llm=None):
+    def __init__(self, n_img: int, dim: int, n_labels: int = len(data.ABNORMALITIES)):
         super().__init__()
-        self.vlm, self.llm = vlm, llm
+        self.code = nn.Parameter(torch.randn(n_labels, dim))
+        self.pos = nn.Parameter(torch.randn(n_img, dim))
+        self.norm = nn.LayerNorm(dim)
 
-    def forward(self, input_ids, attention_mask, weights, vit_tokens=None):
-        if self.vlm is None:  # warm-up: text only
-            logits = self.llm(input_ids=input_ids, attention_mask=attention_mask).logits
-        else:
-            image_embeds = self.vlm.bridge_embeds(vit_tokens)  # (B, N_img, D)
-            logits = self.vlm(input_ids, attention_mask, image_embeds)  # (B, T, V)
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:  # (B, 18) 0/1 -> (B, N_img, D)
+        return self.norm((labels.float() @ self.code)[:, None] + self.pos)
+
+
+class WeightedLM(nn.Module):
+    """Σ w·CE of a micro-batch, with every trainable parameter inside one forward (what DDP needs to see).
+    `image` turns the batch's image input into image embeddings: vlm.bridge (SFT) or a FindingCode (warm-up)."""
+
+    def __init__(self, vlm, image: nn.Module):
+        super().__init__()
+        self.vlm, self.image = vlm, image
+
+    def forward(self, input_ids, attention_mask, weights, image_input):
+        logits = self.vlm(input_ids, attention_mask, self.image(image_input))  # (B, T, V)
         return weighted_ce_sum(logits, input_ids, weights)
 
 
@@ -259,13 +277,15 @@ def main(argv=None) -> dict:
     # ---- data and model -------------------------------------------------------------------------------------------
     paths = data_paths(args, world)
     seed_everything(args.seed)  # right before the model, so a given seed always gives the same initial bridge
-    if args.warmup:
+    labels = None
+    if args.warmup:  # the whole tiny LLM trains (float32; bf16 autocast on GPU); no encoder, no bridge
         llm_dir = Path(args.llm or model.ensure_tiny_llm(args.data_root))
-        llm, tokenizer = model.load_llm(llm_dir, device)  # the whole LLM trains, in float32 (bf16 autocast on GPU)
-        llm.train()
-        net, vlm, volumes = WeightedLM(llm=llm), None, None
-        examples = warmup_examples(paths)
-        prompts = [chat_prompt(tokenizer, e["user"]) for e in examples]
+        vlm = model.VLM.build(llm_dir, vit_preset=args.vit_preset, device=str(device))
+        vlm.set_trainable(vit=False, bridge=False, llm=True)
+        vlm.train()
+        labels = data.read_labels(paths["train_labels"])
+        net = WeightedLM(vlm, FindingCode(vlm.n_img, vlm.config["llm_dim"]).to(device))
+        examples = [e for e in warmup_examples(paths, labels, args.seed) if e["volume"] in labels]
         prev_meta = {}
     else:
         llm_dir = Path(args.llm or "runs/warmup")
@@ -282,13 +302,14 @@ def main(argv=None) -> dict:
             vlm.llm.to(device)
         vlm.eval()
         vlm.bridge.train()
-        tokenizer, net = vlm.tokenizer, WeightedLM(vlm=vlm)
+        net = WeightedLM(vlm, vlm.bridge)
         volumes = data.VolumeCache(paths["train_cache"])
         examples = [e for e in sft_examples(paths, not args.no_vqa, args.mmvqa) if e["volume"] in volumes]
-        prompts = [vlm.prompt(e["user"]) for e in examples]
         # inherit the earlier stages' run configs (warm-up meta beside the LLM, clip3d's config beside the encoder)
         earlier = {"warmup": llm_dir / "warmup_meta.json", "clip3d": vision and vision.parent / "config.json"}
         prev_meta = {k: json.loads(p.read_text()) for k, p in earlier.items() if p and p.is_file()}
+    tokenizer = vlm.tokenizer
+    prompts = [vlm.prompt(e["user"]) for e in examples]
     encoded = [encode(tokenizer, p, e["segments"], args.arw_lambda, args.max_len) for p, e in zip(prompts, examples)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainable = [p for p in net.parameters() if p.requires_grad]
@@ -381,9 +402,10 @@ def main(argv=None) -> dict:
         for j, (input_ids, mask, weights, idx) in enumerate(batches):
             last = j == len(batches) - 1
             with (ddp.no_sync() if ddp is not None and not last else nullcontext()):
-                tokens = None if args.warmup else vit_tokens(idx)
+                image_input = (torch.tensor(np.stack([labels[examples[i]["volume"]] for i in idx])).to(device)
+                               if args.warmup else vit_tokens(idx))
                 with autocast(device):
-                    s = forward(input_ids.to(device), mask.to(device), weights.to(device), tokens)
+                    s = forward(input_ids.to(device), mask.to(device), weights.to(device), image_input)
                 if step == inject_step and rank == inject_rank:
                     s = s * float("nan")
                 (s * world / weight_total).backward()  # DDP averages over ranks -> Σ_all w·CE / Σ_all w
@@ -427,9 +449,10 @@ def main(argv=None) -> dict:
     if rank == 0:
         if args.warmup:  # an HF dir beside ckpt/ and metrics.jsonl; config.json is moved in last = complete
             with atomic_dir(out / "tmp_llm") as tmp:
-                net.llm.save_pretrained(tmp)
+                vlm.llm.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
                 (tmp / "warmup_meta.json").write_text(json.dumps(meta, indent=1))
+                save_file(model._cpu_state(net.image), tmp / "finding_code.safetensors")  # diagnostics only
             (out / "config.json").unlink(missing_ok=True)
             for f in sorted((out / "tmp_llm").iterdir(), key=lambda f: f.name == "config.json"):
                 f.replace(out / f.name)
