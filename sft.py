@@ -2,9 +2,11 @@
 
 The vision encoder (from clip3d.py) and the LLM are frozen; the bridge (adaptive pooling + RAM gate, model.py) learns
 to speak to the LLM through report generation mixed with open / yes-no / multiple-choice VQA (paper §4, SPEC §5).
-`--warmup` is a second, smaller job: it trains the phantom world's untrained tiny LLM on the phantom texts alone
-(no image), so that it knows its language and the <think>/<answer> format before bridge-only SFT. It stands in for
-the LLM's own pretraining (Qwen2.5 needs no warm-up).
+`--warmup` is a second, smaller job for the phantom world. It trains the untrained tiny LLM on the phantom texts
+(reports, VQA answers, MMVQA answers with and without <think>), with each scan's findings handed to it as image
+embeddings by a label code (FindingCode: one learned vector per abnormality, no volume). So the LLM learns its
+language, the answer format, and to read findings from the image positions, before bridge-only SFT asks the bridge
+to write there. It stands in for the LLM's own pretraining (Qwen2.5 needs no warm-up); the code is then discarded.
 
 Deliberate choices:
 1. Trainable: the bridge only (the paper's "projection layer"); ViT, LLM and the text anchor stay frozen.
