@@ -259,7 +259,7 @@ def sft_step(vlm, optimizer, preset, batch: list, vit_tokens=None) -> torch.Tens
             x = torch.stack([data.online_transform(vol, preset) for _, vol in batch]).to(device)
             vit_tokens = vlm.vit(x).float()                             # (B, N, C)
     with model.autocast(device):
-        s = sft.WeightedLM(vlm=vlm)(input_ids.to(device), mask.to(device), weights.to(device), vit_tokens)
+        s = sft.WeightedLM(vlm, vlm.bridge)(input_ids.to(device), mask.to(device), weights.to(device), vit_tokens)
     (s / weights[:, 1:].sum().to(device)).backward()                   # eq. (4): Σ w·CE / Σ w
     torch.nn.utils.clip_grad_norm_([p for p in vlm.parameters() if p.requires_grad], 1.0)
     optimizer.step()

@@ -73,7 +73,7 @@ DEFAULTS = {"real": dict(lr=1e-4, epochs=1, batch_size=2),
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # mode and paths
-    p.add_argument("--warmup", action="store_true", help="text-only warm-up of the phantom tiny LLM -> runs/warmup")
+    p.add_argument("--warmup", action="store_true", help="phantom tiny LLM warm-up (texts + label code) -> runs/warmup")
     p.add_argument("--preset", choices=["phantom", "real"], default="phantom", help="phantom world or CT-RATE defaults")
     p.add_argument("--data-root", default="runs/phantom", help="phantom root (built if absent) or real data root")
     p.add_argument("--llm", default=None, help="HF causal-LM dir (default: runs/warmup; warm-up: the phantom tiny LLM)")
