@@ -630,9 +630,10 @@ def mmvqa_prompt(item: dict, think: bool = True) -> str:
 def mmvqa_target(item: dict, abnormal_names_present: list[str], think: bool = True) -> str:
     """The warm-up completion: the option the scan shows, what else it shows, each option in turn, then the key.
 
-    The order suits a small LLM (README, "Status"): naming the present option first is one look at the image
-    restricted to the option names; the walk then marks each option by copying the stance given to its name
-    earlier ("Cardiomegaly: present"), and the key is copied from the walk. Every claim is checkable."""
+    Every claim is checkable against the report. The order is chosen for a small LLM: naming the present option
+    first takes one look at the image, restricted to the option names (the phantom LLM learns this); the walk can
+    then copy the stance given to that name ("Cardiomegaly: present") and the key can be copied from the walk (the
+    phantom LLM does not learn the walk within its warm-up budget: README, "Status")."""
     key = item["answer"]
     answer = f"<answer>{key}</answer>"
     if not think:
