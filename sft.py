@@ -154,12 +154,6 @@ def weighted_ce_sum(logits: torch.Tensor, input_ids: torch.Tensor, weights: torc
     return (ce * weights[:, 1:].flatten()).sum()
 
 
-def chat_prompt(tokenizer, user_text: str) -> str:
-    """The chat-template prompt without an image (warm-up); the same string as vlm.prompt(user_text, with_image=False)."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
-                                         add_generation_prompt=True)
-
-
 def mmvqa_examples(items: list[dict], labels: dict, modes=(True, False)) -> list[dict]:
     """MMVQA questions with data.mmvqa_target answers, each with (True) and / or without (False) <think>."""
     examples = []
@@ -197,8 +191,8 @@ def warmup_examples(paths: dict, labels: dict, seed: int, think_per_scan: int = 
                     no_think_per_scan: int = 1) -> tuple[list[dict], dict]:
     """The warm-up's examples and the labels they read: the training reports and VQA answers with their scans'
     labels, and MMVQA questions about drawn label vectors (per training scan: think_per_scan with <think>,
-    no_think_per_scan without). Drawn vectors are new every time, so the LLM must learn the look-up rules instead
-    of memorising 400 scans' answers (measured: with the training scans' own questions the walk's present /
+    no_think_per_scan without). Each question has a vector of its own, so the LLM must learn the look-up rules
+    instead of memorising 400 scans' answers (measured: with the training scans' own questions the walk's present /
     not-seen marks stayed at their base rate)."""
     n_think, n_plain = think_per_scan * len(labels), no_think_per_scan * len(labels)
     drawn = drawn_labels(labels, n_think + n_plain, seed)

@@ -39,7 +39,8 @@ def test_arw_weights_with_the_real_tokenizer(tiny_llm):
     tok = AutoTokenizer.from_pretrained(tiny_llm)
     segments = [("<finding>", False), ("The heart is normal. ", False), ("There is a pleural effusion.", True),
                 ("</finding>", False)]
-    prompt = sft.chat_prompt(tok, "Write the report.")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Write the report."}], tokenize=False,
+                                     add_generation_prompt=True)
     ids, w = sft.encode(tok, prompt, segments, arw_lambda=1.25, max_len=4096)
     n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
     assert set(w[:n_prompt]) == {0.0} and w[-1] == 1.0 and ids[-1] == tok.eos_token_id
