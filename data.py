@@ -628,12 +628,14 @@ def mmvqa_prompt(item: dict, think: bool = True) -> str:
 
 
 def mmvqa_target(item: dict, abnormal_names_present: list[str], think: bool = True) -> str:
-    """The warm-up completion: the option the scan shows, what else it shows, each option in turn, then the key.
+    """The warm-up completion: the option the scan shows, each option in turn, the key, then what else it shows.
 
     Every claim is checkable against the report. The order is chosen for a small LLM: naming the present option
-    first takes one look at the image, restricted to the option names (the phantom LLM learns this); the walk can
-    then copy the stance given to that name ("Cardiomegaly: present") and the key can be copied from the walk (the
-    phantom LLM does not learn the walk within its warm-up budget: README, "Status")."""
+    first takes one look at the image, restricted to the option names; the walk copies the options in order and
+    gives each name the stance it had the last time it was written, a plain in-context copy (hence "X present" with
+    no colon: the stance follows the name directly); the key is the letter next to "present". The list of all
+    findings comes last: before the walk it gave each name a second earlier mention to copy from (measured with the
+    true labels as image: 42 % of think answers right with the list first, 82 % with it last)."""
     key = item["answer"]
     answer = f"<answer>{key}</answer>"
     if not think:
@@ -641,20 +643,23 @@ def mmvqa_target(item: dict, abnormal_names_present: list[str], think: bool = Tr
     present = list(abnormal_names_present)  # names spelled as in the options: the rationale copies them verbatim
     shown = (", ".join(present[:-1]) + " and " + present[-1] if len(present) > 1 else present[0]) if present \
         else "no abnormality"
-    walk = " ".join(f"{l}) {v}: {'present' if l == key else 'not seen'}." for l, v in item["options"].items())
-    return (f"<think>Of the options, {item['options'][key]}: present. The scan shows {shown}. {walk} "
-            f"The answer is {key}.</think>{answer}")
+    walk = " ".join(f"{l}) {v} {'present' if l == key else 'not seen'}." for l, v in item["options"].items())
+    return (f"<think>Of the options, {item['options'][key]} present. {walk} The answer is {key}. "
+            f"The scan shows {shown}.</think>{answer}")
 
 
 # ================================================ the phantom world ==============================================
 # Synthetic chest CTs in the exact CT-RATE v2 / RAD-ChestCT formats. Each abnormality is drawn big and contrasty
 # enough to survive the phantom preset (5, 5, 10) mm; size, place and intensity vary per patient; reports, labels,
-# VQA and images are generated from one patient description, so they agree.
+# VQA and images are generated from one patient description, so they agree. Version 3 drew the lung findings
+# bigger (emphysema, nodules, opacity, bronchiectasis), mosaic attenuation as darker lobules and the lung density
+# less variable between patients: a linear probe on the CLIP encoder's tokens went from a mean validation AUC of
+# 0.83 to 0.87 (mosaic 0.36 -> 0.74, emphysema 0.56 -> 0.72); lung nodule and opacity stay near 0.5.
 
 PHANTOM_PREVALENCE = np.linspace(0.18, 0.36, len(ABNORMALITIES))[np.random.default_rng(7).permutation(18)]
 PHANTOM_ALL_NEGATIVE = 0.06
 PHANTOM_RAD_SPACING = (4.0, 4.0, 4.0)
-PHANTOM_VERSION = "2"  # bump when the generator changes, so stale worlds are noticed
+PHANTOM_VERSION = "3"  # bump when the generator changes, so stale worlds are noticed
 A = {name: i for i, name in enumerate(ABNORMALITIES)}
 
 
@@ -700,7 +705,7 @@ def _phantom_patient(rng: np.random.Generator, force_normal=False) -> dict:
     u = lambda lo, hi: float(rng.uniform(lo, hi))
     side = lambda: int(rng.choice([-1, 1]))  # -1 = patient right, +1 = patient left (X grows to the left)
     p = {"labels": labels, "scale": u(0.93, 1.07), "shift": (u(-6, 6), u(-6, 6), u(-10, 10)),
-         "lung_hu": u(-870, -830), "heart_scale": u(0.92, 1.05), "cardiomegaly": u(1.28, 1.4),
+         "lung_hu": u(-860, -845), "heart_scale": u(0.92, 1.05), "cardiomegaly": u(1.28, 1.4),
          "vessels": rng.uniform(-1, 1, (40, 3)), "age": int(rng.integers(25, 90)), "sex": str(rng.choice(["M", "F"]))}
     p["device"] = dict(pacemaker=rng.random() < 0.35, side=side(), z=u(70, 100))
     p["aortic_calc"] = dict(arc0=u(0, 6.3), arc=u(2.0, 4.0), z0=u(-120, -40), length=u(70, 140), hu=u(900, 1300))
@@ -708,18 +713,18 @@ def _phantom_patient(rng: np.random.Generator, force_normal=False) -> dict:
     p["coronary"] = [(u(-0.6, 0.9), u(-0.2, 0.5), u(7, 9)) for _ in range(int(rng.integers(3, 5)))]
     p["hernia"] = dict(r=u(24, 32), hu=u(15, 35))
     p["nodes"] = [(side() * u(20, 38), u(-40, 10), u(10, 70), u(12, 16)) for _ in range(int(rng.integers(3, 6)))]
-    p["emph"] = [(side(), u(-0.5, 0.5), u(-0.4, 0.4), u(0.25, 0.65), u(14, 24)) for _ in range(int(rng.integers(4, 8)))]
+    p["emph"] = [(side(), u(-0.5, 0.5), u(-0.4, 0.4), u(0.1, 0.7), u(18, 28)) for _ in range(int(rng.integers(8, 13)))]
     p["atel"] = dict(side=side(), hu=u(15, 40), z=u(-0.4, -0.2))
-    p["nodule"] = dict(side=side(), lobe=str(rng.choice(["upper", "lower"])), r=u(10, 15), hu=u(100, 200),
+    p["nodule"] = dict(side=side(), lobe=str(rng.choice(["upper", "lower"])), r=u(14, 19), hu=u(100, 200),
                        pos=[(u(-0.45, 0.45), u(-0.45, 0.3), u(0.25, 0.65)) for _ in range(int(rng.integers(1, 4)))])
-    p["opacity"] = dict(side=side(), lobe=str(rng.choice(["upper", "lower"])), r=u(22, 34), hu=u(-560, -440),
+    p["opacity"] = dict(side=side(), lobe=str(rng.choice(["upper", "lower"])), r=u(30, 40), hu=u(-420, -320),
                         pos=(u(-0.3, 0.3), u(-0.3, 0.3), u(0.25, 0.5)))
     p["fibrosis"] = dict(side=side(), hu=u(-80, 0), cap=u(25, 40),
                          strands=rng.uniform(-1, 1, (int(rng.integers(3, 6)), 4)))
     p["effusion"] = dict(side=side(), bilateral=rng.random() < 0.3, t=u(22, 40), hu=u(5, 20))
     p["mosaic"] = dict(phase=rng.uniform(0, 6.3, 3), amp=u(90, 130))
     p["consolidation"] = dict(side=side(), r=u(28, 38), hu=u(20, 45), pos=(u(-0.3, 0.3), u(-0.1, 0.3), u(0.3, 0.5)))
-    p["bronchiectasis"] = dict(side=side(), hu=u(-20, 20), tubes=rng.uniform(-1, 1, (int(rng.integers(5, 9)), 2)))
+    p["bronchiectasis"] = dict(side=side(), hu=u(-20, 20), tubes=rng.uniform(-1, 1, (int(rng.integers(8, 12)), 2)))
     p["septal"] = dict(phase=u(0, 22), hu=u(-400, -300))
     return p
 
@@ -778,7 +783,7 @@ def _render(p: dict, shape, spacing, rng: np.random.Generator) -> np.ndarray:
         ph, amp = p["mosaic"]["phase"], p["mosaic"]["amp"]
         x, y, z = np.meshgrid(*cv.axes, indexing="ij", sparse=True)
         pattern = np.sign(np.sin(x / 18 + ph[0]) * np.sin(y / 18 + ph[1]) * np.sin(z / 22 + ph[2]))
-        cv.vol[lung] += (amp * np.broadcast_to(pattern, shape))[lung]
+        cv.vol[lung] += (amp * np.broadcast_to(np.where(pattern > 0, -1.2, 0.3), shape))[lung]  # air-trapping lobules darker
     if L[A["Emphysema"]]:
         for k, rx, ry, rz, r in p["emph"]:
             cv.ellipsoid(at(k, (rx, ry, rz)), (r, r, r), -990.0, lung)
@@ -798,7 +803,7 @@ def _render(p: dict, shape, spacing, rng: np.random.Generator) -> np.ndarray:
         b = p["bronchiectasis"]
         for a, c_ in b["tubes"]:
             p0, p1 = at(b["side"], (0.5 * a, 0.4 * c_, -0.65)), at(b["side"], (0.5 * a, 0.4 * c_, -0.15))
-            cv.capsule(p0, p1, 11.0, b["hu"], lung)  # thick-walled, dilated bronchi
+            cv.capsule(p0, p1, 13.0, b["hu"], lung)  # thick-walled, dilated bronchi
             cv.capsule(p0, p1, 6.0, -1000.0, lung)
     if L[A["Peribronchial thickening"]]:
         for k in (-1, 1):

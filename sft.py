@@ -3,10 +3,10 @@
 The vision encoder (from clip3d.py) and the LLM are frozen; the bridge (adaptive pooling + RAM gate, model.py) learns
 to speak to the LLM through report generation mixed with open / yes-no / multiple-choice VQA (paper §4, SPEC §5).
 `--warmup` is a second, smaller job for the phantom world. It trains the untrained tiny LLM on the phantom texts
-(reports, VQA answers, MMVQA answers with and without <think>), with each scan's findings handed to it as image
-embeddings by a label code (FindingCode: one learned vector per abnormality, no volume). So the LLM learns its
-language, the answer format, and to read findings from the image positions, before bridge-only SFT asks the bridge
-to write there. It stands in for the LLM's own pretraining (Qwen2.5 needs no warm-up); the code is then discarded.
+(reports, VQA answers, MMVQA answers with and without <think>, and list-copy exercises for in-context copying), with
+each scan's findings handed to it as image embeddings by a label code (FindingCode: one learned vector per
+abnormality, no volume). So the LLM learns its language, the answer format, and to read findings from the image
+positions, before bridge-only SFT asks the bridge to write there. It stands in for the LLM's own pretraining (Qwen2.5 needs no warm-up); the code is then discarded.
 
 Deliberate choices:
 1. Trainable: the bridge only (the paper's "projection layer"); ViT, LLM and the text anchor stay frozen.
@@ -29,8 +29,9 @@ Deliberate choices:
 
 Phantom defaults differ from the paper's (SPEC §5: lr 1e-4, 1 epoch, batch 2, bf16, max length 2048) only to fit a
 2-core CPU in minutes: SFT uses lr 1e-3 (1 epoch, batch 8); the warm-up (the whole tiny LLM, from scratch) uses
-lr 1e-3, 2 epochs, batch 8. `--preset real` restores the paper's values (DEFAULTS). On a busy shared CPU,
-OMP_NUM_THREADS=1 was several times faster than two threads.
+lr 3e-4, 2 epochs, batch 8 (at 1e-3 it never learned to copy, at 2e-3 not even to read the code). `--preset real`
+restores the paper's values (DEFAULTS). On a busy shared CPU, OMP_NUM_THREADS=1 was several times faster than two
+threads.
 
 Run:
   python sft.py --warmup                     # phantom world: tiny LLM learns its language -> runs/warmup
@@ -67,7 +68,7 @@ from model import (all_ranks_finite, all_reduce, any_rank, atomic_dir, autocast,
 # Defaults that differ between the phantom world (2-core CPU, minutes) and the paper's CT-RATE run (SPEC §5).
 DEFAULTS = {"real": dict(lr=1e-4, epochs=1, batch_size=2),
             "phantom": dict(lr=1e-3, epochs=1, batch_size=8),
-            "warmup": dict(lr=1e-3, epochs=2, batch_size=8)}
+            "warmup": dict(lr=3e-4, epochs=2, batch_size=8)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -187,19 +188,36 @@ def drawn_labels(labels: dict, n: int, seed: int) -> dict:
     return {f"drawn-{i}": (rng.random(len(prevalence)) < prevalence).astype(np.int64) for i in range(n)}
 
 
-def warmup_examples(paths: dict, labels: dict, seed: int, think_per_scan: int = 6,
-                    no_think_per_scan: int = 1) -> tuple[list[dict], dict]:
+def copy_examples(n: int, seed: int) -> list[dict]:
+    """n list-copy exercises on a blank image ("Repeat this list: D) Emphysema A) Atelectasis ..." -> the list). They
+    stand in for the in-context copying that a pretrained LLM brings from its web text, which the MMVQA walk needs.
+    Measured on the phantom world: without them the warm-up LLM copied 0 of 40 such lists exactly (it wrote the
+    right names in the wrong order), with 6 per training scan 38 of 40."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for _ in range(n):
+        picks = rng.integers(0, len(data.ABNORMALITIES), int(rng.integers(3, 9)))
+        text = " ".join(f"{'ABCD'[rng.integers(4)]}) {data.ABNORMALITIES[k]}" for k in picks)
+        examples.append({"volume": BLANK, "user": "Repeat this list: " + text, "segments": [(text, False)]})
+    return examples
+
+
+BLANK = "blank"  # the label vector of the copy exercises: no finding
+
+
+def warmup_examples(paths: dict, labels: dict, seed: int, think_per_scan: int = 6, no_think_per_scan: int = 1,
+                    copy_per_scan: int = 6) -> tuple[list[dict], dict]:
     """The warm-up's examples and the labels they read: the training reports and VQA answers with their scans'
-    labels, and MMVQA questions about drawn label vectors (per training scan: think_per_scan with <think>,
-    no_think_per_scan without). Each question has a vector of its own, so the LLM must learn the look-up rules
-    instead of memorising 400 scans' answers (measured: with the training scans' own questions the walk's present /
-    not-seen marks stayed at their base rate)."""
+    labels, MMVQA questions about drawn label vectors (per training scan: think_per_scan with <think>,
+    no_think_per_scan without), and copy_per_scan list-copy exercises per training scan. Each question has a vector
+    of its own, so the LLM must learn the look-up rules instead of memorising 400 scans' answers (measured: with the
+    training scans' own questions the walk's present / not-seen marks stayed at their base rate)."""
     n_think, n_plain = think_per_scan * len(labels), no_think_per_scan * len(labels)
     drawn = drawn_labels(labels, n_think + n_plain, seed)
     items = data.build_mmvqa(drawn, seed)
     examples = (sft_examples(paths, with_vqa=True) + mmvqa_examples(items[:n_think], drawn, modes=(True,))
-                + mmvqa_examples(items[n_think:], drawn, modes=(False,)))
-    return examples, {**labels, **drawn}
+                + mmvqa_examples(items[n_think:], drawn, modes=(False,)) + copy_examples(copy_per_scan * len(labels), seed))
+    return examples, {**labels, **drawn, BLANK: np.zeros(len(data.ABNORMALITIES), dtype=np.int64)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -457,9 +457,9 @@ def test_mmvqa_prompt_and_target():
     assert "<think>" not in data.mmvqa_prompt(item, False)
     assert data.mmvqa_target(item, ["Cardiomegaly"], think=False) == "<answer>B</answer>"
     t = data.mmvqa_target(item, ["Cardiomegaly", "Pleural effusion"], think=True)
-    assert t == ("<think>Of the options, Cardiomegaly: present. The scan shows Cardiomegaly and Pleural effusion. "
-                 "A) Emphysema: not seen. B) Cardiomegaly: present. C) Hiatal hernia: not seen. D) Lung nodule: not seen. "
-                 "The answer is B.</think><answer>B</answer>")
+    assert t == ("<think>Of the options, Cardiomegaly present. "
+                 "A) Emphysema not seen. B) Cardiomegaly present. C) Hiatal hernia not seen. D) Lung nodule not seen. "
+                 "The answer is B. The scan shows Cardiomegaly and Pleural effusion.</think><answer>B</answer>")
 
 
 # ------------------------------------------------ the phantom world ----------------------------------------------

@@ -152,6 +152,12 @@ def test_warmup_mmvqa_questions_ask_about_drawn_labels(phantom_world):
         assert not {v for k, v in options.items() if k != key} & present
     assert sum("<think>" in e["segments"][0][0] for e in drawn) > 2 * sum("<think>" not in e["segments"][0][0]
                                                                           for e in drawn)
+    copies = [e for e in examples if e["volume"] == sft.BLANK]
+    assert len(copies) == 6 * len(labels) and not read[sft.BLANK].any()  # copy exercises sit on a blank image
+    for e in copies:  # the target is the list of the prompt, verbatim, in order
+        listed = e["user"].removeprefix("Repeat this list: ")
+        assert e["segments"] == [(listed, False)] and 3 <= len(re.findall(r"[A-D]\) ", listed)) <= 8
+    assert len({e["user"] for e in copies}) == len(copies)  # each exercise is new
 
 
 def test_grad_accumulation_equals_one_big_batch(phantom_world, tiny_llm, vision_weights, tmp_path):
