@@ -6,7 +6,8 @@ to speak to the LLM through report generation mixed with open / yes-no / multipl
 (reports, VQA answers, MMVQA answers with and without <think>, and list-copy exercises for in-context copying), with
 each scan's findings handed to it as image embeddings by a label code (FindingCode: one learned vector per
 abnormality, no volume). So the LLM learns its language, the answer format, and to read findings from the image
-positions, before bridge-only SFT asks the bridge to write there. It stands in for the LLM's own pretraining (Qwen2.5 needs no warm-up); the code is then discarded.
+positions, before bridge-only SFT asks the bridge to write there. It stands in for the LLM's own pretraining
+(Qwen2.5 needs no warm-up); the code is then discarded.
 
 Deliberate choices:
 1. Trainable: the bridge only (the paper's "projection layer"); ViT, LLM and the text anchor stay frozen.
@@ -188,6 +189,9 @@ def drawn_labels(labels: dict, n: int, seed: int) -> dict:
     return {f"drawn-{i}": (rng.random(len(prevalence)) < prevalence).astype(np.int64) for i in range(n)}
 
 
+BLANK = "blank"  # the label vector of the copy exercises: no finding
+
+
 def copy_examples(n: int, seed: int) -> list[dict]:
     """n list-copy exercises on a blank image ("Repeat this list: D) Emphysema A) Atelectasis ..." -> the list). They
     stand in for the in-context copying that a pretrained LLM brings from its web text, which the MMVQA walk needs.
@@ -200,9 +204,6 @@ def copy_examples(n: int, seed: int) -> list[dict]:
         text = " ".join(f"{'ABCD'[rng.integers(4)]}) {data.ABNORMALITIES[k]}" for k in picks)
         examples.append({"volume": BLANK, "user": "Repeat this list: " + text, "segments": [(text, False)]})
     return examples
-
-
-BLANK = "blank"  # the label vector of the copy exercises: no finding
 
 
 def warmup_examples(paths: dict, labels: dict, seed: int, think_per_scan: int = 6, no_think_per_scan: int = 1,
