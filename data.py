@@ -783,7 +783,8 @@ def _render(p: dict, shape, spacing, rng: np.random.Generator) -> np.ndarray:
         ph, amp = p["mosaic"]["phase"], p["mosaic"]["amp"]
         x, y, z = np.meshgrid(*cv.axes, indexing="ij", sparse=True)
         pattern = np.sign(np.sin(x / 18 + ph[0]) * np.sin(y / 18 + ph[1]) * np.sin(z / 22 + ph[2]))
-        cv.vol[lung] += (amp * np.broadcast_to(np.where(pattern > 0, -1.2, 0.3), shape))[lung]  # air-trapping lobules darker
+        darker = np.where(pattern > 0, -1.2, 0.3)  # air-trapping lobules darker, the rest slightly denser
+        cv.vol[lung] += (amp * np.broadcast_to(darker, shape))[lung]
     if L[A["Emphysema"]]:
         for k, rx, ry, rz, r in p["emph"]:
             cv.ellipsoid(at(k, (rx, ry, rz)), (r, r, r), -990.0, lung)

@@ -217,7 +217,8 @@ def warmup_examples(paths: dict, labels: dict, seed: int, think_per_scan: int = 
     drawn = drawn_labels(labels, n_think + n_plain, seed)
     items = data.build_mmvqa(drawn, seed)
     examples = (sft_examples(paths, with_vqa=True) + mmvqa_examples(items[:n_think], drawn, modes=(True,))
-                + mmvqa_examples(items[n_think:], drawn, modes=(False,)) + copy_examples(copy_per_scan * len(labels), seed))
+                + mmvqa_examples(items[n_think:], drawn, modes=(False,))
+                + copy_examples(copy_per_scan * len(labels), seed))
     return examples, {**labels, **drawn, BLANK: np.zeros(len(data.ABNORMALITIES), dtype=np.int64)}
 
 
