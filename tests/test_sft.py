@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import model
 import sft
 
@@ -115,6 +116,24 @@ def test_only_the_bridge_changes(phantom_world, tiny_llm, vision_weights, tmp_pa
     assert all(torch.equal(p, after[n]) for n, p in ref.named_parameters() if n.startswith(("llm.", "vit.")))
     loaded = model.VLM.load(tmp_path / "vlm")  # the written checkpoint holds the trained bridge
     assert all(torch.equal(p, after[n]) for n, p in loaded.named_parameters())
+
+
+def test_bridge_standardises_encoder_tokens_over_training_volumes(phantom_world, tiny_llm, vision_weights, tmp_path):
+    result = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path, "--max-steps", 1,
+                               "--feature-stats", 5))
+    vlm = result["net"].vlm
+    volumes = data.VolumeCache(phantom_world["train_cache"])
+    names = sorted({e["volume"] for e in sft.sft_examples(phantom_world)} & set(volumes.names))[:5]
+    with torch.no_grad():  # the first 5 training volumes by name, centre crop, frozen encoder
+        t = vlm.vit(torch.stack([data.online_transform(volumes.load(v), volumes.preset) for v in names])).double()
+    assert torch.allclose(vlm.bridge.feat_mean, t.mean(0).float(), atol=1e-5)
+    assert torch.allclose(vlm.bridge.feat_std, (t.std(0, unbiased=False) + 1e-3).float(), atol=1e-4)
+    loaded = model.VLM.load(tmp_path / "vlm")  # the statistics travel with the checkpoint
+    assert torch.equal(loaded.bridge.feat_mean, vlm.bridge.feat_mean)
+    assert torch.equal(loaded.bridge.feat_std, vlm.bridge.feat_std)
+    x = torch.stack([data.online_transform(volumes.load(v), volumes.preset) for v in names[:2]])
+    with torch.no_grad():
+        assert torch.allclose(loaded.image_embeds(x), vlm.image_embeds(x), atol=1e-5)
 
 
 def test_warmup_trains_the_llm_to_read_labels_and_writes_an_llm_dir(phantom_world, tiny_llm, tmp_path):
