@@ -179,13 +179,19 @@ def test_warmup_mmvqa_questions_ask_about_drawn_labels(phantom_world):
     assert len({e["user"] for e in copies}) == len(copies)  # each exercise is new
 
 
+# Adam's first steps move each weight by about lr * sign(grad), so a gradient component within float noise of zero can
+# move a small fraction of lr under another summation order (measured: 2e-6 at lr 1e-3). Normalising each micro-batch
+# by its own weights instead of the step's total moved the weights by 2e-3 to 4e-3.
+ADAM_NOISE = 1e-5
+
+
 def test_grad_accumulation_equals_one_big_batch(phantom_world, tiny_llm, vision_weights, tmp_path):
     big = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "a", "--batch-size", 4))
     acc = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "b", "--batch-size", 2,
                             "--grad-accum", 2))
     assert big["losses"] == pytest.approx(acc["losses"], rel=1e-5)
     a, b = trainable_state(big), trainable_state(acc)
-    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+    assert all(torch.allclose(a[n], b[n], atol=ADAM_NOISE) for n in a)
 
 
 def test_resume_is_exact(phantom_world, tiny_llm, vision_weights, tmp_path):
@@ -242,7 +248,7 @@ def test_two_processes_equal_one(phantom_world, tiny_llm, vision_weights, tmp_pa
     assert losses(tmp_path / "two") == pytest.approx(one["losses"], rel=1e-5)
     two = model.VLM.load(tmp_path / "two" / "vlm")
     mine = dict(one["net"].vlm.named_parameters())
-    assert all(torch.allclose(p, mine[n], atol=1e-6) for n, p in two.named_parameters())
+    assert all(torch.allclose(p, mine[n], atol=ADAM_NOISE) for n, p in two.named_parameters())
 
 
 @pytest.mark.slow
