@@ -224,9 +224,13 @@ class Bridge(nn.Module):
         self.pos_embed = nn.Parameter(sincos_pos_embed_3d(llm_dim, self.grid).unsqueeze(0))  # (1, N_img, D), learnable
         self.norm = nn.LayerNorm(llm_dim)
         self.register_buffer("anchor", anchor.detach().float().clone().reshape(llm_dim))  # frozen, saved
+        # the frozen encoder's token statistics over training scans (sft.py sets them; identity until then), saved
+        self.register_buffer("feat_mean", torch.zeros(math.prod(self.in_grid), vit_width))
+        self.register_buffer("feat_std", torch.ones(math.prod(self.in_grid), vit_width))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         B, N, C = tokens.shape
+        tokens = (tokens - self.feat_mean.to(tokens.dtype)) / self.feat_std.to(tokens.dtype)  # per position, channel
         x = tokens.transpose(1, 2).reshape(B, C, *self.in_grid)  # (B, C, gx, gy, gz)
         x = self.pool(x).flatten(2).transpose(1, 2)  # (B, N_img, D)
         x = self.proj_norm(self.proj(x))

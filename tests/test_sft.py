@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import model
 import sft
 
@@ -117,6 +118,24 @@ def test_only_the_bridge_changes(phantom_world, tiny_llm, vision_weights, tmp_pa
     assert all(torch.equal(p, after[n]) for n, p in loaded.named_parameters())
 
 
+def test_bridge_standardises_encoder_tokens_over_training_volumes(phantom_world, tiny_llm, vision_weights, tmp_path):
+    result = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path, "--max-steps", 1,
+                               "--feature-stats", 5))
+    vlm = result["net"].vlm
+    volumes = data.VolumeCache(phantom_world["train_cache"])
+    names = sorted({e["volume"] for e in sft.sft_examples(phantom_world)} & set(volumes.names))[:5]
+    with torch.no_grad():  # the first 5 training volumes by name, centre crop, frozen encoder
+        t = vlm.vit(torch.stack([data.online_transform(volumes.load(v), volumes.preset) for v in names])).double()
+    assert torch.allclose(vlm.bridge.feat_mean, t.mean(0).float(), atol=1e-5)
+    assert torch.allclose(vlm.bridge.feat_std, (t.std(0, unbiased=False) + 1e-3).float(), atol=1e-4)
+    loaded = model.VLM.load(tmp_path / "vlm")  # the statistics travel with the checkpoint
+    assert torch.equal(loaded.bridge.feat_mean, vlm.bridge.feat_mean)
+    assert torch.equal(loaded.bridge.feat_std, vlm.bridge.feat_std)
+    x = torch.stack([data.online_transform(volumes.load(v), volumes.preset) for v in names[:2]])
+    with torch.no_grad():
+        assert torch.allclose(loaded.image_embeds(x), vlm.image_embeds(x), atol=1e-5)
+
+
 def test_warmup_trains_the_llm_to_read_labels_and_writes_an_llm_dir(phantom_world, tiny_llm, tmp_path):
     """The warm-up trains the whole LLM and the label code (no encoder, no bridge) and writes an HF directory that
     sft.py builds its VLM from; the code turns different label vectors into different image embeddings."""
@@ -160,13 +179,19 @@ def test_warmup_mmvqa_questions_ask_about_drawn_labels(phantom_world):
     assert len({e["user"] for e in copies}) == len(copies)  # each exercise is new
 
 
+# Adam's first steps move each weight by about lr * sign(grad), so a gradient component within float noise of zero can
+# move a small fraction of lr under another summation order (measured: 2e-6 at lr 1e-3). Normalising each micro-batch
+# by its own weights instead of the step's total moved the weights by 2e-3 to 4e-3.
+ADAM_NOISE = 1e-5
+
+
 def test_grad_accumulation_equals_one_big_batch(phantom_world, tiny_llm, vision_weights, tmp_path):
     big = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "a", "--batch-size", 4))
     acc = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "b", "--batch-size", 2,
                             "--grad-accum", 2))
     assert big["losses"] == pytest.approx(acc["losses"], rel=1e-5)
     a, b = trainable_state(big), trainable_state(acc)
-    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+    assert all(torch.allclose(a[n], b[n], atol=ADAM_NOISE) for n in a)
 
 
 def test_resume_is_exact(phantom_world, tiny_llm, vision_weights, tmp_path):
@@ -223,7 +248,7 @@ def test_two_processes_equal_one(phantom_world, tiny_llm, vision_weights, tmp_pa
     assert losses(tmp_path / "two") == pytest.approx(one["losses"], rel=1e-5)
     two = model.VLM.load(tmp_path / "two" / "vlm")
     mine = dict(one["net"].vlm.named_parameters())
-    assert all(torch.allclose(p, mine[n], atol=1e-6) for n, p in two.named_parameters())
+    assert all(torch.allclose(p, mine[n], atol=ADAM_NOISE) for n, p in two.named_parameters())
 
 
 @pytest.mark.slow
