@@ -262,7 +262,15 @@ def sft_ckpt(phantom_world, tmp_path_factory):
 
 def run_args(world, sft, out, *extra):
     return ["--data-root", str(world["root"]), "--sft", sft, "--out", str(out), "--steps", "4", "--batch-size", "2",
-            "--max-new-tokens", "12", "--lr", "1e-3", "--eval-every", "0", "--save-every", "0", *map(str, extra)]
+            "--max-new-tokens", "12", "--lr", "1e-3", "--eval-every", "0", "--save-every", "0", "--no-freeze-encoder",
+            *map(str, extra)]
+
+
+def test_presets_choose_what_trains():
+    """The paper's setting trains the whole model; the phantom one keeps the ViT frozen (grpo.py choice 6)."""
+    assert grpo.parse_args(["--preset", "real"]).freeze_encoder is False
+    assert grpo.parse_args([]).freeze_encoder is True
+    assert grpo.parse_args(["--no-freeze-encoder"]).freeze_encoder is False
 
 
 def trained_state(out):
