@@ -38,7 +38,8 @@ Run (needs the SFT checkpoint, runs/sft/vlm from `python sft.py`):
 Phantom defaults (DEFAULTS) differ from the paper's: the tiny phantom LLM needs an lr above the paper's 1e-6 (which
 is for a 3B LLM) to move within minutes (2e-5 with the ViT frozen, measured: validation accuracy 0.36 -> 0.48 in
 160 steps, 0.41 after 80; at 4e-5 it fell to 0.22-0.28, at 1e-4 the KL passed 0.5 and the rationale collapsed to
-chance), its answers are short (96 new tokens), and it samples at temperature 0.7 because at 1.0 half of its samples break the tag format.
+chance), its answers are short (96 new tokens), and it samples at temperature 0.7 because at 1.0 half of its samples
+break the tag format.
 """
 from __future__ import annotations
 
