@@ -22,7 +22,7 @@ Choices, deliberately (SPEC §6):
     frozen (--freeze-encoder / --no-freeze-encoder override either). The bridge standardises the ViT's tokens by
     their spread over the training scans (sft.py choice 8), which on the phantom world is as small as 0.01 for some
     channels, so a small change of the ViT is a large change of the bridge's input: with the ViT trained, the KL to
-    the reference reached 0.35 within 10 steps even at lr 1e-5 and validation accuracy fell (0.36 -> 0.31).
+    the reference climbed to 0.35 by step 30 even at lr 1e-5 and validation accuracy fell (0.36 -> 0.32).
  7. Consistency reward: the <think> text against the scan's radiology report, discretised into levels. Scorers:
     `offline` (default, a deterministic clinical-term scorer, no model), `rm:PATH` (a local sequence-classification
     reward model such as RM-Mistral-7B, SPEC §6 thresholds), `judge:MODEL` (an OpenAI-compatible endpoint; a failed
@@ -32,7 +32,7 @@ Choices, deliberately (SPEC §6):
     model, optimizer, data position and RNGs, so a resumed run replays the uninterrupted one exactly.
 
 Run (needs the SFT checkpoint, runs/sft/vlm from `python sft.py`):
-    python grpo.py                                   # 1 CPU (or 1 GPU when present): phantom world, a few minutes
+    python grpo.py                                   # 1 CPU (or 1 GPU when present): phantom world, ~8 min on 2 cores
     python grpo.py --preset real --data-root /data/ct-rate-cache --sft runs/sft/vlm          # 1 GPU, paper settings
     torchrun --standalone --nproc_per_node 8 grpo.py --preset real --data-root /data/ct-rate-cache   # 8 GPUs
 Phantom defaults (DEFAULTS) differ from the paper's: the tiny phantom LLM needs an lr above the paper's 1e-6 (which
