@@ -1071,7 +1071,7 @@ def _write_csv(path, header, rows):
         w.writerows(rows)
 
 
-def make_phantom(out, n_train=400, n_valid=100, n_rad=48, seed=0, workers=None, progress=True) -> None:
+def make_phantom(out, n_train=400, n_valid=100, n_rad=200, seed=0, workers=None, progress=True) -> None:
     """Write the phantom world under out/: CT-RATE v2 layout (train_fixed/, valid_fixed/, metadata/,
     multi_abnormality_labels/, radiology_text_reports/, vqa/) and radchestct/ (volumes/*.npz, labels CSV)."""
     out = Path(out)
@@ -1143,7 +1143,7 @@ def phantom_paths(root="runs/phantom") -> dict[str, Path]:
             "mmvqa_valid": root / "mmvqa" / "valid.json", "mmvqa_radchestct": root / "mmvqa" / "radchestct.json"}
 
 
-PHANTOM_DEFAULTS = {"n_train": 400, "n_valid": 100, "n_rad": 48, "seed": 0, "rl_frac": 0.25}
+PHANTOM_DEFAULTS = {"n_train": 400, "n_valid": 100, "n_rad": 200, "seed": 0, "rl_frac": 0.25}
 
 
 def ensure_phantom(root="runs/phantom", n_train=None, n_valid=None, n_rad=None, seed=None, rl_frac=None,
@@ -1221,7 +1221,7 @@ def main(argv=None):
                                                                "dataset, caches, sentence labels, MMVQA files)")
     a.add_argument("--n-train", type=int, default=400)
     a.add_argument("--n-valid", type=int, default=100)
-    a.add_argument("--n-rad", type=int, default=48)
+    a.add_argument("--n-rad", type=int, default=200)
     a.add_argument("--seed", type=int, default=0)
     # preprocess
     a = sub.add_parser("preprocess", help=".nii.gz / .npz -> int16 .npy cache (resumable)")
