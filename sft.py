@@ -412,13 +412,16 @@ def main(argv=None) -> dict:
     features: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
+    def encoder_tokens(names: list[str]) -> torch.Tensor:
+        """(B, N, C) frozen-encoder tokens of these volumes (centre crop)."""
+        x = torch.stack([data.online_transform(volumes.load(v), volumes.preset, train=False) for v in names])
+        with autocast(device):
+            return vlm.vit(x.to(device)).float()
+
     def vit_tokens(idx: list[int]) -> torch.Tensor:
-        """(B, N, C) frozen-encoder tokens of the examples' volumes (centre crop), from the cache when enabled."""
-        todo, fresh = sorted({examples[i]["volume"] for i in idx} - features.keys()), {}
-        if todo:
-            x = torch.stack([data.online_transform(volumes.load(v), volumes.preset, train=False) for v in todo])
-            with autocast(device):
-                fresh = dict(zip(todo, vlm.vit(x.to(device)).float()))  # volume -> (N, C)
+        """(B, N, C) frozen-encoder tokens of the examples' volumes, from the cache when enabled."""
+        todo = sorted({examples[i]["volume"] for i in idx} - features.keys())
+        fresh = dict(zip(todo, encoder_tokens(todo))) if todo else {}  # volume -> (N, C)
         if args.cache_features:
             features.update(fresh)
         return torch.stack([features.get(examples[i]["volume"], fresh.get(examples[i]["volume"])) for i in idx])
@@ -427,10 +430,7 @@ def main(argv=None) -> dict:
         stats_names = sorted({e["volume"] for e in examples})[:args.feature_stats]
         total = total_sq = 0.0
         for i in tqdm(range(0, len(stats_names), 8), disable=rank != 0, desc="feature statistics"):
-            with torch.no_grad(), autocast(device):  # fixed batches of 8: the same numbers for any batch size or world
-                x = torch.stack([data.online_transform(volumes.load(v), volumes.preset, train=False)
-                                 for v in stats_names[i:i + 8]])
-                t = vlm.vit(x.to(device)).double()
+            t = encoder_tokens(stats_names[i:i + 8]).double()  # fixed batches of 8: same numbers for any batch, world
             total, total_sq = total + t.sum(0), total_sq + (t * t).sum(0)
         mean = total / len(stats_names)
         std = (total_sq / len(stats_names) - mean * mean).clamp(min=0).sqrt() + 1e-3
