@@ -316,18 +316,13 @@ def our_grpo_step(vlm, ref, optimizer, qs: list[dict], reports: dict, consistenc
     prompt_ids, prompt_mask = vlm.tokenize(prompts)                     # (Q, P), left-padded
     with torch.no_grad(), model.autocast(dev):
         image = vlm.image_embeds(x) if x is not None else None         # (Q, N_img, D), encoded once
-        n_prompt = prompt_mask.sum(1).tolist()
-        rolls = [vlm.generate(prompt_ids[j:j + 1, -n:], prompt_mask[j:j + 1, -n:],
-                              None if image is None else image[j:j + 1], num_samples=G,
-                              max_new_tokens=args.grpo_new_tokens, temperature=1.0,
-                              generator=torch.Generator(dev).manual_seed(grpo.sample_seed(0, step, j)))
-                 for j, n in enumerate(n_prompt)]                       # each prompt unpadded, as grpo.py does
+        completion, lengths, finished = vlm.generate(                  # one batch, a generator per prompt, as grpo.py
+            prompt_ids, prompt_mask, image, num_samples=G, max_new_tokens=args.grpo_new_tokens, temperature=1.0,
+            generator=[torch.Generator(dev).manual_seed(grpo.sample_seed(0, step, j)) for j in range(len(qs))])
     t_gen = time.perf_counter() - t0
-    T = max(c.shape[1] for c, _, _ in rolls)
-    completion = torch.cat([F.pad(c, (0, T - c.shape[1]), value=tok.pad_token_id) for c, _, _ in rolls])
+    T = completion.shape[1]
     # VLM.generate may sample the image placeholder, which token_logprobs then refuses (reported): neutralise it
     completion[completion == vlm.image_token_id] = tok.pad_token_id
-    lengths, finished = torch.cat([n for _, n, _ in rolls]), torch.cat([f for _, _, f in rolls])
     mask = (torch.arange(T, device=dev)[None] < lengths[:, None]).float()  # (Q*G, T) through the first EOS
     input_ids = torch.cat([prompt_ids.repeat_interleave(G, 0), completion], 1)
     attention_mask = torch.cat([prompt_mask.repeat_interleave(G, 0), mask.long()], 1)

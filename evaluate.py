@@ -592,7 +592,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bias-reports", default=None, help="figure 1 input: reports CSV or labelled-sentences JSONL "
                    "(default: the train reports CSV)")
     # ---- generation ----
-    p.add_argument("--batch-size", type=int, default=8, help="per rank")
+    p.add_argument("--batch-size", type=int, default=32, help="per rank")
     p.add_argument("--max-new-tokens", type=int, default=128, help="MMVQA completions")
     p.add_argument("--max-report-tokens", type=int, default=320, help="phantom reports are <= 253 tokens")
     # ---- metrics ----

@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -516,22 +515,17 @@ def main(argv=None) -> dict:
         qs = [questions[i] for i in idx]
         x = load_volumes(volumes, qs).to(device)                                    # (Q, 1, X, Y, Z)
         prompt_ids, prompt_mask = vlm.tokenize([vlm.prompt(data.mmvqa_prompt(q, think=True)) for q in qs])
-        P = prompt_ids.shape[1]                                                     # (Q, P), left-padded
 
-        # 1. rollout: G samples per question from the current policy; each prompt unpadded with its own generator
+        # 1. rollout: G samples per question from the current policy, each question with its own generator
         with torch.no_grad():
             image = vlm.image_embeds(x)                                             # (Q, N_img, D), once per volume
-            n_prompt = prompt_mask.sum(1).tolist()
-            rolls = [vlm.generate(prompt_ids[j:j + 1, P - n:], prompt_mask[j:j + 1, P - n:], image[j:j + 1],
-                                  num_samples=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  generator=torch.Generator(device).manual_seed(sample_seed(args.seed, step, i)))
-                     for j, (i, n) in enumerate(zip(idx, n_prompt))]
-        T = max(c.shape[1] for c, _, _ in rolls)
-        completion = torch.cat([F.pad(c, (0, T - c.shape[1]), value=vlm.pad_token_id) for c, _, _ in rolls])
-        lengths = torch.cat([n for _, n, _ in rolls])                               # (Q*G,), EOS included
-        finished = torch.cat([f for _, _, f in rolls])                              # (Q*G,), EOS produced
+            completion, lengths, finished = vlm.generate(                           # (Q*G, T), (Q*G,), (Q*G,)
+                prompt_ids, prompt_mask, image, num_samples=G, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                generator=[torch.Generator(device).manual_seed(sample_seed(args.seed, step, i)) for i in idx])
         completion, lengths, finished, mask = completion_mask(completion, lengths, finished, vlm.image_token_id,
                                                               vlm.pad_token_id)  # (Q*G, T): through the first EOS
+        T = completion.shape[1]
         input_ids = torch.cat([prompt_ids.repeat_interleave(G, 0), completion], 1)  # (Q*G, P + T), ids as generated
         attention_mask = torch.cat([prompt_mask.repeat_interleave(G, 0), mask.long()], 1)
 

@@ -425,13 +425,18 @@ class VLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor | None = None,
                  num_samples: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 generator: torch.Generator | list[torch.Generator] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sample num_samples completions per prompt (plain temperature sampling; temperature 0 = greedy).
 
         Prompts should be left-padded. Rows are prompt-major (prompt 0 samples 0..G-1, prompt 1 ...). The image
-        embeddings are computed once by the caller and repeated here. Returns (completion_ids (B*G, T_new) padded
-        with the pad id, lengths (B*G,) counting the EOS token when produced, finished (B*G,) True where EOS came).
+        embeddings are computed once by the caller and repeated here. `generator` is one generator for the batch or
+        one per prompt; per prompt, a prompt's samples do not depend on which prompts share its batch (up to float
+        noise from padding). Returns (completion_ids (B*G, T_new) padded with the pad id, lengths (B*G,) counting the
+        EOS token when produced, finished (B*G,) True where EOS came).
         """
+        if isinstance(generator, (list, tuple)) and len(generator) != input_ids.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {input_ids.shape[0]} prompts")
         ids = input_ids.repeat_interleave(num_samples, dim=0)
         mask = attention_mask.repeat_interleave(num_samples, dim=0)
         images = image_embeds.repeat_interleave(num_samples, dim=0) if image_embeds is not None else None
@@ -447,7 +452,11 @@ class VLM(nn.Module):
             logits = self.block_unsampled(out.logits[:, -1].float())  # (n, V)
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, dim=-1)
-                token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                if isinstance(generator, (list, tuple)):  # prompt j's rows draw from generator j, in row order
+                    token = torch.cat([torch.multinomial(p, 1, generator=g).squeeze(1)
+                                       for p, g in zip(probs.split(num_samples), generator)])
+                else:
+                    token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             else:
                 token = logits.argmax(-1)
             token = torch.where(finished, self.pad_token_id, token)

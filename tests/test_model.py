@@ -230,6 +230,26 @@ def test_generate_samples_reproducibly_and_matches_full_forward(vlm):
     torch.testing.assert_close(lp_last, lp[:, T - 1:], atol=1e-5, rtol=0)
 
 
+def test_generate_with_a_generator_per_prompt_ignores_batch_mates(vlm):
+    """GRPO samples all questions of a step in one batch, each from its own generator: a question's samples must be
+    those it gets alone (so 1 and N ranks, which batch different questions together, draw the same completions)."""
+    prompts = [vlm.prompt("Which option?"), vlm.prompt("Which option is present in this scan, A or B?")]
+    with torch.no_grad():
+        images = vlm.image_embeds(volumes(2))
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    ids, mask = vlm.tokenize(prompts)                                  # left-padded batch of both
+    both, both_len, _ = vlm.generate(ids, mask, images, num_samples=3, max_new_tokens=10, generator=gens(5, 6))
+    for j, seed in enumerate((5, 6)):
+        one_ids, one_mask = vlm.tokenize(prompts[j:j + 1])             # the prompt alone, unpadded
+        alone, alone_len, _ = vlm.generate(one_ids, one_mask, images[j:j + 1], num_samples=3, max_new_tokens=10,
+                                           generator=gens(seed))
+        rows = both[3 * j:3 * j + 3]
+        assert torch.equal(both_len[3 * j:3 * j + 3], alone_len)
+        assert torch.equal(rows[:, :alone.shape[1]], alone)
+    with pytest.raises(ValueError, match="generators"):
+        vlm.generate(ids, mask, images, num_samples=3, max_new_tokens=2, generator=gens(5))
+
+
 def test_generate_stops_each_row_at_eos(vlm):
     ids, mask = vlm.tokenize([vlm.prompt("a"), vlm.prompt("b")])
     images = torch.zeros(2, vlm.n_img, vlm.config["llm_dim"])
