@@ -516,7 +516,7 @@ def main(argv=None) -> dict:
         idx = my_questions(step)
         qs = [questions[i] for i in idx]
         x = load_volumes(volumes, qs).to(device)                                    # (Q, 1, X, Y, Z)
-        prompt_ids, prompt_mask = vlm.tokenize([vlm.prompt(data.mmvqa_prompt(q, think=True)) for q in qs])
+        prompt_ids, prompt_mask = vlm.tokenize([vlm.prompt(data.mmvqa_prompt(q, think=True)) for q in qs])  # (Q, P)
 
         # 1. rollout: G samples per question from the current policy, each question with its own generator
         with torch.no_grad():
