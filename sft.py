@@ -430,7 +430,11 @@ def main(argv=None) -> dict:
         stats_names = sorted({e["volume"] for e in examples})[:args.feature_stats]
         total = total_sq = 0.0
         for i in tqdm(range(0, len(stats_names), 8), disable=rank != 0, desc="feature statistics"):
-            t = encoder_tokens(stats_names[i:i + 8]).double()  # fixed batches of 8: same numbers for any batch, world
+            batch = stats_names[i:i + 8]  # fixed batches of 8: the same numbers for any batch size and world
+            t = encoder_tokens(batch)
+            if args.cache_features:  # epoch 1 reuses them instead of encoding these volumes again
+                features.update(zip(batch, t))
+            t = t.double()
             total, total_sq = total + t.sum(0), total_sq + (t * t).sum(0)
         mean = total / len(stats_names)
         std = (total_sq / len(stats_names) - mean * mean).clamp(min=0).sqrt() + 1e-3
