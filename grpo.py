@@ -310,9 +310,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 
 DEFAULTS = {  # --preset: the paper's settings (SPEC §6; lr 1e-6 is for a 3B LLM) or the phantom world's tiny LLM
     "real": dict(lr=1e-6, steps=1000, batch_size=2, max_new_tokens=512, temperature=1.0, eval_n=500,
-                 freeze_encoder=False),
+                 freeze_encoder=False, eval_every=10),
     "phantom": dict(lr=2e-5, steps=160, batch_size=4, max_new_tokens=96, temperature=0.7, eval_n=100,
-                    freeze_encoder=True),
+                    freeze_encoder=True, eval_every=40),
 }
 
 
@@ -347,7 +347,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the ViT frozen (default: real trains the whole model, phantom freezes the ViT)")
     # validation, robustness, bookkeeping
-    p.add_argument("--eval-every", type=int, default=10, help="steps between validation MMVQA accuracies; 0 = off")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="steps between validation MMVQA accuracies (default: real 10, phantom 40); 0 = off")
     p.add_argument("--eval-n", type=int, default=None, help="validation questions (the first n of the file)")
     p.add_argument("--nan-policy", default="skip", choices=["skip", "stop"], help="on a non-finite loss, on all ranks")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under <out>/ckpt")

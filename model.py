@@ -505,7 +505,10 @@ CHATML_TEMPLATE = (
 def build_tiny_llm(texts: list[str], out_dir: str | Path, vocab_size: int = 2048, hidden: int = 256, layers: int = 4,
                    heads: int = 4, kv_heads: int = 2, intermediate: int | None = None, seed: int = 0) -> Path:
     """Write an untrained Qwen2-architecture LLM + byte-level BPE tokenizer (trained on `texts`) as an HF directory
-    that AutoModelForCausalLM / AutoTokenizer load like Qwen2.5-3B. eos = <|im_end|>, pad = <|endoftext|>."""
+    that AutoModelForCausalLM / AutoTokenizer load like Qwen2.5-3B. eos = <|im_end|>, pad = <|endoftext|>.
+    MLP width 2 × hidden by default (Qwen2.5 uses about 5.4×): on the phantom world the warm-up LLM given the true
+    labels answered 88 % of the validation think questions at 512, 78 % at 768 (and 23 % lower compute per token),
+    33 % at 384, which no longer copies the option walk."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -521,7 +524,7 @@ def build_tiny_llm(texts: list[str], out_dir: str | Path, vocab_size: int = 2048
                                         additional_special_tokens=SPECIAL_TOKENS[1:], model_max_length=4096)
     tokenizer.chat_template = CHATML_TEMPLATE
     config = Qwen2Config(vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=hidden, num_hidden_layers=layers,
-                         intermediate_size=intermediate or 3 * hidden, num_attention_heads=heads,
+                         intermediate_size=intermediate or 2 * hidden, num_attention_heads=heads,
                          num_key_value_heads=kv_heads, max_position_embeddings=4096, tie_word_embeddings=True,
                          bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     with torch.random.fork_rng(devices=[]):

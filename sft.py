@@ -74,9 +74,9 @@ from model import (all_ranks_finite, all_reduce, any_rank, atomic_dir, autocast,
                    cleanup_distributed, SigtermFlag)
 
 # Defaults that differ between the phantom world (2-core CPU, minutes) and the paper's CT-RATE run (SPEC §5).
-DEFAULTS = {"real": dict(lr=1e-4, epochs=1, batch_size=2),
-            "phantom": dict(lr=3e-3, epochs=6, batch_size=8),
-            "warmup": dict(lr=3e-4, epochs=2, batch_size=8)}
+DEFAULTS = {"real": dict(lr=1e-4, epochs=1, batch_size=2, vqa=True, cache_features=False),
+            "phantom": dict(lr=3e-3, epochs=6, batch_size=8, vqa=False, cache_features=True),
+            "warmup": dict(lr=3e-4, epochs=2, batch_size=8, vqa=True, cache_features=False)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -95,7 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora", action="store_true", help="also train LoRA adapters on the LLM (table 3)")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--no-vqa", action="store_true", help="report generation only")
+    p.add_argument("--vqa", action=argparse.BooleanOptionalAction, default=None,
+                   help="train on the VQA items besides report generation (default: real yes, phantom no)")
     p.add_argument("--mmvqa", action="store_true", help="also train on the MMVQA training questions (not in the paper)")
     # optimisation (None = the preset's default, see DEFAULTS)
     p.add_argument("--lr", type=float, default=None)
@@ -106,7 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-frac", type=float, default=0.03, help="cosine schedule warm-up fraction")
     p.add_argument("--grad-clip", type=float, default=1.0, help="0 = off")
     p.add_argument("--max-len", type=int, default=2048)
-    p.add_argument("--cache-features", action="store_true", help="compute each volume's ViT output once and reuse it")
+    p.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=None,
+                   help="compute each volume's ViT output once and reuse it (default: phantom yes, real no)")
     p.add_argument("--feature-stats", type=int, default=1000,
                    help="training volumes (the first, by name) whose encoder tokens give the bridge's input statistics")
     # robustness and bookkeeping
@@ -345,7 +347,7 @@ def main(argv=None) -> dict:
         vlm.bridge.train()
         net = WeightedLM(vlm, vlm.bridge)
         volumes = data.VolumeCache(paths["train_cache"])
-        examples = [e for e in sft_examples(paths, not args.no_vqa, args.mmvqa) if e["volume"] in volumes]
+        examples = [e for e in sft_examples(paths, args.vqa, args.mmvqa) if e["volume"] in volumes]
         # inherit the earlier stages' run configs (warm-up meta beside the LLM, clip3d's config beside the encoder)
         earlier = {"warmup": llm_dir / "warmup_meta.json", "clip3d": vision and vision.parent / "config.json"}
         prev_meta = {k: json.loads(p.read_text()) for k, p in earlier.items() if p and p.is_file()}
@@ -393,10 +395,10 @@ def main(argv=None) -> dict:
 
     @functools.lru_cache(maxsize=1)
     def epoch_batches(epoch: int) -> list[list[int]]:
-        """The global batches of an epoch: a seeded permutation, sorted by length within windows of 4 batches (less
+        """The global batches of an epoch: a seeded permutation, sorted by length within windows of 16 batches (less
         padding, batches still mix the tasks), cut into batches whose order is shuffled again. A function of (seed, epoch) only."""
         g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-        perm, window = torch.randperm(len(examples), generator=g).tolist(), 4 * global_batch
+        perm, window = torch.randperm(len(examples), generator=g).tolist(), 16 * global_batch
         batches = []
         for w in range(0, steps_per_epoch * global_batch, window):
             chunk = sorted(perm[w:min(w + window, steps_per_epoch * global_batch)], key=lambda i: -len(encoded[i][0]))
@@ -496,7 +498,7 @@ def main(argv=None) -> dict:
             save(done)
             print0(f"saved a resumable checkpoint at step {done}; continue with --resume")
             cleanup_distributed()
-            return {"losses": history, "step": done, "interrupted": True, "net": net}
+            return {"losses": history, "step": done, "interrupted": True, "net": net, "examples": len(examples)}
         if args.save_every and done % args.save_every == 0 and done < total_steps:
             save(done)
     bar.close()
@@ -522,7 +524,7 @@ def main(argv=None) -> dict:
             vlm.save(out / "vlm", meta=meta)
             print0(f"wrote {out / 'vlm'}")
     cleanup_distributed()
-    return {"losses": history, "step": total_steps, "interrupted": False, "net": net}
+    return {"losses": history, "step": total_steps, "interrupted": False, "net": net, "examples": len(examples)}
 
 
 if __name__ == "__main__":

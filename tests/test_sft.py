@@ -206,9 +206,18 @@ def test_resume_is_exact(phantom_world, tiny_llm, vision_weights, tmp_path):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_phantom_sft_trains_on_reports_unless_vqa_is_asked(phantom_world, tiny_llm, vision_weights, tmp_path):
+    reports = len(data.read_sentence_labels(phantom_world["train_sentences"]))
+    plain = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "a", "--max-steps", 1))
+    with_vqa = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "b", "--max-steps", 1, "--vqa"))
+    assert plain["examples"] == reports
+    assert with_vqa["examples"] == reports + sum(v["kind"] != "report" for v in data.read_vqa(phantom_world["train_vqa"]))
+    assert sft.parse_args(["--preset", "real"]).vqa and not sft.parse_args(["--preset", "real"]).cache_features
+
+
 def test_cached_features_train_the_same(phantom_world, tiny_llm, vision_weights, tmp_path):
-    more = ["--batch-size", 8, "--max-steps", 2]  # 16 of ~120 examples over 24 volumes: volumes repeat
-    plain = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "a", *more))
+    more = ["--batch-size", 8, "--max-steps", 2, "--vqa"]  # 16 of ~120 examples over 24 volumes: volumes repeat
+    plain = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "a", *more, "--no-cache-features"))
     cached = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "b", *more, "--cache-features"))
     assert plain["losses"] == pytest.approx(cached["losses"], rel=1e-5)
 
