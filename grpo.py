@@ -311,7 +311,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 DEFAULTS = {  # --preset: the paper's settings (SPEC §6; lr 1e-6 is for a 3B LLM) or the phantom world's tiny LLM
     "real": dict(lr=1e-6, steps=1000, batch_size=2, max_new_tokens=512, temperature=1.0, eval_n=500,
                  freeze_encoder=False, eval_every=10),
-    "phantom": dict(lr=2e-5, steps=160, batch_size=4, max_new_tokens=96, temperature=0.7, eval_n=100,
+    "phantom": dict(lr=1e-5, steps=160, batch_size=4, max_new_tokens=96, temperature=0.7, eval_n=100,
                     freeze_encoder=True, eval_every=40),
 }
 
