@@ -35,12 +35,12 @@ Deliberate choices:
    key of 23 % of the validation questions without, 46 % with, 300 report-only steps at lr 3e-3; README "Status").
 
 Phantom defaults differ from the paper's (SPEC §5: reports + VQA, lr 1e-4, 1 epoch, batch 2, bf16, max length 2048)
-only to fit a 2-core CPU in minutes: SFT trains on report generation alone (`--vqa` adds the phantom VQA items: with
-them an SFT took 220 s instead of 94 s, and the rationale named the MMVQA key of 46 % of the validation questions
-against 44 % without, think accuracy 36 % against 38 %), with each volume's encoder output computed once
-(--cache-features), lr 3e-3, 6 epochs, batch 8 (the bridge keeps learning the scans with more passes: the rationale
-named the key of 35 % of the validation questions after 3 epochs, 46 % after 6); the warm-up (the whole tiny LLM,
-from scratch) uses lr 3e-4, 2 epochs, batch 8 (at 1e-3 it never learned to copy, at 2e-3 not even to read the code).
+only to fit a 2-core CPU in minutes: SFT trains on report generation alone, with each volume's encoder output computed
+once (--cache-features), at lr 3e-3 for 6 epochs, batch 8; the warm-up (the whole tiny LLM, from scratch) uses lr
+3e-4, 2 epochs, batch 8 (at 1e-3 it never learned to copy, at 2e-3 not even to read the code). Measured with the
+earlier 3.4 M-parameter tiny LLM: `--vqa` (the phantom VQA items too) made an SFT take 220 s instead of 94 s, and its
+rationale named the MMVQA key of 46 % of the validation questions against 44 % without, think accuracy 36 % against
+38 %; 3 epochs instead of 6 named the key of 35 %.
 `--preset real` restores the paper's values (DEFAULTS). On a busy shared CPU, OMP_NUM_THREADS=1 was
 several times faster than two threads.
 
