@@ -41,8 +41,9 @@ Phantom defaults (DEFAULTS) differ from the paper's: the tiny phantom LLM needs 
 is for a 3B LLM) to move within minutes (1e-5 for 120 steps with the ViT frozen; measured on the 2.7 M-parameter LLM,
 validation accuracy 0.385 -> 0.43; with 160 steps 0.43 and 0.45 with seeds 0 and 1, 0.41 at 5e-6, 0.385 and 0.44 at
 2e-5; on the earlier 3.4 M-parameter LLM 2e-5 gave 0.36 -> 0.48, 4e-5 fell to 0.22-0.28, and at 1e-4 the KL passed
-0.5 and the rationale collapsed to chance), its answers are short (96 new tokens), it samples at temperature 0.7 because at 1.0 half of
-its samples break the tag format, and it validates every 40 steps (a pass over the 91 questions takes about 4 s).
+0.5 and the rationale collapsed to chance), its answers are short (96 new tokens), it samples at temperature 0.7
+because at 1.0 half of its samples break the tag format, and it validates every 40 steps (a pass over the 91
+questions takes about 4 s).
 """
 from __future__ import annotations
 
