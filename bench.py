@@ -320,15 +320,13 @@ def our_grpo_step(vlm, ref, optimizer, qs: list[dict], reports: dict, consistenc
             prompt_ids, prompt_mask, image, num_samples=G, max_new_tokens=args.grpo_new_tokens, temperature=1.0,
             generator=[torch.Generator(dev).manual_seed(grpo.sample_seed(0, step, j)) for j in range(len(qs))])
     t_gen = time.perf_counter() - t0
+    completion, lengths, finished, mask = grpo.completion_mask(completion, lengths, finished, vlm.image_token_id,
+                                                               tok.pad_token_id)  # (Q*G, T) through the first EOS
     T = completion.shape[1]
-    # VLM.generate may sample the image placeholder, which token_logprobs then refuses (reported): neutralise it
-    completion[completion == vlm.image_token_id] = tok.pad_token_id
-    mask = (torch.arange(T, device=dev)[None] < lengths[:, None]).float()  # (Q*G, T) through the first EOS
     input_ids = torch.cat([prompt_ids.repeat_interleave(G, 0), completion], 1)
     attention_mask = torch.cat([prompt_mask.repeat_interleave(G, 0), mask.long()], 1)
     q_of = [q for q in qs for _ in range(G)]
-    texts = [tok.decode(row[:n - int(f)].tolist(), skip_special_tokens=False)   # up to the first EOS, as grpo.py
-             for row, n, f in zip(completion, lengths.tolist(), finished.tolist())]
+    texts = grpo.decode(tok, completion, lengths, finished)
     rewards = grpo_rewards(texts, finished.tolist(), q_of,
                            [reports[q["VolumeName"]] for q in q_of], consistency)
     advantages = grpo.group_advantages(rewards, G).to(dev)

@@ -79,7 +79,7 @@ from model import (all_ranks_finite, all_reduce, any_rank, atomic_dir, autocast,
 # Defaults that differ between the phantom world (2-core CPU, minutes) and the paper's CT-RATE run (SPEC §5).
 DEFAULTS = {"real": dict(lr=1e-4, epochs=1, batch_size=2, vqa=True, cache_features=False),
             "phantom": dict(lr=3e-3, epochs=6, batch_size=8, vqa=False, cache_features=True),
-            "warmup": dict(lr=3e-4, epochs=2, batch_size=8, vqa=True, cache_features=False)}
+            "warmup": dict(lr=3e-4, epochs=2, batch_size=8)}  # its examples: warmup_examples; no encoder
 
 
 def parse_args(argv=None) -> argparse.Namespace:
