@@ -1,4 +1,4 @@
-"""Med3D-R1 benchmarks: speed and memory against the alternatives a user would pick, measured in one run (issue 9).
+"""Med3D-R1 benchmarks: speed and memory against the alternatives a user would pick, measured in one run.
 
 What it measures (every figure is the median of --repeats runs; ratios are alternative / ours, > 1 = we are faster):
  1. preprocess  one CT-RATE-sized int16 .nii.gz (512x512x300, 0.7x0.7x1.0 mm, synthesised in a temp dir):
@@ -8,13 +8,12 @@ What it measures (every figure is the median of --repeats runs; ratios are alter
                 (b) what a training step pays per sample: our int16 cache (memmap + online_transform) vs loading the
                 .nii.gz on the fly the CT-CLIP way.
  2. sft         one SFT optimizer step (bridge trainable; ViT and LLM frozen) with the tiny and base ViT presets,
-                with and without --cache-features (the frozen ViT's tokens computed once and reused). The step is
-                built from sft.py's own pieces (WeightedLM, encode, collate) and mirrors its loop.
+                with and without --cache-features (the frozen ViT's tokens computed once and reused): sft.train_step.
  3. grpo        one GRPO update on the same tiny LLM, text-only prompts, same G, lengths, beta, lr, AdamW and grad
-                clip: ours (grpo.py's rewards, group_advantages, grpo_loss on model.VLM.generate / token_logprobs)
-                vs TRL's GRPOTrainer (transformers generate, no vLLM).
+                clip: ours (grpo.train_step) vs TRL's GRPOTrainer (transformers generate, no vLLM).
  4. cuda        (only when torch.cuda.is_available()) SFT samples/s, GRPO generated tokens/s, peak GPU memory and
-                model-FLOPs utilisation with the base ViT and a randomly initialised LLM of Qwen2.5-3B's shape.
+                model-FLOPs utilisation with the base ViT and a randomly initialised LLM of Qwen2.5-3B's shape,
+                through the same sft.train_step and grpo.train_step.
 
 Run:
   pip install -r requirements-bench.txt        # MONAI, TRL (benchmark only; keeps the installed torch)
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 import data
 import grpo
 import model
+import runtime
 import sft
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grpo-steps", type=int, default=4, help="timed steps per side (after one untimed)")
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--lr", type=float, default=1e-6)
-    p.add_argument("--llm", default=None, help="HF LLM dir for the GRPO/SFT runs (default: model.ensure_tiny_llm)")
+    p.add_argument("--llm", default=None, help="HF LLM dir for the GRPO/SFT runs (default: the phantom tiny LLM)")
     p.add_argument("--data-root", default="runs/phantom", help="phantom world (built if missing) for texts and MCQs")
     # 4. CUDA
     p.add_argument("--cuda-llm-layers", type=int, default=36, help="Qwen2.5-3B has 36")
@@ -250,20 +250,18 @@ def sft_setup(vlm, examples: list[dict]):
 
 
 def sft_step(vlm, optimizer, preset, batch: list, vit_tokens=None) -> torch.Tensor:
-    """One optimizer step of sft.py's loop; vit_tokens = the cached frozen-encoder output, or None to encode.
-    Returns the ViT tokens (what --cache-features keeps)."""
+    """One optimizer step of sft.py (sft.train_step); vit_tokens = the cached frozen-encoder output, or None to
+    encode. Returns the ViT tokens (what --cache-features keeps)."""
     device = vlm.device
     input_ids, mask, weights = sft.collate([enc for enc, _ in batch], vlm.tokenizer.pad_token_id)
     if vit_tokens is None:
-        with torch.no_grad(), model.autocast(device):
+        with torch.no_grad(), runtime.autocast(device):
             x = torch.stack([data.online_transform(vol, preset) for _, vol in batch]).to(device)
             vit_tokens = vlm.vit(x).float()                             # (B, N, C)
-    with model.autocast(device):
-        s = sft.WeightedLM(vlm, vlm.bridge)(input_ids.to(device), mask.to(device), weights.to(device), vit_tokens)
-    (s / weights[:, 1:].sum().to(device)).backward()                   # eq. (4): Σ w·CE / Σ w
-    torch.nn.utils.clip_grad_norm_([p for p in vlm.parameters() if p.requires_grad], 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    params = [p for p in vlm.parameters() if p.requires_grad]
+    step_args = argparse.Namespace(grad_clip=1.0, nan_policy="skip")
+    sft.train_step(sft.WeightedLM(vlm, vlm.bridge), optimizer, [(input_ids, mask, weights, vit_tokens)], params,
+                   step_args, 0, device)
     return vit_tokens
 
 
@@ -308,44 +306,16 @@ def grpo_rewards(texts: list[str], finished: list[bool], qs: list[dict], reports
 
 def our_grpo_step(vlm, ref, optimizer, qs: list[dict], reports: dict, consistency, args, step: int,
                   x: torch.Tensor | None = None) -> dict:
-    """grpo.py's loop body (text-only when x is None): rollout -> rewards -> advantages -> loss -> step. grpo.py keeps
-    this loop inside main(), so it is rebuilt here from its public pieces and model.VLM.generate / token_logprobs."""
-    G, tok, dev = args.grpo_g, vlm.tokenizer, vlm.device
-    t0 = time.perf_counter()
-    prompts = [vlm.prompt(data.mmvqa_prompt(q, think=True), with_image=x is not None) for q in qs]
-    prompt_ids, prompt_mask = vlm.tokenize(prompts)                     # (Q, P), left-padded
-    with torch.no_grad(), model.autocast(dev):
-        image = vlm.image_embeds(x) if x is not None else None         # (Q, N_img, D), encoded once
-        completion, lengths, finished = vlm.generate(                  # one batch, a generator per prompt, as grpo.py
-            prompt_ids, prompt_mask, image, num_samples=G, max_new_tokens=args.grpo_new_tokens, temperature=1.0,
-            generator=[torch.Generator(dev).manual_seed(grpo.sample_seed(0, step, j)) for j in range(len(qs))])
-    t_gen = time.perf_counter() - t0
-    completion, lengths, finished, mask = grpo.completion_mask(completion, lengths, finished, vlm.image_token_id,
-                                                               tok.pad_token_id)  # (Q*G, T) through the first EOS
-    T = completion.shape[1]
-    input_ids = torch.cat([prompt_ids.repeat_interleave(G, 0), completion], 1)
-    attention_mask = torch.cat([prompt_mask.repeat_interleave(G, 0), mask.long()], 1)
-    q_of = [q for q in qs for _ in range(G)]
-    texts = grpo.decode(tok, completion, lengths, finished)
-    rewards = grpo_rewards(texts, finished.tolist(), q_of,
-                           [reports[q["VolumeName"]] for q in q_of], consistency)
-    advantages = grpo.group_advantages(rewards, G).to(dev)
-    with torch.no_grad(), model.autocast(dev):
-        ref_image = ref.image_embeds(x).repeat_interleave(G, 0) if x is not None else None
-        ref_logp = ref.token_logprobs(input_ids, attention_mask, ref_image, 1.0, last=T)    # (Q*G, T)
-    t_roll = time.perf_counter() - t0                                 # generate + score + reference log-probs
-    with model.autocast(dev):
-        image = vlm.image_embeds(x).repeat_interleave(G, 0) if x is not None else None
-        logp = vlm.token_logprobs(input_ids, attention_mask, image, 1.0, last=T)
-        loss, _ = grpo.grpo_loss(logp, logp.detach(), ref_logp, advantages, mask, 0.2, args.beta, "sequence")
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in vlm.parameters() if p.requires_grad], 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if dev.type == "cuda":
+    """One step of grpo.py (grpo.train_step: rollout -> rewards -> advantages -> loss -> update); text-only prompts
+    when x is None."""
+    grpo_args = grpo.parse_args(["--preset", "real", "--group-size", str(args.grpo_g), "--max-new-tokens",
+                                 str(args.grpo_new_tokens), "--temperature", "1.0", "--kl-beta", str(args.beta)])
+    out = grpo.train_step(grpo.PolicyLogprobs(vlm), ref, optimizer, qs, x, reports, consistency, grpo_args, step,
+                          list(range(len(qs))))
+    if vlm.device.type == "cuda":
         torch.cuda.synchronize()
-    return {"generate_sec": t_gen, "rollout_sec": t_roll, "update_sec": time.perf_counter() - t0 - t_roll,
-            "completion_len": lengths.float().mean().item(), "tokens": int(lengths.sum())}
+    return {"generate_sec": out["generate_sec"], "rollout_sec": out["rollout_sec"], "update_sec": out["update_sec"],
+            "completion_len": out["sums"]["completion_len"] / out["sums"]["n"], "tokens": out["tokens"]}
 
 
 def trl_grpo(args, hf_dir: Path, items: list[dict], reports: dict, consistency, out_dir: Path) -> dict:
@@ -523,8 +493,8 @@ def table(res: dict) -> str:
 
 def phantom(args) -> tuple[dict, Path]:
     """The phantom world's paths (built if missing, with the parameters it was built with) and the LLM dir."""
-    paths = data.ensure_phantom(args.data_root)  # an existing world keeps the size it was built with
-    return paths, Path(args.llm or model.ensure_tiny_llm(args.data_root))
+    paths = data.paths(args.data_root, "phantom")  # an existing world keeps the size it was built with
+    return paths, Path(args.llm or paths["tiny_llm"])
 
 
 def main(argv=None) -> dict:

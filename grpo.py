@@ -1,49 +1,29 @@
-"""Stage 2 of Med3D-R1: GRPO on multiple-choice CT questions with format, accuracy and consistency rewards.
+"""Med3D-R1 stage 2: GRPO on multiple-choice CT questions (MMVQA) with format, accuracy and consistency rewards.
 
-The SFT model (runs/sft/vlm) reads a CT volume and a four-option question (MMVQA, SPEC §6), reasons inside one
-<think>…</think> block and answers one letter inside one <answer>…</answer> block. Each completion earns
-r = r_fmt + r_acc + r_con (paper §3.3) and the policy is trained with GRPO against a frozen copy of the SFT model.
+The SFT model reads a CT volume and a four-option question, reasons inside one <think>…</think> block and answers one
+letter inside one <answer>…</answer> block. Each completion earns r = r_fmt + r_acc + r_con (paper §3.3); the policy
+is trained with group-normalised advantages, a PPO-clipped surrogate and a k3 KL penalty to a frozen reference.
 
-Choices, deliberately (SPEC §6):
- 1. G completions per question (default 4) sampled with plain temperature sampling; the completion ids are kept as
-    generated (never decoded and re-tokenised) and scored at the same temperature, so sampled = scored distribution.
- 2. Each question's volume is encoded once per pass and its image embeddings are shared by its G rows: once without
-    gradients for sampling, once by the reference, once with gradients in the policy pass (the encoder trains). The
-    first policy pass, detached, is the "old" policy (mu = 1: ratio = 1, exactly on-policy).
- 3. The loss mask runs from the first completion token up to and including the first EOS, built from lengths, never
-    from token values. A completion that hits --max-new-tokens without EOS is "truncated": format reward 0, counted.
-    (So is one that samples the image placeholder: it is cut there, since it cannot be scored as text.)
- 4. Advantages are group-normalised, (r - mean_G) / (std_G + 1e-4); a group whose rewards are all equal gets
-    exactly zero advantages (it teaches nothing and is counted in the logs as zero-std).
- 5. Loss = PPO-clipped surrogate + beta * k3 KL to the reference, masked, averaged per sequence then over the batch.
-    With one policy iteration (mu = 1, the default) ratio = 1, so the loss value hovers near 0: watch the rewards.
- 6. The reference model is the SFT checkpoint in eval mode. With --preset real the whole policy is trained (ViT,
-    bridge, LLM; the RAM anchor is a frozen buffer), as the official code does; the phantom preset keeps the ViT
-    frozen (--freeze-encoder / --no-freeze-encoder override either). The bridge standardises the ViT's tokens by
-    their spread over the training scans (sft.py choice 8), which on the phantom world is as small as 0.01 for some
-    channels, so a small change of the ViT is a large change of the bridge's input: with the ViT trained, the KL to
-    the reference climbed to 0.35 by step 30 even at lr 1e-5 and validation accuracy fell (0.36 -> 0.32).
- 7. Consistency reward: the <think> text against the scan's radiology report, discretised into levels. Scorers:
-    `offline` (default, a deterministic clinical-term scorer, no model), `rm:PATH` (a local sequence-classification
-    reward model such as RM-Mistral-7B, SPEC §6 thresholds), `judge:MODEL` (an OpenAI-compatible endpoint; a failed
-    call fails the step, or with --judge-failures exclude its group is left out of the loss and counted).
- 8. Raw DDP: each rank rolls out whole groups, all its questions in one batched generate call (the phantom run:
-    252 s instead of 457 s with one call per question); each question samples from its own generator seeded by
-    (seed, step, question), so 1 and N ranks draw the same completions (up to float noise from the padding); the
-    finite check is agreed by all ranks; --resume restores model, optimizer, data position and RNGs, so a resumed
-    run replays the uninterrupted one exactly.
+Deliberate choices:
+1. G completions per question by plain temperature sampling, kept as generated ids (never decoded and re-tokenised)
+   and scored at the same temperature, so the sampled and the trained distributions agree. Each question samples
+   from its own generator seeded by (seed, step, question): 1 and N ranks draw the same completions.
+2. The loss mask runs from the first completion token through the first EOS, built from lengths, never from token
+   values. A completion without EOS within --max-new-tokens is truncated: no format reward, counted.
+3. Advantages (r - mean_G) / (std_G + 1e-4); a group whose rewards are all equal gets exactly zero advantages.
+4. Loss = PPO-clipped surrogate + beta * k3 KL to the reference, masked, averaged per sequence then over the batch.
+   With one policy iteration (mu = 1) the ratio is 1 and the loss hovers near 0: watch the rewards.
+5. The reference is the SFT checkpoint, frozen. The paper trains the whole policy (ViT, bridge, LLM; the RAM anchor
+   stays a frozen buffer); the phantom preset freezes the ViT (--freeze-encoder).
+6. r_con: the <think> text against the scan's report, discretised into levels, by `offline` (a deterministic
+   clinical-term scorer, the default), `rm:PATH` (a local reward model such as RM-Mistral-7B, the paper's) or
+   `judge:MODEL` (an OpenAI-compatible endpoint; a failed call fails the step, or with --judge-failures exclude
+   leaves its group out of the loss, counted).
 
-Run (needs the SFT checkpoint, runs/sft/vlm from `python sft.py`):
-    python grpo.py                                   # 1 CPU (or 1 GPU when present): phantom world, ~3 min on 2 cores
-    python grpo.py --preset real --data-root /data/ct-rate-cache --sft runs/sft/vlm          # 1 GPU, paper settings
-    torchrun --standalone --nproc_per_node 8 grpo.py --preset real --data-root /data/ct-rate-cache   # 8 GPUs
-Phantom defaults (DEFAULTS) differ from the paper's: the tiny phantom LLM needs an lr above the paper's 1e-6 (which
-is for a 3B LLM) to move within minutes (1e-5 for 120 steps with the ViT frozen; measured on the 2.7 M-parameter LLM,
-validation accuracy 0.385 -> 0.43; with 160 steps 0.43 and 0.45 with seeds 0 and 1, 0.41 at 5e-6, 0.385 and 0.44 at
-2e-5; on the earlier 3.4 M-parameter LLM 2e-5 gave 0.36 -> 0.48, 4e-5 fell to 0.22-0.28, and at 1e-4 the KL passed
-0.5 and the rationale collapsed to chance), its answers are short (96 new tokens), it samples at temperature 0.7
-because at 1.0 half of its samples break the tag format, and it validates every 40 steps (a pass over the 91
-questions takes about 4 s).
+Run:
+  python grpo.py                                          # 1 CPU, phantom world (needs runs/sft/vlm)
+  python grpo.py --preset real --data-root /data/ct-rate --sft runs/sft/vlm            # 1 GPU
+  torchrun --standalone --nproc_per_node 8 grpo.py --preset real --data-root /data/ct-rate   # 8 GPUs
 """
 from __future__ import annotations
 
@@ -52,67 +32,27 @@ import bisect
 import json
 import math
 import os
-import re
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
 import model
-from model import (SigtermFlag, all_ranks_finite, all_reduce, any_rank, cleanup_distributed, cosine_lr, get_rank,
-                   latest_train_state, print0, rng_state, save_train_state, seed_everything, set_rng_state,
-                   setup_distributed, world_size)
+import runtime
+from data import parse_answer, think_text
+from runtime import HIDDEN, all_reduce, get_rank, print0, world_size
 
 # =====================================================================================================================
 # Rewards: pure functions of (completion text, example)
 # =====================================================================================================================
 
-TAG = re.compile(r"</?[A-Za-z_|][^<>\s]*>")            # any tag-like token: <think>, </answer>, <finding>, <|im_end|>
-BLOCK = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
-
-
 def format_reward(completion: str) -> float:
-    """1.0 iff exactly one non-empty <think> block, then exactly one non-empty <answer> block, no other tags,
-    nothing but white space outside them."""
-    m = BLOCK.fullmatch(completion)
-    return float(m is not None and all(part.strip() and not TAG.search(part) for part in m.groups()))
-
-
-def _norm(text: str) -> str:
-    return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
-
-
-def parse_answer(completion: str, letters: str = "ABCD", options: dict | None = None) -> str | None:
-    """The chosen option letter, or None. Shared with evaluate.py.
-
-    Reads the single <answer> block (several blocks -> None); without any answer tag, what is left outside a <think>
-    block. Accepts case, spaces, brackets ("c", " (C) ", "[C]", "C)") and a trailing option text ("C) Pleural
-    effusion"), which must match options[letter] when `options` is given and may never name another option letter
-    ("A or B", "B, C" -> None).
-    """
-    if "<answer>" in completion or "</answer>" in completion:
-        blocks = re.findall(r"<answer>(.*?)</answer>", completion, re.DOTALL)
-        if len(blocks) != 1 or completion.count("<answer>") != 1:
-            return None
-        text = blocks[0]
-    else:                                                     # no answer tags: what is left outside <think>
-        text = TAG.sub(" ", re.sub(r"<think>.*?</think>", " ", completion, flags=re.DOTALL))
-    m = re.fullmatch(rf"\s*[(\[]?\s*([{letters}])\s*[)\].:]?\s*(.*?)\s*", text, re.DOTALL | re.IGNORECASE)
-    if m is None:
-        return None
-    letter, rest = m.group(1).upper(), m.group(2)
-    if rest:
-        if text[m.end(1)] not in " \t\n)].:-":
-            return None                                       # "AB", "B, C", "Cardiomegaly": not a lone letter
-        if options is not None:                               # trailing text must be this letter's option
-            return letter if _norm(rest) == _norm(options.get(letter, "")) else None
-        if re.search(rf"(?<![A-Za-z])[{letters}](?![A-Za-z])", rest, re.IGNORECASE):
-            return None                                       # "A or B": another option letter
-    return letter
+    """r_fmt: 1.0 iff exactly one non-empty <think> block, then exactly one non-empty <answer> block, no other tags,
+    nothing but white space outside them (data.well_formed)."""
+    return float(data.well_formed(completion))
 
 
 def accuracy_reward(completion: str, answer: str, options: dict | None = None) -> float:
@@ -126,87 +66,34 @@ def accuracy_reward(completion: str, answer: str, options: dict | None = None) -
 # Consistency reward (paper §3.3): does the <think> rationale agree with the scan's radiology report?
 # --------------------------------------------------------------------------------------------------------------------
 
-# Clinical terms for the 18 CT-RATE abnormalities (data.ABNORMALITIES order). Each name also matches itself.
-TERMS = {
-    "Medical material": [r"medical material", r"catheter", r"pacemaker", r"stent", r"prosthe\w*", r"surgical clips?"],
-    "Arterial wall calcification": [r"arterial wall calcification", r"aortic (?:wall )?calcification", r"atheroscl\w*"],
-    "Cardiomegaly": [r"cardiomegaly", r"enlarged heart", r"heart is enlarged"],
-    "Pericardial effusion": [r"pericardial effusion", r"pericardial fluid"],
-    "Coronary artery wall calcification": [r"coronary (?:artery )?(?:wall )?calcifications?"],
-    "Hiatal hernia": [r"hiatal hernia", r"hiatus hernia"],
-    "Lymphadenopathy": [r"lymphadenopathy", r"enlarged (?:\w+ )?lymph nodes?"],
-    "Emphysema": [r"emphysema\w*"],
-    "Atelectasis": [r"atelectasis", r"atelectatic"],
-    "Lung nodule": [r"(?:lung |pulmonary )?nodules?", r"nodular"],
-    "Lung opacity": [r"(?:lung |pulmonary )?opacit(?:y|ies)", r"ground[- ]glass"],
-    "Pulmonary fibrotic sequela": [r"(?:pulmonary )?fibrotic sequelae?", r"fibrosis", r"fibrotic"],
-    "Pleural effusion": [r"pleural effusions?", r"pleural fluid"],
-    "Mosaic attenuation pattern": [r"mosaic attenuation(?: pattern)?"],
-    "Peribronchial thickening": [r"peribronchial (?:wall )?thickening", r"bronchial wall thickening"],
-    "Consolidation": [r"consolidations?", r"consolidated"],
-    "Bronchiectasis": [r"bronchiectasis", r"bronchiectatic"],
-    "Interlobular septal thickening": [r"(?:interlobular )?septal thickening"],
-}
-TERM_RE = {name: re.compile(r"\b(?:" + "|".join(pats) + r")\b", re.IGNORECASE) for name, pats in TERMS.items()}
-NEG_BEFORE = re.compile(r"\b(?:no|not|without|absence of|absent|negative for|free of|neither|nor|rule out|ruled out)\b",
-                        re.IGNORECASE)
-NEG_AFTER = re.compile(r"^[^.;]*?\b(?:not (?:seen|present|detected|observed|identified|shown)|absent|ruled out)\b",
-                       re.IGNORECASE)
-CLAUSE = re.compile(r"[.;!?\n]+|\bbut\b|\bhowever\b|\bwhereas\b|\bwhile\b", re.IGNORECASE)
-
-
-def clinical_stances(text: str) -> dict[str, str]:
-    """{abnormality: "affirm" | "deny" | "both"} for each of the 18 abnormalities the text mentions.
-
-    A mention is denied when a negation cue precedes it in its clause ("no pleural effusion") or a post-negation
-    follows it ("pleural effusion is not seen"); clauses are split at sentence ends and at but/however/whereas/while.
-    """
-    stance: dict[str, set] = {}
-    for clause in CLAUSE.split(text):
-        spans = sorted((m.start(), m.end(), name) for name, rx in TERM_RE.items() for m in rx.finditer(clause))
-        taken = -1
-        for start, end, name in spans:
-            if start < taken:                                # "coronary artery wall calcification" is not also
-                continue                                     # an "arterial wall calcification" mention
-            taken = end
-            denied = bool(NEG_BEFORE.search(clause[:start])) or bool(NEG_AFTER.match(clause[end:]))
-            stance.setdefault(name, set()).add("deny" if denied else "affirm")
-    return {name: s.pop() if len(s) == 1 else "both" for name, s in stance.items()}
-
-
 def offline_consistency(think: str, report: str) -> float:
     """Raw consistency in [0, 1]: mentioned-and-agreeing abnormalities / (abnormalities the rationale mentions plus
     those the report affirms). Agreeing = the rationale affirms what the report affirms or denies what it does not.
     A rationale with no clinical terms scores 0."""
-    said = clinical_stances(think)
+    said = data.clinical_stances(think)
     if not said:
         return 0.0
-    report_affirms = {n for n, s in clinical_stances(report).items() if s != "deny"}
+    report_affirms = {n for n, s in data.clinical_stances(report).items() if s != "deny"}
     agree = sum((s == "affirm" and n in report_affirms) or (s == "deny" and n not in report_affirms)
                 for n, s in said.items())
     return agree / len(set(said) | report_affirms)
 
 
 def discretise(score: float, thresholds: list[float], levels: list[float]) -> float:
-    """levels[i] where i = how many thresholds are <= score (SPEC §6: s<0 -> 0, <0.2 -> 0.2, ..., else 1.0)."""
+    """levels[i] where i = how many thresholds are <= score (for the RM: s<0 -> 0, <0.2 -> 0.2, ..., else 1.0)."""
     assert len(levels) == len(thresholds) + 1
     return levels[bisect.bisect_right(thresholds, score)]
 
 
 CON_DEFAULTS = {  # scorer -> (thresholds, levels)
     "offline": ([0.25, 0.5, 1.0], [0.0, 0.5, 0.8, 1.0]),
-    "rm": ([0.0, 0.2, 0.5, 1.0, 1.6], [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]),          # SPEC §6, RM-Mistral-7B raw scores
+    "rm": ([0.0, 0.2, 0.5, 1.0, 1.6], [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]),          # RM-Mistral-7B raw scores
     "judge": ([0.25, 0.5, 1.0], [0.0, 0.5, 0.8, 1.0]),                            # judge grade / 10
 }
 RM_QUESTION = "Radiology report of this chest CT:\n{report}\n\nExplain, step by step, what the CT shows."
 JUDGE_PROMPT = ("You grade a model's diagnostic reasoning about a chest CT against the radiologist's report.\n"
                 "Report:\n{report}\n\nReasoning:\n{think}\n\nHow consistent is the reasoning with the report? "
                 "Reply with one integer from 0 (contradicts it) to 10 (fully consistent), nothing else.")
-
-
-def think_text(completion: str) -> str:
-    m = re.search(r"<think>(.*?)</think>", completion, re.DOTALL)
-    return m.group(1).strip() if m else ""
 
 
 def make_consistency_scorer(spec: str, thresholds: list[float] | None = None, levels: list[float] | None = None,
@@ -286,7 +173,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     """PPO-clipped GRPO objective with the k3 KL penalty. logp/old_logp/ref_logp/mask: (B, T); advantages: (B,).
 
     Per token: -min(ratio * A, clip(ratio, 1-eps, 1+eps) * A) + beta * (exp(ref - logp) - (ref - logp) - 1).
-    Masked, averaged over each sequence's tokens then over the batch ("sequence", SPEC §6) or over all tokens ("token").
+    Masked, averaged over each sequence's tokens then over the batch ("sequence", the official choice) or over all
+    tokens ("token").
     """
     mask = mask.to(logp.dtype)
     adv = advantages.unsqueeze(1)                                      # (B, 1)
@@ -306,80 +194,6 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     return masked_mean(per_token), stats
 
 
-# =====================================================================================================================
-# Training
-# =====================================================================================================================
-
-DEFAULTS = {  # --preset: the paper's settings (SPEC §6; lr 1e-6 is for a 3B LLM) or the phantom world's tiny LLM
-    "real": dict(lr=1e-6, steps=1000, batch_size=2, max_new_tokens=512, temperature=1.0, eval_n=500,
-                 freeze_encoder=False, eval_every=10),
-    "phantom": dict(lr=1e-5, steps=120, batch_size=4, max_new_tokens=96, temperature=0.7, eval_n=100,
-                    freeze_encoder=True, eval_every=40),
-}
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    # data and checkpoints
-    p.add_argument("--preset", choices=["phantom", "real"], default="phantom", help="phantom world or CT-RATE defaults")
-    p.add_argument("--data-root", default="runs/phantom", help="phantom root (built if absent) or real data root")
-    p.add_argument("--sft", default="runs/sft/vlm", help="SFT checkpoint: the initial policy and the frozen reference")
-    p.add_argument("--out", default="runs/grpo", help="output root: vlm/, ckpt/, metrics.jsonl")
-    # rewards
-    p.add_argument("--consistency", default="offline", help="offline | rm:PATH | judge:MODEL (OPENAI_BASE_URL/_API_KEY)")
-    p.add_argument("--con-thresholds", type=float, nargs="+", default=None, help="raw-score thresholds of the levels")
-    p.add_argument("--con-levels", type=float, nargs="+", default=None, help="one more level than thresholds")
-    p.add_argument("--judge-failures", default="fail", choices=["fail", "exclude"],
-                   help="a failed judge call stops the run, or its group is left out of the loss and counted")
-    # GRPO (None = the preset's default)
-    p.add_argument("--group-size", type=int, default=4, help="G completions per question")
-    p.add_argument("--batch-size", type=int, default=None, help="questions per rank and step")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature = scoring temperature")
-    p.add_argument("--clip-eps", type=float, default=0.2)
-    p.add_argument("--kl-beta", type=float, default=0.04)
-    p.add_argument("--mu", type=int, default=1, help="policy iterations per rollout batch")
-    p.add_argument("--loss-reduction", default="sequence", choices=["sequence", "token"])
-    # optimisation
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--warmup-frac", type=float, default=0.0)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep the ViT frozen (default: real trains the whole model, phantom freezes the ViT)")
-    # validation, robustness, bookkeeping
-    p.add_argument("--eval-every", type=int, default=None,
-                   help="steps between validation MMVQA accuracies (default: real 10, phantom 40); 0 = off")
-    p.add_argument("--eval-n", type=int, default=None, help="validation questions (the first n of the file)")
-    p.add_argument("--nan-policy", default="skip", choices=["skip", "stop"], help="on a non-finite loss, on all ranks")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under <out>/ckpt")
-    p.add_argument("--save-every", type=int, default=20)
-    p.add_argument("--stop-at", type=int, default=None, help="save and exit after this step (time-boxed jobs, tests)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.group_size < 2:
-        p.error("--group-size must be at least 2: advantages compare the samples of a group")
-    for k, v in DEFAULTS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    return args
-
-
-def data_paths(args, world: int) -> dict:
-    """RL questions, training cache and reports, validation questions and cache."""
-    if args.preset == "phantom":
-        if get_rank() == 0:  # an existing world keeps its size (e.g. the tests' small one)
-            data.ensure_phantom(args.data_root)
-        if world > 1:
-            torch.distributed.barrier()
-        return data.ensure_phantom(args.data_root)
-    root = Path(args.data_root)  # real CT-RATE: `python data.py preprocess / label / mmvqa` wrote these
-    return dict(train_cache=root / "cache/train", valid_cache=root / "cache/valid", mmvqa_rl=root / "mmvqa/train_rl.json",
-                mmvqa_valid=root / "mmvqa/valid.json",
-                train_reports=root / "dataset/radiology_text_reports/train_reports.csv")
-
-
 def sample_seed(seed: int, step: int, question: int) -> int:
     """A question's sampling generator depends on (seed, step, question) only: the same samples on any number of
     ranks, and a resumed run replays the uninterrupted one."""
@@ -395,7 +209,7 @@ class PolicyLogprobs(torch.nn.Module):
         self.vlm = vlm
 
     def forward(self, volumes, input_ids, attention_mask, group_size: int, completion_len: int, temperature: float):
-        image = self.vlm.image_embeds(volumes).repeat_interleave(group_size, 0)       # (Q*G, N_img, D)
+        image = None if volumes is None else self.vlm.image_embeds(volumes).repeat_interleave(group_size, 0)
         return self.vlm.token_logprobs(input_ids, attention_mask, image, temperature, last=completion_len)
 
 
@@ -437,15 +251,154 @@ def validate(vlm, questions: list[dict], volumes, max_new_tokens: int, batch: in
     return {"val_acc": correct / max(n, 1), "val_format": formatted / max(n, 1)}
 
 
+# =====================================================================================================================
+# One GRPO step: rollout -> rewards -> advantages -> loss -> update
+# =====================================================================================================================
+
+LOGGED = ["r_fmt", "r_acc", "r_con", "reward", "reward_std", "zero_std_frac", "completion_len", "truncated",
+          "excluded", "n", "groups", "kl", "clip_frac", "loss"]
+
+
+def train_step(net, ref: model.VLM, optimizer, qs: list[dict], x: torch.Tensor | None, reports: dict,
+               consistency, args, step: int, question_ids: list[int]) -> dict:
+    """One GRPO step on this rank's questions `qs` (their volumes x: (Q, 1, X, Y, Z), or None for text-only
+    prompts). `net` is PolicyLogprobs, DDP-wrapped under torchrun. Returns the step's logging sums (all ranks),
+    the gradient norm, whether the update was applied, the decoded completions and the phases' seconds."""
+    vlm, G = getattr(net, "module", net).vlm, args.group_size
+    t0 = time.perf_counter()
+    prompt_ids, prompt_mask = vlm.tokenize([vlm.prompt(data.mmvqa_prompt(q, think=True), with_image=x is not None)
+                                            for q in qs])                   # (Q, P), left-padded
+
+    # 1. rollout: G samples per question from the current policy, each question with its own generator
+    with torch.no_grad():
+        image = vlm.image_embeds(x) if x is not None else None              # (Q, N_img, D), once per volume
+        completion, lengths, finished = vlm.generate(                       # (Q*G, T), (Q*G,), (Q*G,)
+            prompt_ids, prompt_mask, image, num_samples=G, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            generator=[torch.Generator(vlm.device).manual_seed(sample_seed(args.seed, step, i)) for i in question_ids])
+    t_generate = time.perf_counter() - t0
+    completion, lengths, finished, mask = completion_mask(completion, lengths, finished, vlm.image_token_id,
+                                                          vlm.pad_token_id)  # (Q*G, T): through the first EOS
+    T = completion.shape[1]
+    input_ids = torch.cat([prompt_ids.repeat_interleave(G, 0), completion], 1)  # (Q*G, P + T), ids as generated
+    attention_mask = torch.cat([prompt_mask.repeat_interleave(G, 0), mask.long()], 1)
+
+    # 2. rewards, r = r_fmt + r_acc + r_con (paper §3.3); a truncated completion earns no format reward
+    texts = decode(vlm.tokenizer, completion, lengths, finished)
+    row_q = [q for q in qs for _ in range(G)]
+    r_fmt = torch.tensor([format_reward(t) * f for t, f in zip(texts, finished.tolist())])
+    r_acc = torch.tensor([accuracy_reward(t, q["answer"], q["options"]) for t, q in zip(texts, row_q)])
+    r_con = torch.tensor(consistency([think_text(t) for t in texts], [reports[q["VolumeName"]] for q in row_q]))
+    rewards = r_fmt + r_acc + r_con                                             # (Q*G,)
+
+    # 3. group-normalised advantages; a group holding an excluded (NaN) judge score is left out of the loss
+    excluded = rewards.view(-1, G).isnan().any(1).repeat_interleave(G).to(vlm.device)
+    advantages = group_advantages(torch.nan_to_num(rewards), G).to(vlm.device)
+    mask = mask * ~excluded[:, None]
+
+    # 4. loss and update: old = the rollout policy, ref = the SFT model, neither with gradients
+    with torch.no_grad():
+        ref_image = ref.image_embeds(x).repeat_interleave(G, 0) if x is not None else None
+        ref_logp = ref.token_logprobs(input_ids, attention_mask, ref_image, args.temperature, last=T)
+    t_rollout = time.perf_counter() - t0
+    old_logp, params = None, [p for p in vlm.parameters() if p.requires_grad]
+    for _ in range(args.mu):
+        logp = net(x, input_ids, attention_mask, G, T, args.temperature)            # (Q*G, T)
+        old_logp = logp.detach() if old_logp is None else old_logp                  # mu = 1: ratio = 1
+        loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages, mask, args.clip_eps, args.kl_beta,
+                                args.loss_reduction)
+        loss.backward()
+        grad_norm, applied = runtime.optimizer_step(optimizer, params, args.grad_clip, args.nan_policy, step,
+                                                    loss.detach())
+
+    # 5. logging sums over ranks
+    groups = torch.nan_to_num(rewards).view(-1, G)
+    sums = all_reduce(torch.tensor([
+        r_fmt.sum(), r_acc.sum(), torch.nan_to_num(r_con).sum(), groups.sum(), groups.std(1).sum(),
+        (groups == groups[:, :1]).all(1).sum(), lengths.sum(), (~finished).sum(), excluded.sum(), len(texts),
+        len(groups), stats["kl"], stats["clip_frac"], loss.item()], dtype=torch.float64, device=vlm.device), "sum")
+    return {"sums": dict(zip(LOGGED, sums.tolist())), "grad_norm": grad_norm.item(), "applied": applied,
+            "texts": texts, "tokens": int(lengths.sum()), "generate_sec": t_generate, "rollout_sec": t_rollout,
+            "update_sec": time.perf_counter() - t0 - t_rollout}
+
+
+def log_row(step: int, out: dict) -> dict:
+    """Per-completion and per-group means of train_step's sums (kl, clip_frac and loss: the mean over ranks)."""
+    s = out["sums"]
+    return {"step": step, **{k: s[k] / s["n"] for k in ("reward", "r_fmt", "r_acc", "r_con", "completion_len",
+                                                         "truncated", "excluded")},
+            "reward_std": s["reward_std"] / s["groups"], "zero_std_frac": s["zero_std_frac"] / s["groups"],
+            **{k: s[k] / world_size() for k in ("kl", "clip_frac", "loss")}, "grad_norm": out["grad_norm"]}
+
+
+# =====================================================================================================================
+# Command line and the loop
+# =====================================================================================================================
+
+# The phantom world's overrides of the paper's defaults: the tiny LLM needs a larger lr to move within minutes, its
+# answers are short, it samples at 0.7 (at 1.0 half of its samples break the tag format), and the ViT stays frozen.
+PHANTOM = dict(lr=1e-5, steps=120, batch_size=4, max_new_tokens=96, temperature=0.7, eval_n=100,
+               freeze_encoder=True, eval_every=40)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = runtime.make_parser(__doc__)
+    g = p.add_argument_group("data")
+    g.add_argument("--preset", default="phantom", choices=["phantom", "real"], help="phantom world or the paper's run")
+    g.add_argument("--data-root", default="runs/phantom", help="data root (data.paths); a phantom one is built")
+    g.add_argument("--sft", default="runs/sft/vlm", help="SFT checkpoint: the initial policy and the reference")
+    g.add_argument("--eval-n", type=int, default=500, help="validation questions (the first n of the file)")
+    g = p.add_argument_group("rewards")
+    g.add_argument("--consistency", default="offline",
+                   help="offline | rm:PATH | judge:MODEL (endpoint and key: OPENAI_BASE_URL, OPENAI_API_KEY)")
+    g.add_argument("--con-thresholds", type=float, nargs="+", default=None, help="raw-score thresholds of the levels")
+    g.add_argument("--con-levels", type=float, nargs="+", default=None, help="one more level than thresholds")
+    g.add_argument("--judge-failures", default="fail", choices=["fail", "exclude"],
+                   help="a failed judge call stops the run, or its group is left out of the loss and counted")
+    g = p.add_argument_group("GRPO")
+    g.add_argument("--group-size", type=int, default=4, help="G completions per question")
+    g.add_argument("--batch-size", type=int, default=2, help="questions per rank and step")
+    g.add_argument("--max-new-tokens", type=int, default=512)
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature = scoring temperature")
+    g.add_argument("--clip-eps", type=float, default=0.2)
+    g.add_argument("--kl-beta", type=float, default=0.04)
+    g.add_argument("--mu", type=int, default=1, help="policy iterations per rollout batch")
+    g.add_argument("--loss-reduction", default="sequence", choices=["sequence", "token"])
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=1e-6)
+    g.add_argument("--steps", type=int, default=1000)
+    g.add_argument("--warmup-frac", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="0 = off")
+    g.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep the ViT frozen (the paper trains the whole model)")
+    g = p.add_argument_group("run-time")
+    g.add_argument("--out", default="runs/grpo", help="vlm/, ckpt/, metrics.jsonl")
+    g.add_argument("--eval-every", type=int, default=10, help="steps between validation accuracies; 0 = off")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under <out>/ckpt")
+    g.add_argument("--save-every", type=int, default=20, help="steps between resumable checkpoints")
+    g.add_argument("--nan-policy", default="skip", choices=["skip", "stop"], help="on a non-finite loss, on all ranks")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop-at", type=int, default=None, help=HIDDEN)     # save and exit after this step
+    args = runtime.parse_with_preset(p, argv, PHANTOM)
+    if args.group_size < 2:
+        p.error("--group-size must be at least 2: advantages compare the samples of a group")
+    return args
+
+
+def rank_questions(n: int, global_batch: int, seed: int, step: int) -> list[int]:
+    """This rank's question indices at `step`: a seeded permutation per epoch, cut into global batches."""
+    epoch, k = divmod(step, n // global_batch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return perm[k * global_batch:(k + 1) * global_batch][get_rank()::world_size()].tolist()
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if not (Path(args.sft) / "config.json").is_file():
         raise SystemExit(f"{args.sft} is missing: run `python sft.py` first (or pass --sft)")
-    rank, local_rank, world, device = setup_distributed()
-    out, G = Path(args.out), args.group_size
-
-    # ---- data -----------------------------------------------------------------------------------------------------
-    paths = data_paths(args, world)
+    rank, _, world, device = runtime.setup_distributed()
+    paths = data.paths(args.data_root, args.preset)
     volumes, val_volumes = data.VolumeCache(paths["train_cache"]), data.VolumeCache(paths["valid_cache"])
     questions = [q for q in json.loads(Path(paths["mmvqa_rl"]).read_text()) if q["VolumeName"] in volumes]
     val_questions = [q for q in json.loads(Path(paths["mmvqa_valid"]).read_text())
@@ -455,158 +408,68 @@ def main(argv=None) -> dict:
     consistency = make_consistency_scorer(args.consistency, args.con_thresholds, args.con_levels, device,
                                           args.judge_failures)
 
-    # ---- policy and frozen reference, both from the SFT checkpoint -----------------------------------------------
-    seed_everything(args.seed)
+    # policy and frozen reference, both from the SFT checkpoint
+    runtime.seed_everything(args.seed)
     vlm = model.VLM.load(args.sft, device=device).eval()     # eval: no dropout, sampled = trained distribution
     ref = model.VLM.load(args.sft, device=device).eval().requires_grad_(False)
     vlm.set_trainable(vit=not args.freeze_encoder, bridge=True, llm=True)   # the RAM anchor is a buffer: frozen
-    trainable = [p for p in vlm.parameters() if p.requires_grad]
-    net = PolicyLogprobs(vlm)
-    ddp = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else None
+    params = [p for p in vlm.parameters() if p.requires_grad]
+    net = runtime.wrap_ddp(PolicyLogprobs(vlm), device)
     print0(f"{len(questions)} RL questions, {len(val_questions)} validation questions, "
-           f"{sum(p.numel() for p in trainable):,} trainable parameters, world {world}, G {G}")
+           f"{sum(p.numel() for p in params):,} trainable parameters, world {world}, G {args.group_size}")
 
-    # ---- optimizer, data order, resume ----------------------------------------------------------------------------
     global_batch = args.batch_size * world
-    steps_per_epoch = len(questions) // global_batch
-    if steps_per_epoch == 0:
+    if len(questions) < global_batch:
         raise SystemExit(f"{len(questions)} RL questions < one global batch of {global_batch}")
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
-    start, state = 0, latest_train_state(out / "ckpt") if args.resume else None
-    if state is not None:
-        vlm.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"][rank])
-        start = state["step"]
-        print0(f"resumed from step {start}")
-
-    def save(step: int) -> None:
-        rngs = [rng_state()] * world                             # every rank's RNG state, gathered on rank 0
-        if world > 1:
-            torch.distributed.all_gather_object(rngs, rng_state())
-        if rank == 0:
-            save_train_state(out / "ckpt", step, {"step": step, "model": vlm.state_dict(), "rng": rngs,
-                                                  "optimizer": optimizer.state_dict(), "args": vars(args)})
-
-    def my_questions(step: int) -> list[int]:
-        """This rank's question indices at `step`: a seeded permutation per epoch, cut into global batches."""
-        epoch, k = divmod(step, steps_per_epoch)
-        perm = torch.randperm(len(questions), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        return perm[k * global_batch:(k + 1) * global_batch][rank::world].tolist()
-
-    sigterm = SigtermFlag()
-    out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    run = runtime.Run(args.out, args.resume, args.stop_at)
+    if run.state is not None:
+        vlm.load_state_dict(run.state["model"])
+        optimizer.load_state_dict(run.state["optimizer"])
     history, skipped, t0 = [], 0, time.time()
-
-    def log_row(row: dict) -> None:
-        history.append(row)
-        if rank == 0:
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-
-    if start == 0 and args.eval_every:
-        log_row({"step": 0, **validate(vlm, val_questions, val_volumes, args.max_new_tokens)})
+    if run.start == 0 and args.eval_every:
+        history.append({"step": 0, **validate(vlm, val_questions, val_volumes, args.max_new_tokens)})
+        run.log(history[-1])
         print0(f"step 0 (SFT model): validation accuracy {history[-1]['val_acc']:.3f}, "
                f"format {history[-1]['val_format']:.3f}")
-    bar = tqdm(total=args.steps, initial=start, disable=rank != 0, desc="grpo")
+    bar = tqdm(total=args.steps, initial=run.start, disable=rank != 0, desc="grpo")
 
-    # ---- the loop -------------------------------------------------------------------------------------------------
-    for step in range(start, args.steps):
-        lr = cosine_lr(step, args.steps, int(args.warmup_frac * args.steps), args.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        idx = my_questions(step)
+    for step in range(run.start, args.steps):
+        lr = runtime.cosine_lr(step, args.steps, int(args.warmup_frac * args.steps), args.lr)
+        runtime.set_lr(optimizer, lr)
+        idx = rank_questions(len(questions), global_batch, args.seed, step)
         qs = [questions[i] for i in idx]
-        x = load_volumes(volumes, qs).to(device)                                    # (Q, 1, X, Y, Z)
-        prompt_ids, prompt_mask = vlm.tokenize([vlm.prompt(data.mmvqa_prompt(q, think=True)) for q in qs])  # (Q, P)
-
-        # 1. rollout: G samples per question from the current policy, each question with its own generator
-        with torch.no_grad():
-            image = vlm.image_embeds(x)                                             # (Q, N_img, D), once per volume
-            completion, lengths, finished = vlm.generate(                           # (Q*G, T), (Q*G,), (Q*G,)
-                prompt_ids, prompt_mask, image, num_samples=G, max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                generator=[torch.Generator(device).manual_seed(sample_seed(args.seed, step, i)) for i in idx])
-        completion, lengths, finished, mask = completion_mask(completion, lengths, finished, vlm.image_token_id,
-                                                              vlm.pad_token_id)  # (Q*G, T): through the first EOS
-        T = completion.shape[1]
-        input_ids = torch.cat([prompt_ids.repeat_interleave(G, 0), completion], 1)  # (Q*G, P + T), ids as generated
-        attention_mask = torch.cat([prompt_mask.repeat_interleave(G, 0), mask.long()], 1)
-
-        # 2. rewards, r = r_fmt + r_acc + r_con (paper §3.3); a truncated completion earns no format reward
-        texts = decode(vlm.tokenizer, completion, lengths, finished)
-        row_q = [q for q in qs for _ in range(G)]
-        r_fmt = torch.tensor([format_reward(t) * f for t, f in zip(texts, finished.tolist())])
-        r_acc = torch.tensor([accuracy_reward(t, q["answer"], q["options"]) for t, q in zip(texts, row_q)])
-        r_con = torch.tensor(consistency([think_text(t) for t in texts], [reports[q["VolumeName"]] for q in row_q]))
-        rewards = r_fmt + r_acc + r_con                                             # (Q*G,)
-
-        # 3. group-normalised advantages; a group holding an excluded (NaN) judge score is left out of the loss
-        excluded = rewards.view(-1, G).isnan().any(1).repeat_interleave(G).to(device)
-        advantages = group_advantages(torch.nan_to_num(rewards), G).to(device)
-        mask = mask * ~excluded[:, None]
-
-        # 4. loss and update: old = the rollout policy, ref = the SFT model, neither with gradients
-        with torch.no_grad():
-            ref_image = ref.image_embeds(x).repeat_interleave(G, 0)
-            ref_logp = ref.token_logprobs(input_ids, attention_mask, ref_image, args.temperature, last=T)
-        old_logp = None
-        for _ in range(args.mu):
-            logp = (ddp or net)(x, input_ids, attention_mask, G, T, args.temperature)   # (Q*G, T)
-            old_logp = logp.detach() if old_logp is None else old_logp                  # mu = 1: ratio = 1
-            loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages, mask, args.clip_eps, args.kl_beta,
-                                    args.loss_reduction)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else math.inf)
-            if all_ranks_finite(loss.detach(), grad_norm):
-                optimizer.step()
-            elif args.nan_policy == "stop":
-                raise SystemExit(f"non-finite loss or gradient at step {step} on some rank (--nan-policy stop)")
-            else:
-                skipped += 1
-                print(f"[rank {rank}] non-finite loss at step {step}: update skipped on every rank", flush=True)
-            optimizer.zero_grad(set_to_none=True)
-
-        # 5. log: sums over ranks, then means (the loss itself hovers near 0 with mu = 1; watch the rewards)
-        groups = torch.nan_to_num(rewards).view(-1, G)
-        sums = all_reduce(torch.tensor([
-            r_fmt.sum(), r_acc.sum(), torch.nan_to_num(r_con).sum(), groups.sum(), groups.std(1).sum(),
-            (groups == groups[:, :1]).all(1).sum(), lengths.sum(), (~finished).sum(), excluded.sum(), len(texts),
-            len(groups), stats["kl"], stats["clip_frac"], loss.item()], dtype=torch.float64, device=device), "sum")
-        s = dict(zip(["r_fmt", "r_acc", "r_con", "reward", "reward_std", "zero_std_frac", "completion_len",
-                      "truncated", "excluded", "n", "groups", "kl", "clip_frac", "loss"], sums.tolist()))
+        out = train_step(net, ref, optimizer, qs, load_volumes(volumes, qs).to(device), reports, consistency, args,
+                         step, idx)
+        skipped += not out["applied"]
         done = step + 1
-        row = {"step": done, **{k: s[k] / s["n"] for k in ("reward", "r_fmt", "r_acc", "r_con", "completion_len",
-                                                            "truncated", "excluded")},
-               "reward_std": s["reward_std"] / s["groups"], "zero_std_frac": s["zero_std_frac"] / s["groups"],
-               **{k: s[k] / world for k in ("kl", "clip_frac", "loss")}, "grad_norm": grad_norm.item(), "lr": lr,
-               "skipped": skipped, "sec": round(time.time() - t0, 1), "sample": texts[0]}
+        row = {**log_row(done, out), "lr": lr, "skipped": skipped, "sec": round(time.time() - t0, 1),
+               "sample": out["texts"][0]}
         if args.eval_every and (done % args.eval_every == 0 or done == args.steps):
             row.update(validate(vlm, val_questions, val_volumes, args.max_new_tokens))
             print0(f"\nstep {done}: validation accuracy {row['val_acc']:.3f}, format {row['val_format']:.3f}; "
-                   f"sample {texts[0]!r}")
-        log_row(row)
+                   f"sample {row['sample']!r}")
+        history.append(row)
+        run.log(row)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['r_acc']:.2f}", fmt=f"{row['r_fmt']:.2f}",
                         kl=f"{row['kl']:.3f}")
-        if any_rank(sigterm.raised, device) or done == args.stop_at:
-            save(done)
+        stop = run.should_stop(done, device)
+        if stop or (args.save_every and done % args.save_every == 0 and done < args.steps):
+            run.save(done, {"model": vlm.state_dict(), "optimizer": optimizer.state_dict(), "args": vars(args)})
+        if stop:
             print0(f"saved a resumable checkpoint at step {done}; continue with --resume")
-            cleanup_distributed()
-            return {"history": history, "step": done, "interrupted": True, "vlm": vlm}
-        if args.save_every and done % args.save_every == 0 and done < args.steps:
-            save(done)
+            break
     bar.close()
-
-    # ---- output: a self-contained checkpoint (evaluate.py reads it); the run config goes into its meta ------------
-    if rank == 0:
+    run.close()
+    done = run.start + sum(r["step"] > 0 for r in history)
+    if done == args.steps and rank == 0:  # a self-contained checkpoint; the run config goes into its meta
         final = {k: v for k, v in history[-1].items() if k != "sample"} if history else {}
-        vlm.save(out / "vlm", meta={"stage": "grpo", "args": vars(args), "skipped_steps": skipped, "final": final,
-                                    "sft": vlm.config.get("meta", {})})
-        print0(f"wrote {out / 'vlm'}")
-    cleanup_distributed()
-    return {"history": history, "step": args.steps, "interrupted": False, "vlm": vlm}
+        vlm.save(Path(args.out) / "vlm", meta={"stage": "grpo", "args": vars(args), "skipped_steps": skipped,
+                                              "final": final, "sft": vlm.config.get("meta", {})})
+        print0(f"wrote {Path(args.out) / 'vlm'}")
+    runtime.cleanup_distributed()
+    return {"history": history, "step": done, "interrupted": done < args.steps, "vlm": vlm}
 
 
 if __name__ == "__main__":

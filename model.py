@@ -1,13 +1,13 @@
-"""Med3D-R1 model: 3D ViT encoder, adaptive pooling + Residual Alignment bridge, LLM wrapper, checkpoints.
+"""Med3D-R1 model: 3D ViT encoder, adaptive pooling + Residual Alignment bridge, the vision-language wrapper.
 
     volume (B, 1, X, Y, Z) -> ViT3D -> (B, N, C) -> Bridge: Conv3d pooling -> Linear+LN -> RAM gate eq. (2)-(3)
-    -> + position embedding -> LN -> (B, N_img, D), spliced into the LLM's input embeddings at each row's
-    N_img image placeholders.
+    -> + position embedding -> LN -> (B, N_img, D), spliced into the LLM's input embeddings at each row's placeholders.
 
-Deliberate choices (numbers in SPEC §2-4):
-1. ViT3D uses timm parameter names, so a published BrgSA_vision_encoder.pth loads with strict key matching.
-2. The text anchor of eq. (1) is the mean of the LLM's input-embedding rows over the real vocabulary, computed once
-   when the model is built, kept as a frozen buffer of the bridge and saved with it.
+Deliberate choices:
+1. ViT3D (patch (16, 16, 8), width 768, depth 12 for the real preset) uses timm parameter names, so a published
+   BrgSA_vision_encoder.pth loads with strict key matching; attention is flash-attn when installed on CUDA, else SDPA.
+2. The anchor of eq. (1), the mean input-embedding row over the real vocabulary, is computed once at build: a frozen,
+   saved buffer of the bridge.
 3. Each row finds its own placeholder positions, so left and right padding are both correct; position ids come from
    the attention mask, so a left-padded row scores exactly like the same row unpadded.
 4. generate() is a short hand-written loop: plain temperature sampling with a KV cache, G samples per prompt from one
@@ -15,29 +15,23 @@ Deliberate choices (numbers in SPEC §2-4):
 5. The chat template's turn end (<|im_end|> for ChatML models) is the EOS everywhere; pad is a different token, but
    masks are built from lengths, never from token values.
 6. A checkpoint is one directory — llm/ (Hugging Face format, tokenizer included), vision.safetensors,
-   bridge.safetensors (anchor included), config.json — written atomically and rebuilt by VLM.load(dir).
-
-The training runtime shared by the stages (DDP, schedule, atomic checkpoints) is the last section of this file.
+   bridge.safetensors (anchor and input statistics included), config.json — written atomically, rebuilt by VLM.load.
 """
 from __future__ import annotations
 
-import glob
 import inspect
 import json
 import math
 import os
-import random
-import shutil
-import signal
-from contextlib import contextmanager, nullcontext
+from collections import OrderedDict
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+from runtime import atomic_dir
 
 try:  # optional, CUDA only
     from flash_attn import flash_attn_func
@@ -47,7 +41,7 @@ except ImportError:
 IMAGE_TOKEN = "<im_patch>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 # Tags of the targets and rewards; single tokens in the tiny LLM (ordinary text for Qwen2.5, which splits them).
-TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>", "<finding>", "</finding>", "<impression>", "</impression>"]
+TAG_TOKENS = "<think> </think> <answer> </answer> <finding> </finding> <impression> </impression>".split()
 
 VIT_PRESETS = {
     "base": dict(img_size=(224, 224, 112), patch_size=(16, 16, 8), width=768, depth=12, heads=12, mlp_dim=3072),
@@ -56,11 +50,8 @@ VIT_PRESETS = {
 
 
 def sincos_pos_embed_3d(dim: int, grid: tuple[int, int, int]) -> torch.Tensor:
-    """Fixed 3D sin-cos position embedding (gx*gy*gz, dim): a third of the channels per axis (sin half, cos half).
-
-    Token order is x-major, z fastest, like Conv3d(...).flatten(2). Channels left over when dim is not a multiple
-    of 6 are zero.
-    """
+    """Fixed 3D sin-cos position embedding (gx*gy*gz, dim): a third of the channels per axis (sin half, cos half),
+    tokens x-major, z fastest, like Conv3d(...).flatten(2); channels left over when 6 does not divide dim are zero."""
     per_axis = dim // 6 * 2
     omega = 1.0 / 10000 ** (torch.arange(per_axis // 2, dtype=torch.float64) / max(1, per_axis // 2))
     coords = torch.meshgrid(*[torch.arange(g, dtype=torch.float64) for g in grid], indexing="ij")
@@ -72,10 +63,7 @@ def sincos_pos_embed_3d(dim: int, grid: tuple[int, int, int]) -> torch.Tensor:
     return F.pad(emb, (0, dim - emb.shape[1])).float()
 
 
-# =====================================================================================================================
-# Vision encoder: 3D ViT with timm names (SPEC §2)
-# =====================================================================================================================
-
+# ==== Vision encoder: 3D ViT with timm names ======================================================================
 class Attention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -89,19 +77,8 @@ class Attention(nn.Module):
         if flash_attn_func is not None and x.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             out = flash_attn_func(q, k, v)  # (B, N, H, hd)
         else:
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+            out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
         return self.proj(out.reshape(B, N, C))
-
-
-class Mlp(nn.Module):
-    def __init__(self, width: int, mlp_dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(width, mlp_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(mlp_dim, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
@@ -112,17 +89,12 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(width, eps=1e-6)
         self.attn = Attention(width, heads)
         self.norm2 = nn.LayerNorm(width, eps=1e-6)
-        self.mlp = Mlp(width, mlp_dim)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(width, mlp_dim), act=nn.GELU(),
+                                             fc2=nn.Linear(mlp_dim, width)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: tuple[int, int, int], width: int):
-        super().__init__()
-        self.proj = nn.Conv3d(1, width, kernel_size=patch_size, stride=patch_size)
 
 
 class ViT3D(nn.Module):
@@ -138,7 +110,7 @@ class ViT3D(nn.Module):
         self.preset = dict(img_size=list(self.img_size), patch_size=list(self.patch_size), width=width, depth=depth,
                            heads=heads, mlp_dim=mlp_dim)
         self.grad_checkpointing = False  # set True to trade compute for activation memory when training the ViT
-        self.patch_embed = PatchEmbed(self.patch_size, width)
+        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv3d(1, width, self.patch_size, stride=self.patch_size)))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         pos = torch.cat([torch.zeros(1, width), sincos_pos_embed_3d(width, self.grid)])  # cls row, then patches
         self.pos_embed = nn.Parameter(pos.unsqueeze(0))  # (1, 1 + N, width)
@@ -171,10 +143,8 @@ def load_vision_weights(vit: ViT3D, path: str | Path) -> ViT3D:
     """Load BrgSA-layout encoder weights with strict key matching: .pth/.pt via torch.load(weights_only=True),
     .safetensors via safetensors. A training checkpoint wrapping them under "state_dict" or "model" also works."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = (load_file(path) if path.suffix == ".safetensors"
+             else torch.load(path, map_location="cpu", weights_only=True))
     for key in ("state_dict", "model"):
         if isinstance(state.get(key), dict):
             state = state[key]
@@ -196,16 +166,11 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
 
 
-# =====================================================================================================================
-# Bridge: adaptive weighted pooling + Residual Alignment Mechanism (SPEC §3, paper eq. (1)-(3))
-# =====================================================================================================================
-
+# ==== Bridge: adaptive weighted pooling + Residual Alignment Mechanism (paper eq. (1)-(3)) ========================
 def compute_anchor(llm: nn.Module, vocab_size: int | None = None) -> torch.Tensor:
     """eq. (1): t_anchor = mean of the input-embedding rows (the first vocab_size rows: the tokenizer's real
     vocabulary when the matrix is padded, as Qwen2.5's is). Returns a detached float32 (D,) tensor."""
-    weight = llm.get_input_embeddings().weight
-    rows = weight[:vocab_size] if vocab_size else weight
-    return rows.detach().float().mean(dim=0)
+    return llm.get_input_embeddings().weight[:vocab_size or None].detach().float().mean(dim=0)
 
 
 class Bridge(nn.Module):
@@ -220,7 +185,8 @@ class Bridge(nn.Module):
         self.proj = nn.Linear(llm_dim, llm_dim)
         self.proj_norm = nn.LayerNorm(llm_dim)
         # RAM gate MLP on [x; a]: W1 2D -> D, ReLU, W2 D -> D; one gate per channel (ram=False: ablation, no gate)
-        self.gate = nn.Sequential(nn.Linear(2 * llm_dim, llm_dim), nn.ReLU(), nn.Linear(llm_dim, llm_dim)) if ram else None
+        self.gate = (nn.Sequential(nn.Linear(2 * llm_dim, llm_dim), nn.ReLU(), nn.Linear(llm_dim, llm_dim))
+                     if ram else None)
         self.pos_embed = nn.Parameter(sincos_pos_embed_3d(llm_dim, self.grid).unsqueeze(0))  # (1, N_img, D), learnable
         self.norm = nn.LayerNorm(llm_dim)
         self.register_buffer("anchor", anchor.detach().float().clone().reshape(llm_dim))  # frozen, saved
@@ -241,24 +207,14 @@ class Bridge(nn.Module):
         return self.norm(x + self.pos_embed)
 
 
-# =====================================================================================================================
-# The vision-language model
-# =====================================================================================================================
-
-def _has_flash_attn() -> bool:
-    return flash_attn_func is not None
-
-
+# ==== The vision-language model ===================================================================================
 def load_llm(llm_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Load a local Hugging Face causal LM and its tokenizer: no downloads, no remote code.
-
-    Attention: flash_attention_2 when flash-attn is installed, the device is CUDA and the weights are bf16/fp16;
-    otherwise PyTorch SDPA (which itself uses fused flash kernels on CUDA under bf16 autocast).
-    """
+    """A local Hugging Face causal LM and its tokenizer (no downloads, no remote code); attention is
+    flash_attention_2 with flash-attn installed, CUDA and bf16/fp16 weights, else PyTorch SDPA."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device, dtype = torch.device(device), dtype or torch.float32
-    fa2 = _has_flash_attn() and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    fa2 = flash_attn_func is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype, local_files_only=True,
                                                attn_implementation="flash_attention_2" if fa2 else "sdpa")
     tokenizer = AutoTokenizer.from_pretrained(llm_dir, local_files_only=True)
@@ -277,12 +233,10 @@ class VLM(nn.Module):
 
     def __init__(self, vit: ViT3D, bridge: Bridge, llm: nn.Module, tokenizer, config: dict):
         super().__init__()
-        self.vit, self.bridge, self.llm, self.tokenizer = vit, bridge, llm, tokenizer
-        self.config = config
+        self.vit, self.bridge, self.llm, self.tokenizer, self.config = vit, bridge, llm, tokenizer, config
         self.n_img = bridge.n_img
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.eos_token_id = tokenizer.eos_token_id
-        self.pad_token_id = tokenizer.pad_token_id
+        self.eos_token_id, self.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         self._cache_kw = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
 
     # ---- construction, checkpoints -----------------------------------------------------------------------------
@@ -290,10 +244,8 @@ class VLM(nn.Module):
     @classmethod
     def build(cls, llm_dir: str | Path, vit_preset: str | dict = "tiny", vit_weights: str | Path | None = None,
               ram: bool = True, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "VLM":
-        """A fresh VLM from a local HF LLM directory and (optionally) BrgSA-layout encoder weights.
-
-        The anchor (eq. (1)) is computed from the LLM before the image placeholder is added to its vocabulary.
-        """
+        """A fresh VLM from a local HF LLM directory and (optionally) BrgSA-layout encoder weights; the anchor
+        (eq. (1)) is computed before the image placeholder is added to the vocabulary."""
         llm, tokenizer = load_llm(llm_dir, "cpu", dtype)
         embed_rows = llm.get_input_embeddings().weight.shape[0]
         anchor = compute_anchor(llm, vocab_size=min(len(tokenizer), embed_rows))  # eq. (1)
@@ -309,9 +261,10 @@ class VLM(nn.Module):
             load_vision_weights(vit, vit_weights)
         llm_dim = llm.get_input_embeddings().weight.shape[1]
         bridge = Bridge(vit.width, vit.grid, llm_dim, anchor, ram=ram)
-        config = dict(format="med3d-r1-vlm", vit=vit.preset, vit_preset=vit_preset if isinstance(vit_preset, str) else None,
-                      n_img=bridge.n_img, ram=ram, llm_dim=llm_dim, image_token=IMAGE_TOKEN,
-                      llm_source=str(llm_dir), vit_weights=str(vit_weights) if vit_weights else None, meta={})
+        config = dict(format="med3d-r1-vlm", vit=vit.preset,
+                      vit_preset=vit_preset if isinstance(vit_preset, str) else None, n_img=bridge.n_img, ram=ram,
+                      llm_dim=llm_dim, image_token=IMAGE_TOKEN, llm_source=str(llm_dir),
+                      vit_weights=str(vit_weights) if vit_weights else None, meta={})
         return cls(vit, bridge, llm, tokenizer, config).to(device)
 
     @classmethod
@@ -361,8 +314,7 @@ class VLM(nn.Module):
                                                   add_generation_prompt=True)
 
     def tokenize(self, prompts: list[str], padding_side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (input_ids, attention_mask), both (B, T) on the model's device. The template already holds every
-        special token, so none are added."""
+        """-> (input_ids, attention_mask), (B, T) on the model's device; the template holds every special token."""
         batch = self.tokenizer(list(prompts), padding=True, padding_side=padding_side, add_special_tokens=False,
                                return_tensors="pt")
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
@@ -373,12 +325,8 @@ class VLM(nn.Module):
         """(B, 1, X, Y, Z) -> (B, N_img, D)."""
         return self.bridge(self.vit(volumes))
 
-    def bridge_embeds(self, vit_tokens: torch.Tensor) -> torch.Tensor:
-        """(B, N, C) ViT tokens (e.g. cached from a frozen encoder) -> (B, N_img, D)."""
-        return self.bridge(vit_tokens)
-
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings (B, T, D) with each row's N_img placeholder embeddings replaced by that row's image_embeds."""
+        """Token embeddings (B, T, D), each row's N_img placeholder embeddings replaced by that row's image_embeds."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         is_image = input_ids == self.image_token_id  # (B, T), found per row
         counts = is_image.sum(1)
@@ -427,14 +375,11 @@ class VLM(nn.Module):
                  num_samples: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
                  generator: torch.Generator | list[torch.Generator] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sample num_samples completions per prompt (plain temperature sampling; temperature 0 = greedy).
-
-        Prompts should be left-padded. Rows are prompt-major (prompt 0 samples 0..G-1, prompt 1 ...). The image
-        embeddings are computed once by the caller and repeated here. `generator` is one generator for the batch or
-        one per prompt; per prompt, a prompt's samples do not depend on which prompts share its batch (up to float
-        noise from padding). Returns (completion_ids (B*G, T_new) padded with the pad id, lengths (B*G,) counting the
-        EOS token when produced, finished (B*G,) True where EOS came).
-        """
+        """Sample num_samples completions per left-padded prompt (temperature 0 = greedy), rows prompt-major (prompt 0
+        samples 0..G-1, prompt 1 ...), the caller's image embeddings repeated. `generator`: one for the batch, or one
+        per prompt, whose samples then do not depend on its batch mates (up to float noise from padding).
+        Returns (completion_ids (B*G, T_new) padded with the pad id, lengths (B*G,) counting the EOS when produced,
+        finished (B*G,) True where EOS came)."""
         if isinstance(generator, (list, tuple)) and len(generator) != input_ids.shape[0]:
             raise ValueError(f"{len(generator)} generators for {input_ids.shape[0]} prompts")
         ids = input_ids.repeat_interleave(num_samples, dim=0)
@@ -443,8 +388,7 @@ class VLM(nn.Module):
         n = ids.shape[0]
         out = self.llm(inputs_embeds=self.embed(ids, images), attention_mask=mask, position_ids=position_ids(mask),
                        use_cache=True, logits_to_keep=1)
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
-        next_pos = mask.long().sum(1, keepdim=True)  # (n, 1) position of the next token of each row
+        next_pos = mask.long().sum(1, keepdim=True)  # (n, 1) position of each row's first new token
         completion = torch.full((n, max_new_tokens), self.pad_token_id, dtype=torch.long, device=ids.device)
         lengths = torch.zeros(n, dtype=torch.long, device=ids.device)
         finished = torch.zeros(n, dtype=torch.bool, device=ids.device)
@@ -466,10 +410,8 @@ class VLM(nn.Module):
             if t == max_new_tokens - 1 or bool(finished.all()):
                 break
             mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
-            out = self.llm(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
-                           **{self._cache_kw: cache})
-            cache = out.cache if hasattr(out, "cache") else out.past_key_values
-            next_pos = next_pos + 1
+            out = self.llm(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos + t, use_cache=True,
+                           **{self._cache_kw: out.cache if hasattr(out, "cache") else out.past_key_values})
         return completion[:, :int(lengths.max())], lengths, finished
 
 
@@ -487,266 +429,3 @@ def _prepare_tokenizer(tokenizer) -> None:
             new.append(pad)
     if new:
         tokenizer.add_tokens(new, special_tokens=True)
-
-
-# =====================================================================================================================
-# The tiny phantom-world LLM: a Qwen2-architecture model with a locally trained byte-level BPE tokenizer
-# =====================================================================================================================
-
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", VISION_START, VISION_END, IMAGE_TOKEN]
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def build_tiny_llm(texts: list[str], out_dir: str | Path, vocab_size: int = 2048, hidden: int = 256, layers: int = 4,
-                   heads: int = 4, kv_heads: int = 2, intermediate: int | None = None, seed: int = 0) -> Path:
-    """Write an untrained Qwen2-architecture LLM + byte-level BPE tokenizer (trained on `texts`) as an HF directory
-    that AutoModelForCausalLM / AutoTokenizer load like Qwen2.5-3B. eos = <|im_end|>, pad = <|endoftext|>.
-    MLP width 2 × hidden by default (Qwen2.5 uses about 5.4×), 23 % less arithmetic per token than 3 ×: on the
-    phantom world the warm-up LLM given the true labels answered 89 % of the validation think questions at width 512,
-    78 % at 768, and 33 % at 384, which no longer copies the option walk."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(list(texts) + ["system", "user", "assistant"] * 10, trainer)
-    # tags are single tokens but not "special": decode(skip_special_tokens=True) keeps them
-    bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=SPECIAL_TOKENS[1:], model_max_length=4096)
-    tokenizer.chat_template = CHATML_TEMPLATE
-    config = Qwen2Config(vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=hidden, num_hidden_layers=layers,
-                         intermediate_size=intermediate or 2 * hidden, num_attention_heads=heads,
-                         num_key_value_heads=kv_heads, max_position_embeddings=4096, tie_word_embeddings=True,
-                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        llm = Qwen2ForCausalLM(config)
-    llm.generation_config.eos_token_id, llm.generation_config.pad_token_id = config.eos_token_id, config.pad_token_id
-    with atomic_dir(out_dir) as tmp:
-        llm.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return Path(out_dir)
-
-
-def ensure_tiny_llm(phantom_root: str | Path = "runs/phantom") -> Path:
-    """<phantom_root>/tiny_llm, built from the phantom world's texts if absent (builds the phantom world if needed)."""
-    out = Path(phantom_root) / "tiny_llm"
-    if (out / "config.json").is_file():
-        return out
-    import data  # the phantom world and every text format live in data.py
-
-    return build_tiny_llm(phantom_texts(data.ensure_phantom(phantom_root)), out)  # keeps the world's size
-
-
-def phantom_texts(paths: dict) -> list[str]:
-    """The texts the tiny tokenizer learns from: reports, VQA, MMVQA prompts and targets of the training split."""
-    import data
-
-    texts = [data.report_instruction(s) for s in ({"findings": 1, "impressions": 1}, {"findings": 1}, {"impressions": 1})]
-    for report in data.read_reports(paths["train_reports"]).values():
-        texts += [s for s in (report["findings"], report["impressions"]) if s]
-    for item in data.read_vqa(paths["train_vqa"]):
-        texts += [item["question"], item["answer"]]
-    labels = data.read_labels(paths["train_labels"])
-    for item in json.loads(Path(paths["mmvqa_train"]).read_text()):
-        present = [name for name, y in zip(data.ABNORMALITIES, labels.get(item["VolumeName"], [])) if y]
-        for think in (True, False):
-            texts += [data.mmvqa_prompt(item, think=think), data.mmvqa_target(item, present, think=think)]
-    return texts
-
-
-# =====================================================================================================================
-# Training runtime shared by the stages (clip3d.py, sft.py, grpo.py, evaluate.py)
-# Small on purpose: DDP set-up, rank-0 printing, the cosine schedule, the all-ranks finite check, RNG state and
-# atomic checkpoint directories. Each stage keeps its own loop.
-# =====================================================================================================================
-
-def setup_distributed() -> tuple[int, int, int, torch.device]:
-    """Start torch.distributed when launched by torchrun; returns (rank, local_rank, world_size, device).
-
-    Plain `python stage.py` runs as rank 0 of 1 without a process group. NCCL on CUDA, gloo on CPU.
-    """
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-            return rank, local_rank, world, torch.device("cuda", local_rank)
-        dist.init_process_group("gloo")
-        return rank, local_rank, world, torch.device("cpu")
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    return 0, 0, 1, device
-
-
-def cleanup_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def get_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def print0(*args, **kwargs) -> None:
-    """print on rank 0 only."""
-    if get_rank() == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce that is a no-op without a process group; op in {sum, min, max, avg}."""
-    if world_size() > 1:
-        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
-        if op == "avg":
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            t /= world_size()
-        else:
-            dist.all_reduce(t, op=ops[op])
-    return t
-
-
-def all_ranks_finite(*values: torch.Tensor) -> bool:
-    """True only if every value is finite on every rank, so all ranks take the same skip/step decision."""
-    ok = torch.tensor([float(all(bool(torch.isfinite(v).all()) for v in values))],
-                      device=values[0].device if values else "cpu")
-    return bool(all_reduce(ok, "min").item() > 0)
-
-
-def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """True if `flag` is true on any rank (used for stop requests such as SIGTERM)."""
-    return bool(all_reduce(torch.tensor([float(flag)], device=device), "max").item() > 0)
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA, plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_ratio: float = 0.0) -> float:
-    """Linear warm-up to base_lr over warmup_steps, then cosine decay to min_ratio * base_lr at total_steps."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """Python, NumPy and torch RNG states in a form torch.load(weights_only=True) accepts."""
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    v, st, gauss = state["python"]
-    random.setstate((v, tuple(st), gauss))
-    torch.set_rng_state(state["torch"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _clean_after_kill(final: Path) -> None:
-    """What a process killed inside atomic_dir left beside `final`: its half-written temporary (a checkpoint can be
-    gigabytes) is deleted; the previous version, if the kill fell between the two renames, is put back."""
-    for kind in ("old", "tmp"):
-        for path in sorted(final.parent.glob(f".{glob.escape(final.name)}.{kind}-*")):
-            pid = path.name.rpartition("-")[2]
-            if not pid.isdigit() or _pid_alive(int(pid)):
-                continue
-            if kind == "old" and not final.exists():
-                os.replace(path, final)
-            else:
-                shutil.rmtree(path, ignore_errors=True)
-
-
-@contextmanager
-def atomic_dir(final: str | Path):
-    """Write a directory atomically: yield a temporary sibling, then swap it into place.
-
-    A crash inside the block leaves `final` as it was (the previous complete version, or absent). Readers treat a
-    directory as valid only if it exists under its final name.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _clean_after_kill(final)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)  # two renames: the window between them has no `final`, never a half-written one
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_train_state(ckpt_root: str | Path, step: int, state: dict, keep: int = 2) -> Path:
-    """Save a resumable training state as <ckpt_root>/step_<step>/state.pt atomically; keep the newest `keep`.
-
-    `state` holds tensors, numbers, strings and dicts/lists of them (model state_dicts of the trainable parameters,
-    optimizer.state_dict(), rng_state(), the data position, the args) so that it loads with weights_only=True.
-    """
-    ckpt_root = Path(ckpt_root)
-    final = ckpt_root / f"step_{step:08d}"
-    with atomic_dir(final) as tmp:
-        torch.save(state, tmp / "state.pt")
-    for old in sorted(ckpt_root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_train_state(ckpt_root: str | Path) -> dict | None:
-    """Load the newest complete training state under ckpt_root, or None if there is none."""
-    done = sorted(p for p in Path(ckpt_root).glob("step_*") if (p / "state.pt").is_file())
-    return torch.load(done[-1] / "state.pt", map_location="cpu", weights_only=True) if done else None
-
-
-class SigtermFlag:
-    """Turns SIGTERM into a flag the loop polls (then saves a checkpoint and exits cleanly)."""
-
-    def __init__(self):
-        self.raised = False
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.raised = True

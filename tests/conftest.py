@@ -6,10 +6,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, so `import data` works from tests/
 
-import data  # noqa: E402
+import phantom  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def phantom_world(tmp_path_factory) -> dict:
-    """data.ensure_phantom's paths for a small world (24 train / 12 valid / 8 RAD-ChestCT volumes)."""
-    return data.ensure_phantom(tmp_path_factory.mktemp("phantom"), n_train=24, n_valid=12, n_rad=8, seed=0)
+    """phantom.ensure_world's paths for a small world (24 train / 12 valid / 8 RAD-ChestCT volumes)."""
+    return phantom.ensure_world(tmp_path_factory.mktemp("phantom"), n_train=24, n_valid=12, n_rad=8, seed=0)

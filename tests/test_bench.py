@@ -8,13 +8,13 @@ import torch
 
 import bench
 import data
-import model
+from phantom.llm import build_tiny_llm, phantom_texts
 
 PRE_KEYS = {"volume", "ours", "ctclip", "decode", "per_sample"}
 
 
 def tiny_llm(world, tmp_path_factory):
-    return model.build_tiny_llm(model.phantom_texts(world), tmp_path_factory.mktemp("llm") / "tiny_llm",
+    return build_tiny_llm(phantom_texts(world), tmp_path_factory.mktemp("llm") / "tiny_llm",
                                 vocab_size=600, hidden=64, layers=2)
 
 

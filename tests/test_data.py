@@ -1,4 +1,4 @@
-"""data.py: readers, preprocessing numerics, labels, task builders, the OpenAI labeller, the phantom world."""
+"""data.py (readers, preprocessing numerics, labels, task builders, the OpenAI labeller) and the phantom generator."""
 import csv
 import gzip
 import json
@@ -15,6 +15,8 @@ import pytest
 import torch
 
 import data
+import phantom
+from phantom import llm, world
 
 # the team's shared/ folder lies beside the checkout (CI copies it there); /work/shared on the development machines
 SHARED = next((p for p in (Path(__file__).resolve().parents[2] / "shared", Path("/work/shared")) if p.exists()),
@@ -44,7 +46,7 @@ def test_real_ctrate_csvs_parse_completely():
     meta = data.read_metadata(CTRATE / "validation_metadata.csv")
     assert len(meta) == 3039
     with open(CTRATE / "validation_metadata.csv", newline="") as f:
-        assert next(csv.reader(f)) == data.METADATA_COLUMNS
+        assert next(csv.reader(f)) == world.METADATA_COLUMNS
     spacings = np.array([data.metadata_spacing(r) for r in meta.values()])
     assert np.isfinite(spacings).all() and (spacings > 0).all() and spacings[:, 0].max() < 1.5
     siemens = [r for r in meta.values() if r["Manufacturer"] == "Siemens Healthineers"]
@@ -194,7 +196,8 @@ def test_reoriented_views_preprocess_like_contiguous_arrays(tmp_path):
     spacing = (1.2, 0.9, 2.5)
     expected = data.preprocess_volume(np.ascontiguousarray(target, dtype=np.float32), spacing, SMALL)
     swapped = np.array([[0, -1, 0, 0], [-1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])  # stored (P, L, S)
-    files = {"lps": (target, None), "ras": (target[::-1, ::-1, :], np.eye(4)), "pls": (target.transpose(1, 0, 2), swapped)}
+    files = {"lps": (target, None), "ras": (target[::-1, ::-1, :], np.eye(4)),
+             "pls": (target.transpose(1, 0, 2), swapped)}
     for name, (stored, affine) in files.items():
         path = write_nifti(tmp_path / f"{name}.nii.gz", np.ascontiguousarray(stored), affine)
         hu, _ = data.read_ctrate_volume(path, meta_row())
@@ -263,7 +266,7 @@ def test_preprocess_dir_is_resumable_and_records_bad_files(tmp_path):
     write_nifti(data.ctrate_path(src, "valid_5_a_1.nii.gz"), np.zeros((4, 4, 4), np.int16))  # no metadata row
     meta = tmp_path / "meta.csv"
     with open(meta, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=data.METADATA_COLUMNS, restval="")
+        w = csv.DictWriter(f, fieldnames=world.METADATA_COLUMNS, restval="")
         w.writeheader()
         w.writerows(rows)
     out = tmp_path / "cache"
@@ -455,8 +458,8 @@ def test_mmvqa_prompt_and_target():
             "C": "Hiatal hernia", "D": "Lung nodule"}, "answer": "B"}
     assert data.mmvqa_prompt(item, True).startswith(item["question"]) and "<think>" in data.mmvqa_prompt(item, True)
     assert "<think>" not in data.mmvqa_prompt(item, False)
-    assert data.mmvqa_target(item, ["Cardiomegaly"], think=False) == "<answer>B</answer>"
-    t = data.mmvqa_target(item, ["Cardiomegaly", "Pleural effusion"], think=True)
+    assert llm.mmvqa_target(item, ["Cardiomegaly"], think=False) == "<answer>B</answer>"
+    t = llm.mmvqa_target(item, ["Cardiomegaly", "Pleural effusion"], think=True)
     assert t == ("<think>Of the options, Cardiomegaly present. "
                  "A) Emphysema not seen. B) Cardiomegaly present. C) Hiatal hernia not seen. D) Lung nodule not seen. "
                  "The answer is B. The scan shows Cardiomegaly and Pleural effusion.</think><answer>B</answer>")
@@ -530,9 +533,9 @@ def test_phantom_reports_labels_and_vqa_agree(phantom_world):
 def test_every_phantom_abnormality_is_visible_at_the_phantom_preset():
     """Adding one finding to a normal patient changes a clear block of voxels after preprocessing."""
     for seed in (0, 1):
-        base = data._phantom_patient(np.random.default_rng(seed), force_normal=True)
-        render = lambda p: data.preprocess_volume(data._render(p, (86, 86, 44), (4.2, 4.2, 8.0),
-                                                               np.random.default_rng(5)), (4.2, 4.2, 8.0), data.PHANTOM)
+        base = world._phantom_patient(np.random.default_rng(seed), force_normal=True)
+        render = lambda p: data.preprocess_volume(
+            world._render(p, (86, 86, 44), (4.2, 4.2, 8.0), np.random.default_rng(5)), (4.2, 4.2, 8.0), data.PHANTOM)
         normal = render(base).astype(int)[4:68, 4:68, 2:34]
         for k, name in enumerate(data.ABNORMALITIES):
             p = dict(base, labels=np.eye(18, dtype=bool)[k])
@@ -542,16 +545,18 @@ def test_every_phantom_abnormality_is_visible_at_the_phantom_preset():
 
 def test_phantom_label_statistics():
     rng = np.random.default_rng(0)
-    labels = np.array([data._phantom_patient(rng)["labels"] for _ in range(3000)])
+    labels = np.array([world._phantom_patient(rng)["labels"] for _ in range(3000)])
     prevalence = labels.mean(0)
     assert prevalence.min() > 0.13 and prevalence.max() < 0.37
     assert 0.04 < (labels.sum(1) == 0).mean() < 0.1 and labels.sum(1).mean() > 3
 
 
 def test_phantom_is_deterministic_and_ensure_is_idempotent(tmp_path, phantom_world):
-    data.make_phantom(tmp_path / "a", n_train=3, n_valid=1, n_rad=1, seed=3, workers=1, progress=False)
-    data.main(["phantom", "--out", str(tmp_path / "b"), "--n-train", "3", "--n-valid", "1", "--n-rad", "1",
-               "--seed", "3"])  # through the CLI, with a worker pool: same bytes
+    world.make_phantom(tmp_path / "a", n_train=3, n_valid=1, n_rad=1, seed=3, workers=1, progress=False)
+    r = subprocess.run([sys.executable, "-m", "phantom", "dataset", "--out", str(tmp_path / "b"), "--n-train", "3",
+                        "--n-valid", "1", "--n-rad", "1", "--seed", "3"],  # the CLI, with a worker pool: same bytes
+                       cwd=Path(data.__file__).parent, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert len(files) > 10
     for f in files:
@@ -562,10 +567,10 @@ def test_phantom_is_deterministic_and_ensure_is_idempotent(tmp_path, phantom_wor
             a, b = (np.load(tmp_path / d / f)["ct"].tobytes() for d in ("a", "b"))
         assert a == b, f
     before = {p: p.stat().st_mtime_ns for p in Path(phantom_world["root"]).rglob("*.json")}
-    assert data.ensure_phantom(phantom_world["root"], n_train=24, n_valid=12, n_rad=8) == phantom_world
+    assert phantom.ensure_world(phantom_world["root"], n_train=24, n_valid=12, n_rad=8) == phantom_world
     assert before == {p: p.stat().st_mtime_ns for p in Path(phantom_world["root"]).rglob("*.json")}
     with pytest.raises(ValueError, match="another root"):
-        data.ensure_phantom(phantom_world["root"], n_train=25, n_valid=12, n_rad=8)
+        phantom.ensure_world(phantom_world["root"], n_train=25, n_valid=12, n_rad=8)
 
 
 def test_mmvqa_cli_runs_as_a_script(tmp_path, phantom_world):

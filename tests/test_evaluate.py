@@ -327,9 +327,9 @@ def eval_setup(phantom_world, tmp_path_factory):
     """A tiny VLM checkpoint at <root>/runs/sft/vlm; its LLM matrices are re-drawn large so that greedy decoding of
     the untrained model emits varied tokens (letters, tags, words) instead of one repeated token."""
     import model
+    from phantom.llm import build_tiny_llm, phantom_texts
     root = tmp_path_factory.mktemp("eval")
-    llm_dir = model.build_tiny_llm(model.phantom_texts(phantom_world), root / "llm", vocab_size=512, hidden=64,
-                                   layers=2)
+    llm_dir = build_tiny_llm(phantom_texts(phantom_world), root / "llm", vocab_size=512, hidden=64, layers=2)
     vlm = model.VLM.build(llm_dir, "tiny")
     with torch.no_grad():
         torch.manual_seed(0)

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import grpo
 import model
+from phantom.llm import build_tiny_llm, phantom_texts
 from grpo import (accuracy_reward, discretise, format_reward, group_advantages, grpo_loss, make_consistency_scorer,
                   offline_consistency, parse_answer)
 
@@ -79,7 +81,7 @@ REPORT = ("Findings: Centrilobular emphysema in both upper lobes. Coronary arter
 
 
 def test_clinical_stances():
-    s = grpo.clinical_stances("No pleural effusion. There is emphysema and no nodule; consolidation is not seen, "
+    s = data.clinical_stances("No pleural effusion. There is emphysema and no nodule; consolidation is not seen, "
                               "but coronary artery wall calcification is present. Cardiomegaly? No cardiomegaly.")
     assert s == {"Pleural effusion": "deny", "Emphysema": "affirm", "Lung nodule": "deny", "Consolidation": "deny",
                  "Coronary artery wall calcification": "affirm", "Cardiomegaly": "both"}
@@ -254,7 +256,7 @@ def stand_in_accuracy(completion, answer, options=None):
 def sft_ckpt(phantom_world, tmp_path_factory):
     """A small untrained VLM saved like runs/sft/vlm."""
     tmp = tmp_path_factory.mktemp("grpo_sft")
-    llm = model.build_tiny_llm(model.phantom_texts(phantom_world), tmp / "llm", hidden=64, layers=2, heads=2,
+    llm = build_tiny_llm(phantom_texts(phantom_world), tmp / "llm", hidden=64, layers=2, heads=2,
                                kv_heads=1)
     torch.manual_seed(0)
     return str(model.VLM.build(llm, vit_preset="tiny").save(tmp / "vlm", meta={"stage": "sft"}))

@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import model as M
+import runtime
+from phantom.llm import CHATML_TEMPLATE, build_tiny_llm
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = [
@@ -35,7 +36,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory):
-    return M.build_tiny_llm(TEXTS, tmp_path_factory.mktemp("llm") / "tiny_llm", vocab_size=600, hidden=64, layers=2,
+    return build_tiny_llm(TEXTS, tmp_path_factory.mktemp("llm") / "tiny_llm", vocab_size=600, hidden=64, layers=2,
                             heads=4, kv_heads=2)
 
 
@@ -307,7 +308,7 @@ def foreign_llm(out_dir):
                             special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
-    tok.chat_template = M.CHATML_TEMPLATE
+    tok.chat_template = CHATML_TEMPLATE
     llm = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
     llm.save_pretrained(out_dir)
@@ -445,25 +446,11 @@ def test_atomic_dir_puts_back_a_version_stranded_by_a_kill_between_its_renames(t
     stranded.mkdir()
     (stranded / "v").write_text("1")
     with pytest.raises(RuntimeError, match="write failed"):
-        with M.atomic_dir(tmp_path / "out") as tmp:
+        with runtime.atomic_dir(tmp_path / "out") as tmp:
             (tmp / "v").write_text("2")
             raise RuntimeError("write failed")
     assert (tmp_path / "out" / "v").read_text() == "1" and not stranded.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    with M.atomic_dir(tmp_path / "out") as tmp:
+    with runtime.atomic_dir(tmp_path / "out") as tmp:
         (tmp / "v").write_text("2")
     assert (tmp_path / "out" / "v").read_text() == "2" and [p.name for p in tmp_path.iterdir()] == ["out"]
-
-
-def test_ensure_tiny_llm_learns_the_phantom_language(phantom_world):
-    import data
-
-    out = M.ensure_tiny_llm(phantom_world["root"])
-    assert out == Path(phantom_world["root"]) / "tiny_llm"
-    stamp = (out / "config.json").stat().st_mtime_ns
-    assert M.ensure_tiny_llm(phantom_world["root"]) == out and (out / "config.json").stat().st_mtime_ns == stamp
-    tok = AutoTokenizer.from_pretrained(out)
-    report = next(r["findings"] for r in data.read_reports(phantom_world["valid_reports"]).values() if r["findings"])
-    n_tokens = len(tok(report, add_special_tokens=False)["input_ids"])
-    assert n_tokens < len(report) / 3  # whole words and phrases, not bytes
-    assert tok.decode(tok(report, add_special_tokens=False)["input_ids"]) == report

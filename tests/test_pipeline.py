@@ -14,13 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(*args: str) -> None:
     done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"{args[0]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
 
 @pytest.mark.slow
 def test_whole_chain_hands_off(phantom_world, tmp_path):
     world, runs = str(phantom_world["root"]), tmp_path / "runs"
-    run("sft.py", "--warmup", "--data-root", world, "--out", str(runs / "warmup"), "--max-steps", "3")
+    run("-m", "phantom", "warmup", "--data-root", world, "--out", str(runs / "warmup"), "--max-steps", "3")
     run("clip3d.py", "--data-root", world, "--out", str(runs / "clip3d"), "--max-steps", "2", "--batch-size", "4")
     run("sft.py", "--data-root", world, "--llm", str(runs / "warmup"), "--out", str(runs / "sft"), "--max-steps", "2",
         "--vision-weights", str(runs / "clip3d" / "vision_encoder.safetensors"))

@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,8 @@ import torch
 
 import data
 import model
+import runtime
+from phantom.llm import build_tiny_llm, phantom_texts
 import sft
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +87,7 @@ def test_lora_starts_at_the_base_model_and_merges_exactly():
 @pytest.fixture(scope="session")
 def tiny_llm(phantom_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("llm") / "tiny_llm"
-    return str(model.build_tiny_llm(model.phantom_texts(phantom_world), out, vocab_size=512, hidden=64, layers=2))
+    return str(build_tiny_llm(phantom_texts(phantom_world), out, vocab_size=512, hidden=64, layers=2))
 
 
 @pytest.fixture(scope="session")
@@ -107,7 +108,7 @@ def trainable_state(result):
 
 
 def test_only_the_bridge_changes(phantom_world, tiny_llm, vision_weights, tmp_path):
-    model.seed_everything(0)
+    runtime.seed_everything(0)
     ref = model.VLM.build(tiny_llm, vit_preset="tiny", vit_weights=vision_weights)
     result = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path, "--max-steps", 1))
     after = dict(result["net"].vlm.named_parameters())
@@ -134,49 +135,6 @@ def test_bridge_standardises_encoder_tokens_over_training_volumes(phantom_world,
     x = torch.stack([data.online_transform(volumes.load(v), volumes.preset) for v in names[:2]])
     with torch.no_grad():
         assert torch.allclose(loaded.image_embeds(x), vlm.image_embeds(x), atol=1e-5)
-
-
-def test_warmup_trains_the_llm_to_read_labels_and_writes_an_llm_dir(phantom_world, tiny_llm, tmp_path):
-    """The warm-up trains the whole LLM and the label code (no encoder, no bridge) and writes an HF directory that
-    sft.py builds its VLM from; the code turns different label vectors into different image embeddings."""
-    from safetensors.torch import load_file
-
-    initial = {n: p.clone() for n, p in model.load_llm(tiny_llm)[0].named_parameters()}
-    result = sft.main(["--warmup", "--data-root", str(phantom_world["root"]), "--llm", tiny_llm, "--out",
-                       str(tmp_path), "--batch-size", "2", "--max-steps", "2", "--lr", "1e-3"])
-    trained = {n.split(".", 1)[1]: p for n, p in result["net"].named_parameters() if p.requires_grad}
-    assert {n.split(".")[0] for n in trained} == {"llm", "code", "pos", "norm"}
-    written = dict(model.load_llm(tmp_path)[0].named_parameters())
-    assert any(not torch.equal(initial[n], written[n]) for n in initial)
-    code = sft.FindingCode(result["net"].vlm.n_img, written["model.embed_tokens.weight"].shape[1])
-    code.load_state_dict(load_file(tmp_path / "finding_code.safetensors"))
-    y = torch.zeros(2, len(sft.data.ABNORMALITIES))
-    y[1, 3] = 1
-    e = code(y)
-    assert e.shape == (2, code.pos.shape[0], code.pos.shape[1]) and not torch.allclose(e[0], e[1])
-
-
-def test_warmup_mmvqa_questions_ask_about_drawn_labels(phantom_world):
-    labels = sft.data.read_labels(phantom_world["train_labels"])
-    examples, read = sft.warmup_examples(phantom_world, labels, seed=0, think_per_scan=3, no_think_per_scan=1)
-    drawn = [e for e in examples if e["volume"].startswith("drawn-")]
-    assert len({e["volume"] for e in drawn}) > 3 * len(labels)  # new label vectors, not the training scans'
-    assert all(e["volume"] in read for e in examples)
-    for e in drawn:  # every drawn question's key is present in its drawn labels, the distractors are not
-        target = e["segments"][0][0]
-        key = target.split("<answer>")[1][0]
-        options = dict(re.findall(r"([A-D])\) (.*?)(?= [A-D]\) |$)", e["user"].split("\n")[0]))
-        present = {n for n, v in zip(sft.data.ABNORMALITIES, read[e["volume"]]) if v}
-        assert len(options) == 4 and options[key] in present
-        assert not {v for k, v in options.items() if k != key} & present
-    assert sum("<think>" in e["segments"][0][0] for e in drawn) > 2 * sum("<think>" not in e["segments"][0][0]
-                                                                          for e in drawn)
-    copies = [e for e in examples if e["volume"] == sft.BLANK]
-    assert len(copies) == 6 * len(labels) and not read[sft.BLANK].any()  # copy exercises sit on a blank image
-    for e in copies:  # the target is the list of the prompt, verbatim, in order
-        listed = e["user"].removeprefix("Repeat this list: ")
-        assert e["segments"] == [(listed, False)] and 3 <= len(re.findall(r"[A-D]\) ", listed)) <= 8
-    assert len({e["user"] for e in copies}) == len(copies)  # each exercise is new
 
 
 # Adam's first steps move each weight by about lr * sign(grad), so a gradient component within float noise of zero can

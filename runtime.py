@@ -1,0 +1,315 @@
+"""The run-time every stage shares: DDP set-up, rank-0 printing, all-reduce, the all-rank finite check, RNG state,
+atomic checkpoints, one save / resume / stop helper (`Run`), the cosine schedule and the command-line conventions.
+
+Small on purpose: each stage keeps its own loop and its own `train_step`; this file only holds what would otherwise
+be written again, and drift, in every stage.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import random
+import shutil
+import signal
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+def setup_distributed() -> tuple[int, int, int, torch.device]:
+    """(rank, local_rank, world_size, device): a process group under torchrun (NCCL on CUDA, gloo on CPU), else
+    rank 0 of 1 without one."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+            return rank, local_rank, world, torch.device("cuda", local_rank)
+        dist.init_process_group("gloo")
+        return rank, local_rank, world, torch.device("cpu")
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return 0, 0, 1, device
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def print0(*args, **kwargs) -> None:
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce that is a no-op without a process group; op in {sum, min, max, avg}."""
+    if world_size() > 1:
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        if op == "avg":
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= world_size()
+        else:
+            dist.all_reduce(t, op=ops[op])
+    return t
+
+
+def all_ranks_finite(*values: torch.Tensor) -> bool:
+    """True only if every value is finite on every rank, so all ranks take the same skip/step decision."""
+    ok = torch.tensor([float(all(bool(torch.isfinite(v).all()) for v in values))],
+                      device=values[0].device if values else "cpu")
+    return bool(all_reduce(ok, "min").item() > 0)
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True if `flag` is true on any rank (used for stop requests such as SIGTERM)."""
+    return bool(all_reduce(torch.tensor([float(flag)], device=device), "max").item() > 0)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_ratio: float = 0.0) -> float:
+    """Linear warm-up to base_lr over warmup_steps, then cosine decay to min_ratio * base_lr at total_steps."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch RNG states in a form torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    v, st, gauss = state["python"]
+    random.setstate((v, tuple(st), gauss))
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
+
+
+def _clean_after_kill(final: Path) -> None:
+    """What a process killed inside atomic_dir left beside `final`: its half-written temporary (a checkpoint can be
+    gigabytes) is deleted; the previous version, if the kill fell between the two renames, is put back."""
+    for kind in ("old", "tmp"):
+        for path in sorted(final.parent.glob(f".{glob.escape(final.name)}.{kind}-*")):
+            pid = path.name.rpartition("-")[2]
+            if not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+            if kind == "old" and not final.exists():
+                os.replace(path, final)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(final: str | Path):
+    """Write a directory atomically: yield a temporary sibling, then swap it into place. A crash inside the block
+    leaves `final` as it was (the previous complete version, or absent)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _clean_after_kill(final)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)  # two renames: the window between them has no `final`, never a half-written one
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_train_state(ckpt_root: str | Path, step: int, state: dict, keep: int = 2) -> Path:
+    """<ckpt_root>/step_<step>/state.pt, atomically; keeps the newest `keep`. `state` holds tensors, numbers,
+    strings and dicts / lists of them, so that it loads with weights_only=True."""
+    ckpt_root = Path(ckpt_root)
+    final = ckpt_root / f"step_{step:08d}"
+    with atomic_dir(final) as tmp:
+        torch.save(state, tmp / "state.pt")
+    for old in sorted(ckpt_root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_train_state(ckpt_root: str | Path) -> dict | None:
+    """Load the newest complete training state under ckpt_root, or None if there is none."""
+    done = sorted(p for p in Path(ckpt_root).glob("step_*") if (p / "state.pt").is_file())
+    return torch.load(done[-1] / "state.pt", map_location="cpu", weights_only=True) if done else None
+
+
+def wrap_ddp(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel under torchrun (one device per process), the module itself otherwise."""
+    if world_size() == 1:
+        return net
+    return DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, params: list, grad_clip: float, nan_policy: str, step: int,
+                   *values: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Clip the gradients, then step only if `values` and the gradient norm are finite on every rank, so every rank
+    takes the same branch. Otherwise skip this update on every rank (nan_policy "skip") or stop every rank ("stop").
+    Returns (gradient norm before clipping, whether the update was applied)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    finite = all_ranks_finite(*values, grad_norm)
+    if finite:
+        optimizer.step()
+    else:
+        action = "skipping the update" if nan_policy == "skip" else "stopping"
+        print(f"[rank {get_rank()}] non-finite loss at step {step}: {action} (--nan-policy {nan_policy})", flush=True)
+        if nan_policy == "stop":
+            raise SystemExit(f"non-finite loss at step {step} on some rank (--nan-policy stop)")
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, finite
+
+
+def _json_safe(value):
+    """NaN and infinities as null, so that metrics.jsonl stays valid JSON Lines."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class Run:
+    """A stage's output folder: metrics.jsonl, resumable checkpoints under ckpt/, and stop requests.
+
+    One policy for every stage. A fresh run starts a new metrics.jsonl and removes the checkpoints an earlier run
+    left in the folder. With resume=True the newest complete checkpoint is loaded (`run.state`, or None), this rank's
+    RNG state is restored, and metrics.jsonl keeps the rows up to the step resumed from, so no step appears twice.
+    Create it after the model is built (building consumes RNG) and before the loop.
+    """
+
+    def __init__(self, out: str | Path, resume: bool, stop_at: int | None = None, keep: int = 2):
+        self.out, self.stop_at, self.keep = Path(out), stop_at, keep
+        self.rank, self.world = get_rank(), world_size()
+        self.state = latest_train_state(self.out / "ckpt") if resume else None
+        self.start = self.state["step"] if self.state is not None else 0
+        if self.state is not None:
+            rngs = self.state["rng"]
+            set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
+            print0(f"resumed from step {self.start}")
+        elif resume:
+            print0(f"no checkpoint under {self.out / 'ckpt'}: starting from step 0")
+        self.sigterm = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._log = None
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            metrics = self.out / "metrics.jsonl"
+            if self.state is None:
+                shutil.rmtree(self.out / "ckpt", ignore_errors=True)
+                metrics.unlink(missing_ok=True)
+            elif metrics.exists():
+                rows = [line for line in metrics.read_text().splitlines() if line.strip()]
+                kept = [line for line in rows if json.loads(line).get("step", 0) <= self.start]
+                metrics.write_text("".join(line + "\n" for line in kept))
+            self._log = open(metrics, "a")
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.sigterm = True  # the loop finishes its step, saves a checkpoint and stops
+
+    def log(self, row: dict) -> None:
+        """Append one row to metrics.jsonl (rank 0)."""
+        if self._log is not None:
+            self._log.write(json.dumps(_json_safe(row)) + "\n")
+            self._log.flush()
+
+    def save(self, step: int, state: dict) -> None:
+        """Save a resumable checkpoint: `state` plus the step and every rank's RNG state. Call it on every rank."""
+        rngs = [None] * self.world
+        if self.world > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if self.rank == 0:
+            save_train_state(self.out / "ckpt", step, {**state, "step": step, "rng": rngs}, keep=self.keep)
+
+    def should_stop(self, step: int, device: torch.device | str = "cpu") -> bool:
+        """True on every rank once any rank received SIGTERM, or at --stop-at."""
+        return any_rank(self.sigterm, device) or step == self.stop_at
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+# =====================================================================================================================
+# Command lines: the paper's defaults on the flags, the phantom world's overrides in one dict per stage
+# =====================================================================================================================
+
+def make_parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """A stage's parser: the docstring's first line as description, its run lines (from "Run:") as epilog."""
+    return argparse.ArgumentParser(prog=prog, description=doc.strip().split("\n")[0], epilog=doc[doc.index("Run:"):],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def parse_with_preset(parser: argparse.ArgumentParser, argv, phantom: dict) -> argparse.Namespace:
+    """Parse with the flags' own defaults (the paper's); under --preset phantom the stage's overrides replace the
+    defaults of the flags not given on the command line. --help shows both."""
+    for a in parser._actions:
+        if a.option_strings and a.help is not argparse.SUPPRESS and a.dest != "help":
+            shown = f"default: {a.default}" + (f"; phantom: {phantom[a.dest]}" if a.dest in phantom else "")
+            a.help = f"{a.help or ''} ({shown})".replace("%", "%%").strip()
+    known, _ = parser.parse_known_args(argv)
+    if known.preset == "phantom":
+        parser.set_defaults(**phantom)
+    return parser.parse_args(argv)
+
+
+HIDDEN = argparse.SUPPRESS  # help text of flags only the tests use (--stop-at, --max-steps, --inject-nan)

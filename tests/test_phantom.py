@@ -1,0 +1,75 @@
+"""The phantom package: the tiny LLM it builds and the warm-up that teaches it (phantom/llm.py, phantom/warmup.py)."""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import data
+import model
+import phantom
+from phantom import warmup
+from phantom.llm import build_tiny_llm, phantom_texts
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(phantom_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("llm") / "tiny_llm"
+    return str(build_tiny_llm(phantom_texts(phantom_world), out, vocab_size=512, hidden=64, layers=2))
+
+
+def test_warmup_trains_the_llm_to_read_labels_and_writes_an_llm_dir(phantom_world, tiny_llm, tmp_path):
+    """The warm-up trains the whole LLM and the label code (no encoder, no bridge) and writes an HF directory that
+    sft.py builds its VLM from; the code turns different label vectors into different image embeddings."""
+    from safetensors.torch import load_file
+
+    initial = {n: p.clone() for n, p in model.load_llm(tiny_llm)[0].named_parameters()}
+    result = warmup.main(["--data-root", str(phantom_world["root"]), "--llm", tiny_llm, "--out",
+                       str(tmp_path), "--batch-size", "2", "--max-steps", "2", "--lr", "1e-3"])
+    trained = {n.split(".", 1)[1]: p for n, p in result["net"].named_parameters() if p.requires_grad}
+    assert {n.split(".")[0] for n in trained} == {"llm", "code", "pos", "norm"}
+    written = dict(model.load_llm(tmp_path)[0].named_parameters())
+    assert any(not torch.equal(initial[n], written[n]) for n in initial)
+    code = warmup.FindingCode(result["net"].vlm.n_img, written["model.embed_tokens.weight"].shape[1])
+    code.load_state_dict(load_file(tmp_path / "finding_code.safetensors"))
+    y = torch.zeros(2, len(data.ABNORMALITIES))
+    y[1, 3] = 1
+    e = code(y)
+    assert e.shape == (2, code.pos.shape[0], code.pos.shape[1]) and not torch.allclose(e[0], e[1])
+
+
+def test_warmup_mmvqa_questions_ask_about_drawn_labels(phantom_world):
+    labels = data.read_labels(phantom_world["train_labels"])
+    examples, read = warmup.warmup_examples(phantom_world, labels, seed=0, think_per_scan=3, no_think_per_scan=1)
+    drawn = [e for e in examples if e["volume"].startswith("drawn-")]
+    assert len({e["volume"] for e in drawn}) > 3 * len(labels)  # new label vectors, not the training scans'
+    assert all(e["volume"] in read for e in examples)
+    for e in drawn:  # every drawn question's key is present in its drawn labels, the distractors are not
+        target = e["segments"][0][0]
+        key = target.split("<answer>")[1][0]
+        options = dict(re.findall(r"([A-D])\) (.*?)(?= [A-D]\) |$)", e["user"].split("\n")[0]))
+        present = {n for n, v in zip(data.ABNORMALITIES, read[e["volume"]]) if v}
+        assert len(options) == 4 and options[key] in present
+        assert not {v for k, v in options.items() if k != key} & present
+    assert sum("<think>" in e["segments"][0][0] for e in drawn) > 2 * sum("<think>" not in e["segments"][0][0]
+                                                                          for e in drawn)
+    copies = [e for e in examples if e["volume"] == warmup.BLANK]
+    assert len(copies) == 6 * len(labels) and not read[warmup.BLANK].any()  # copy exercises sit on a blank image
+    for e in copies:  # the target is the list of the prompt, verbatim, in order
+        listed = e["user"].removeprefix("Repeat this list: ")
+        assert e["segments"] == [(listed, False)] and 3 <= len(re.findall(r"[A-D]\) ", listed)) <= 8
+    assert len({e["user"] for e in copies}) == len(copies)  # each exercise is new
+
+
+def test_ensure_world_builds_the_tiny_llm_once_and_it_learns_the_phantom_language(phantom_world):
+    out = phantom_world["tiny_llm"]
+    assert out == Path(phantom_world["root"]) / "tiny_llm"
+    stamp = (out / "config.json").stat().st_mtime_ns
+    again = phantom.ensure_world(phantom_world["root"])["tiny_llm"]
+    assert again == out and (out / "config.json").stat().st_mtime_ns == stamp
+    tok = AutoTokenizer.from_pretrained(out)
+    report = next(r["findings"] for r in data.read_reports(phantom_world["valid_reports"]).values() if r["findings"])
+    n_tokens = len(tok(report, add_special_tokens=False)["input_ids"])
+    assert n_tokens < len(report) / 3  # whole words and phrases, not bytes
+    assert tok.decode(tok(report, add_special_tokens=False)["input_ids"]) == report

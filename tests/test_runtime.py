@@ -1,0 +1,98 @@
+"""runtime.py: the command-line conventions every stage shares, the one metrics / checkpoint policy, and the layout
+rule that the method never reaches into the phantom package except to build a missing world."""
+import ast
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import clip3d
+import grpo
+import runtime
+import sft
+
+ROOT = Path(__file__).resolve().parents[1]
+METHOD = ["model.py", "data.py", "clip3d.py", "sft.py", "grpo.py", "evaluate.py", "runtime.py"]
+
+
+@pytest.mark.parametrize("stage", ["sft.py", "grpo.py", "clip3d.py", "evaluate.py"])
+def test_help_shows_every_default_grouped_with_run_lines(stage):
+    out = subprocess.run([sys.executable, stage, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "Run:" in text and "torchrun --standalone --nproc_per_node 8" in text   # the docstring's run lines
+    if stage != "evaluate.py":
+        assert "optimisation:" in text and "run-time:" in text and "data:" in text
+        for hidden in ("--stop-at", "--max-steps", "--inject-nan"):                 # test-only flags are hidden
+            assert hidden not in text
+    # every visible option line (or its continuation) carries its default
+    blocks = text.split("\n  --")[1:]
+    assert blocks and all("default:" in b for b in blocks), [b for b in blocks if "default:" not in b][:3]
+
+
+def test_paper_defaults_on_the_flags_phantom_overrides_in_one_dict():
+    real, phantom = sft.parse_args(["--preset", "real"]), sft.parse_args([])
+    assert (real.lr, real.epochs, real.batch_size, real.vit_preset) == (1e-4, 1, 2, "base")   # the paper's SFT
+    assert all(getattr(phantom, k) == v for k, v in sft.PHANTOM.items())
+    assert sft.parse_args(["--lr", "0.5"]).lr == 0.5                                          # a given flag wins
+    g = grpo.parse_args(["--preset", "real"])
+    assert (g.lr, g.group_size, g.kl_beta, g.max_new_tokens, g.freeze_encoder) == (1e-6, 4, 0.04, 512, False)
+    c = clip3d.parse_args(["--preset", "real"])
+    assert (c.lr, c.batch_size, c.epochs, c.vit) == (5e-5, 64, 39, "base")
+
+
+def test_method_files_import_the_phantom_package_in_one_place_only():
+    """Import arrows run one way: phantom -> method. The only exception is data.paths building a missing world."""
+    found = []
+    for name in METHOD:
+        for node in ast.walk(ast.parse((ROOT / name).read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                found += [(name, m) for m in mods if m.split(".")[0] == "phantom"]
+    assert found == [("data.py", "phantom")]
+
+
+def test_fresh_run_replaces_metrics_and_checkpoints_resume_keeps_rows_up_to_its_step(tmp_path):
+    run = runtime.Run(tmp_path, resume=False)
+    for step in (1, 2, 3):
+        run.log({"step": step, "loss": float("nan") if step == 2 else 1.0 / step})
+        if step == 2:
+            run.save(step, {"weights": torch.ones(2)})
+    run.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[1]["loss"] is None     # valid JSON: NaN as null
+    resumed = runtime.Run(tmp_path, resume=True)                                   # the newest checkpoint: step 2
+    assert resumed.start == 2 and torch.equal(resumed.state["weights"], torch.ones(2))
+    resumed.log({"step": 3, "loss": 0.25})
+    resumed.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["loss"] == 0.25    # step 3 once, the new one
+    fresh = runtime.Run(tmp_path, resume=False)
+    fresh.close()
+    assert not (tmp_path / "ckpt").exists() and (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_resume_restores_this_ranks_rng_state(tmp_path):
+    torch.manual_seed(123)
+    run = runtime.Run(tmp_path, resume=False)
+    run.save(1, {})
+    expected = torch.rand(3)
+    torch.manual_seed(999)
+    runtime.Run(tmp_path, resume=True)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_optimizer_step_skips_a_non_finite_loss(capsys):
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    (w.sum() * float("nan")).backward()
+    norm, applied = runtime.optimizer_step(opt, [w], 1.0, "skip", 7, torch.tensor(float("nan")))
+    assert not applied and torch.equal(w.detach(), torch.ones(2)) and w.grad is None and math.isnan(norm)
+    assert "non-finite loss at step 7: skipping" in capsys.readouterr().out
+    (w.sum()).backward()
+    _, applied = runtime.optimizer_step(opt, [w], 1.0, "skip", 8, torch.tensor(1.0))
+    assert applied and not torch.equal(w.detach(), torch.ones(2))
