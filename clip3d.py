@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -76,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--eval-every", type=int, default=1000)
     g.add_argument("--save-every", type=int, default=1000)
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under <out>/ckpt")
+    g.add_argument("--overwrite", action="store_true", help="start afresh over an earlier run in <out>")
     g.add_argument("--nan-policy", default="skip", choices=["skip", "stop"], help="on a non-finite loss, on all ranks")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-steps", type=int, default=0, help=HIDDEN)     # stop after this many steps (0: all epochs)
@@ -302,7 +304,7 @@ def main(argv=None) -> dict:
     no_decay = [p for p in net.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-    run = runtime.Run(args.out, args.resume)
+    run = runtime.Run(args.out, args.resume, args.overwrite)
     if run.state is not None:
         net.load_state_dict(run.state["model"])
         opt.load_state_dict(run.state["optimizer"])
@@ -333,13 +335,15 @@ def main(argv=None) -> dict:
             if rank == 0:
                 M.save_vision_weights(net.vit, Path(args.out) / "vision_encoder.safetensors")   # atomic, BrgSA names
         if stop:
-            print0(f"SIGTERM: saved step {step + 1}, exiting; continue with --resume")
+            run.stopped(step + 1)
             break
+    else:
+        print0(f"done in {time.time() - t0:.0f}s; vision encoder: {Path(args.out) / 'vision_encoder.safetensors'}")
     run.close()
-    print0(f"done in {time.time() - t0:.0f}s; vision encoder: {Path(args.out) / 'vision_encoder.safetensors'}")
     runtime.cleanup_distributed()
     return metrics
 
 
 if __name__ == "__main__":
     main()
+    sys.exit(runtime.exit_code())

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+from collections import Counter
 import json
 import multiprocessing
 import os
@@ -109,8 +110,16 @@ def metadata_spacing(row: dict) -> tuple[float, float, float]:
 
 
 def is_hu(array: np.ndarray) -> bool:
-    """CT-RATE v2 files hold HU (air ~ -1024); v1 files hold raw scanner values (min >= about -10)."""
-    return float(array.min()) < -100
+    """CT-RATE v2 files hold HU (air ~ -1024); v1 files hold raw scanner values (min >= about -10); NaN is ignored."""
+    return bool((array < -100).any())
+
+
+def check_finite(hu: np.ndarray, path) -> np.ndarray:
+    """hu, or a VolumeReadError counting its NaN / infinite voxels: NaN never becomes 0 HU in a cache."""
+    if np.isfinite(hu).all():
+        return hu
+    n = {"NaN": int(np.isnan(hu).sum()), "infinite": int(np.isinf(hu).sum())}
+    raise VolumeReadError(f"{path}: {', '.join(f'{v} {k} voxels' for k, v in n.items() if v)} (of {hu.size})")
 
 
 def read_ctrate_volume(path, meta_row: dict) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -123,8 +132,12 @@ def read_ctrate_volume(path, meta_row: dict) -> tuple[np.ndarray, tuple[float, f
         raw = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asanyarray(proxy)
         slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
         affine = img.affine
+        with nib.openers.ImageOpener(str(path)) as f:  # the stored scl_slope: nibabel reads an infinite one as 1
+            scl_slope = float(img.header_class.from_fileobj(f)["scl_slope"])
     except Exception as e:  # nibabel raises many types for missing/corrupt/truncated files; name the file
         raise VolumeReadError(f"{path}: cannot read NIfTI ({type(e).__name__}: {e})") from e
+    if np.isinf(scl_slope):  # NaN or 0 means "not scaled"; a NaN scl_inter with a valid slope fails nib.load
+        raise VolumeReadError(f"{path}: NIfTI header scl_slope is {scl_slope}")
     while raw.ndim > 3 and raw.shape[-1] == 1:
         raw = raw[..., 0]
     if raw.ndim != 3:
@@ -133,10 +146,13 @@ def read_ctrate_volume(path, meta_row: dict) -> tuple[np.ndarray, tuple[float, f
     if (slope, inter) != (1.0, 0.0):
         hu = hu * slope + inter
     if not is_hu(hu):  # v1: raw values -> HU, exactly once
-        hu = hu * float(meta_row["RescaleSlope"]) + float(meta_row["RescaleIntercept"])
+        rescale = {k: float(meta_row[k]) for k in ("RescaleSlope", "RescaleIntercept")}
+        if bad := [f"{k} is {v}" for k, v in rescale.items() if not np.isfinite(v)]:
+            raise VolumeReadError(f"{path}: {', '.join(bad)} in the metadata CSV (v1 raw values cannot become HU)")
+        hu = hu * rescale["RescaleSlope"] + rescale["RescaleIntercept"]
     ornt = nib.orientations
     to_lps = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(("L", "P", "S")))
-    return ornt.apply_orientation(hu, to_lps), spacing  # a view: preprocess_volume avoids the copy
+    return check_finite(ornt.apply_orientation(hu, to_lps), path), spacing  # a view: preprocess_volume avoids the copy
 
 
 def read_radchestct_volume(path, spacing=(0.8, 0.8, 0.8)) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -149,7 +165,8 @@ def read_radchestct_volume(path, spacing=(0.8, 0.8, 0.8)) -> tuple[np.ndarray, t
         raise VolumeReadError(f"{path}: cannot read RAD-ChestCT npz ({type(e).__name__}: {e})") from e
     if ct.ndim != 3:
         raise VolumeReadError(f"{path}: expected a 3-D volume, got shape {ct.shape}")
-    return np.ascontiguousarray(ct[::-1].transpose(2, 1, 0), dtype=np.float32), tuple(float(s) for s in spacing)
+    hu = np.ascontiguousarray(ct[::-1].transpose(2, 1, 0), dtype=np.float32)
+    return check_finite(hu, path), tuple(float(s) for s in spacing)
 
 
 def _crop_or_pad(vol: np.ndarray, shape, value) -> np.ndarray:
@@ -223,24 +240,28 @@ def _pool(workers: int):
 
 
 def _preprocess_one(job) -> dict:
+    """One volume -> {key}.tmp.npy and its manifest record, or (any exception) its bad_files record and no file."""
     name, src, fmt, meta_row, preset, spacing, out_dir = job
+    tmp = Path(out_dir) / f"{volume_key(name)}.tmp.npy"
     try:
         if fmt == "ctrate" and meta_row is None:
             raise VolumeReadError(f"{src}: no row for {name} in the metadata CSV")
         hu, sp = read_ctrate_volume(src, meta_row) if fmt == "ctrate" else read_radchestct_volume(src, spacing)
         vol = preprocess_volume(hu, sp, preset)
-    except (VolumeReadError, OSError) as e:
-        return {"VolumeName": name, "path": str(src), "error": str(e)}
-    out = Path(out_dir) / f"{volume_key(name)}.npy"
-    np.save(out.with_suffix(".tmp.npy"), vol)
-    os.replace(out.with_suffix(".tmp.npy"), out)  # a crash never leaves a half-written .npy under the final name
-    return {"VolumeName": name, "file": out.name, "source": str(src), "spacing": list(sp), "shape": list(vol.shape)}
+        np.save(tmp, vol)
+    except Exception as e:  # whatever fails, fails for this file only: listed with its reason, and the run goes on
+        tmp.unlink(missing_ok=True)
+        error = str(e) if isinstance(e, VolumeReadError) else f"{src}: {type(e).__name__}: {e}"
+        return {"VolumeName": name, "path": str(src), "error": error}
+    return {"VolumeName": name, "file": f"{volume_key(name)}.npy", "source": str(src), "spacing": list(sp),
+            "shape": list(vol.shape)}
 
 
 def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL, workers=1,
                    spacing=(0.8, 0.8, 0.8), no_chest=None, progress=True) -> dict:
     """Preprocess every volume under src into out (resumable). Returns counts {'written', 'skipped' (done before),
-    'bad' (listed with the reason in out/bad_files.jsonl), 'excluded' (no-chest list and KNOWN_BAD)}."""
+    'bad' (listed with the reason in out/bad_files.jsonl), 'excluded' (no-chest list and KNOWN_BAD), 'not_volume'
+    ({kind: count} of the other files under src, e.g. {'*.nii': 2})}: every file under src is counted once."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise FileNotFoundError(f"source folder {src} does not exist")
@@ -251,7 +272,10 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
     preset_file.write_text(json.dumps(asdict(preset)))
     meta = read_metadata(metadata) if metadata else {}
     excluded = KNOWN_BAD | ({volume_key(l.strip()) for l in open(no_chest) if l.strip()} if no_chest else set())
-    found = sorted(src.rglob("*.nii.gz" if fmt == "ctrate" else "*.npz"))
+    ext = ".nii.gz" if fmt == "ctrate" else ".npz"
+    found = sorted(src.rglob(f"*{ext}"))
+    other = Counter(f"*{p.suffix}" if p.suffix else p.name for p in src.rglob("*")
+                    if p.is_file() and not p.name.endswith(ext))
     files = [p for p in found if volume_key(p.name) not in excluded]
     done = {volume_key(json.loads(l)["VolumeName"]) for l in open(manifest)} if manifest.exists() else set()
     jobs = []
@@ -267,10 +291,12 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
             n_bad += "error" in rec
             f = badf if "error" in rec else man
             f.write(json.dumps(rec) + "\n"); f.flush()
+            if "file" in rec:  # named once listed: a crash never leaves a .npy outside the manifest
+                os.replace(out / f"{volume_key(rec['VolumeName'])}.tmp.npy", out / rec["file"])
     if pool:
         pool.close(); pool.join()
     return {"written": len(jobs) - n_bad, "skipped": len(files) - len(jobs), "bad": n_bad,
-            "excluded": len(found) - len(files)}
+            "excluded": len(found) - len(files), "not_volume": dict(sorted(other.items()))}
 
 
 # ================================================ reports and labels =============================================
@@ -478,9 +504,14 @@ def read_vqa(json_path) -> list[dict]:
     """CT-CHAT VQA JSON (LLaVA style) or Med3D-R1 VQA JSON -> [{VolumeName, question, answer, kind}], one per
     question/answer turn; text-only items (no image) are skipped; <image> and task tokens are stripped."""
     out = []
-    for item in json.load(open(json_path)):
+    for i, item in enumerate(json.load(open(json_path))):
+        where = f"{json_path} item {i}"
+        check_fields(where, item, {})
         if "conversations" in item:
+            check_fields(where, item, {"conversations": list})
             turns = item["conversations"] if item.get("image") else []
+            for j, turn in enumerate(turns):
+                check_fields(f"{where} turn {j}", turn, {"value": str})
             for q, a in zip(turns[0::2], turns[1::2]):
                 task = next((t for t in _TASKS if f"<{t}>" in q["value"]), item.get("id", "").rsplit("_", 1)[0])
                 kind, answer = _TASKS.get(task, "open"), a["value"].strip()
@@ -489,6 +520,7 @@ def read_vqa(json_path) -> list[dict]:
                 out.append({"VolumeName": Path(item["image"]).name, "question": _TAGS.sub("", q["value"]).strip(),
                             "answer": answer, "kind": kind})
         elif "Question" in item:
+            check_fields(where, item, {"Question": str, "Answer": object, "Image Path": str})
             choices = {c: item.get(f"Choice {c}") for c in "ABCD" if item.get(f"Choice {c}")}
             question, answer = item["Question"].strip(), str(item["Answer"]).strip()
             if choices and {v.strip().lower() for v in choices.values()} <= {"yes", "no"}:
@@ -503,8 +535,41 @@ def read_vqa(json_path) -> list[dict]:
             out.append({"VolumeName": Path(item["Image Path"]).name, "question": question, "answer": answer,
                         "kind": kind})
         else:
-            raise ValueError(f"{json_path}: unknown VQA item format (keys {sorted(item)})")
+            raise ValueError(f"{where}: unknown VQA item format (keys {sorted(item)})")
     return out
+
+
+def check_fields(where: str, item, fields: dict) -> None:
+    """ValueError '<where>: "<field>" ...' unless `item` is a dict holding each field with its type."""
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: must be an object, got {type(item).__name__}")
+    for key, kind in fields.items():
+        if key not in item:
+            raise ValueError(f'{where}: "{key}" is missing')
+        if not isinstance(item[key], kind):
+            raise ValueError(f'{where}: "{key}" must be a {kind.__name__}, got {type(item[key]).__name__}')
+
+
+def read_questions(json_path) -> list[dict]:
+    """Official MCQ items [{VolumeName, question, options: {letter: text}, answer}], checked before any model work:
+    ValueError '<file> item <i>: ...' (i from 0) for a missing or mistyped field, an option letter that is not one
+    capital letter, fewer than 2 options, or an answer that is not one of the item's letters."""
+    items = json.loads(Path(json_path).read_text())
+    if not isinstance(items, list):
+        raise ValueError(f"{json_path}: must be a list of questions, got {type(items).__name__}")
+    for i, q in enumerate(items):
+        where = f"{json_path} item {i}"
+        check_fields(where, q, {"VolumeName": str, "question": str, "options": dict, "answer": str})
+        for letter, text in q["options"].items():
+            if not re.fullmatch("[A-Z]", letter):
+                raise ValueError(f'{where}: option letter "{letter}" is not a single capital letter')
+            if not isinstance(text, str):
+                raise ValueError(f'{where}: option "{letter}" must be a str, got {type(text).__name__}')
+        if len(q["options"]) < 2:
+            raise ValueError(f"{where}: needs at least 2 options, has {len(q['options'])}")
+        if q["answer"] not in q["options"]:
+            raise ValueError(f'{where}: answer "{q["answer"]}" is not one of its options {", ".join(q["options"])}')
+    return items
 
 
 def build_mmvqa(labels: dict, seed: int, per_label: bool = False, exclude=(), stats: dict | None = None) -> list[dict]:
@@ -589,8 +654,9 @@ def parse_answer(completion: str, letters: str = "ABCD", options: dict | None = 
     Reads the single <answer> block (several blocks -> None); without any answer tag, what is left outside a <think>
     block. Accepts case, spaces, brackets ("c", " (C) ", "[C]", "C)") and a trailing option text ("C) Pleural
     effusion"), which must match options[letter] when `options` is given and may never name another option letter
-    ("A or B", "B, C" -> None).
+    ("A or B", "B, C" -> None). The letters are the item's own (the keys of `options`) when `options` is given.
     """
+    letters = "".join(options) if options else letters
     if "<answer>" in completion or "</answer>" in completion:
         blocks = re.findall(r"<answer>(.*?)</answer>", completion, re.DOTALL)
         if len(blocks) != 1 or completion.count("<answer>") != 1:
@@ -687,8 +753,14 @@ def main(argv=None):
             ap.error("--metadata is required for --format ctrate")
         stats = preprocess_dir(args.src, args.out, args.format, args.metadata, PRESETS[args.preset], args.workers,
                                tuple(args.spacing), args.no_chest)
-        print(f"{stats['written']} written, {stats['skipped']} already done, {stats['excluded']} excluded, "
-              f"{stats['bad']} bad (see {Path(args.out) / 'bad_files.jsonl'})")
+        other, bad_list = stats["not_volume"], Path(args.out) / "bad_files.jsonl"
+        kinds = f" ({', '.join(f'{k}: {n}' for k, n in other.items())})" if other else ""
+        line = (f"{stats['written']} written, {stats['skipped']} already done, {stats['excluded']} excluded, "
+                f"{stats['bad']} bad{f' (see {bad_list})' if stats['bad'] else ''}, "
+                f"{sum(other.values())} not a volume{kinds}")
+        if stats["bad"]:
+            raise SystemExit(line)  # exit code 1, the line on stderr
+        print(line)
     elif args.cmd == "label":
         labeller = OpenAILabeller(args.base_url, args.model, args.api_key, args.cache, args.timeout, args.retries) \
             if args.labeller == "openai" else None

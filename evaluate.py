@@ -357,7 +357,7 @@ def summarize_mmvqa(records: list[dict], think: bool) -> dict:
             "per_scan_accuracy": float(np.mean([np.mean(v) for v in by_scan.values()])) if by_scan else None,
             "n_scans": len(by_scan),
             "per_abnormality": {k: {"n": len(v), "accuracy": float(np.mean(v))} for k, v in sorted(by_abn.items())},
-            "records": records}
+            "records": records, **({} if records else {"note": "no items"})}
 
 
 # ================================ model-driven evaluation: greedy, batched, sharded ================================
@@ -438,7 +438,7 @@ def significance(runs: dict, reference: str) -> dict:
         for qset, prompts in run.get("mmvqa", {}).items():
             for prompt, summary in prompts.items():
                 other = ref.get("mmvqa", {}).get(qset, {}).get(prompt)
-                if other and len(other["records"]) == len(summary["records"]):
+                if other and summary["records"] and len(other["records"]) == len(summary["records"]):
                     tests[f"mmvqa/{qset}/{prompt}"] = mcnemar([r["correct"] for r in summary["records"]],
                                                               [r["correct"] for r in other["records"]])
         out[f"{label} vs {reference}"] = tests
@@ -493,7 +493,8 @@ def markdown(results: dict) -> str:
     for label, run in runs.items():
         if "mmvqa" in run:
             summaries = {f"{q}/{p}": run["mmvqa"].get(q, {}).get(p) for q in QSETS for p in ("think", "no_think")}
-            cells = [cell(s and s["accuracy"], tests[label].get(f"mmvqa/{k}")) for k, s in summaries.items()]
+            cells = ["no items" if s and not s["n"] else cell(s and s["accuracy"], tests[label].get(f"mmvqa/{k}"))
+                     for k, s in summaries.items()]
             paths = ["/".join(str(s["paths"][k]) for k in ("parsed", "similarity", "none"))
                      for s in summaries.values() if s]
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {', '.join(paths)} |")
@@ -586,9 +587,12 @@ def load_inputs(args, tasks: set, paths: dict, prov: dict) -> tuple[dict, dict, 
     questions = {}
     for qset, (_, qkey) in QSETS.items():
         if "mmvqa" in tasks and Path(paths[qkey]).is_file() and qset in caches:
-            items = json.loads(Path(paths[qkey]).read_text())
+            items = data.read_questions(paths[qkey])
             usable = [q for q in items if q["VolumeName"] in caches[qset]]
             questions[qset] = usable[:args.n_mmvqa or None]
+            if not usable:
+                print0(f"{qset}: no items to evaluate ({paths[qkey]}: {len(items)} questions, "
+                       f"none with a cached volume)")
             prov["question_files"][qset] = {"path": str(paths[qkey]), "sha256": sha256(paths[qkey]),
                                             "n_items": len(items), "n_with_volume": len(usable),
                                             "n_evaluated": len(questions[qset])}
@@ -633,7 +637,7 @@ def main(argv=None) -> dict | None:
         embed = sentence_encoder or llm_embedder(vlm.llm, vlm.tokenizer)
         if "mmvqa" in tasks:
             run["mmvqa"] = {qset: evaluate_mmvqa(vlm, caches[qset], items, embed, args, f"{label} {qset}")
-                            for qset, items in questions.items() if items}
+                            for qset, items in questions.items()}
         if "reasoning" in tasks and rank == 0:
             run["reasoning"] = evaluate_reasoning(judge, run.get("mmvqa", {}), questions.get("CT-RATE", []), reports)
         if "reports" in tasks and report_names:

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -248,7 +248,7 @@ def validate(vlm, questions: list[dict], volumes, max_new_tokens: int, batch: in
             counts += torch.tensor([parse_answer(text, options=q["options"]) == q["answer"],
                                     format_reward(text) * done, 1.0], dtype=torch.float64, device=vlm.device)
     correct, formatted, n = all_reduce(counts, "sum").tolist()
-    return {"val_acc": correct / max(n, 1), "val_format": formatted / max(n, 1)}
+    return {"val_acc": correct / n, "val_format": formatted / n} if n else {"val_acc": None, "val_format": None}
 
 
 # =====================================================================================================================
@@ -376,6 +376,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--out", default="runs/grpo", help="vlm/, ckpt/, metrics.jsonl")
     g.add_argument("--eval-every", type=int, default=10, help="steps between validation accuracies; 0 = off")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under <out>/ckpt")
+    g.add_argument("--overwrite", action="store_true", help="start afresh over an earlier run in <out>")
     g.add_argument("--save-every", type=int, default=20, help="steps between resumable checkpoints")
     g.add_argument("--nan-policy", default="skip", choices=["skip", "stop"], help="on a non-finite loss, on all ranks")
     g.add_argument("--seed", type=int, default=0)
@@ -400,9 +401,14 @@ def main(argv=None) -> dict:
     rank, _, world, device = runtime.setup_distributed()
     paths = data.paths(args.data_root, args.preset)
     volumes, val_volumes = data.VolumeCache(paths["train_cache"]), data.VolumeCache(paths["valid_cache"])
-    questions = [q for q in json.loads(Path(paths["mmvqa_rl"]).read_text()) if q["VolumeName"] in volumes]
-    val_questions = [q for q in json.loads(Path(paths["mmvqa_valid"]).read_text())
-                     if q["VolumeName"] in val_volumes][:args.eval_n]
+    questions = [q for q in data.read_questions(paths["mmvqa_rl"]) if q["VolumeName"] in volumes]
+    val_items = data.read_questions(paths["mmvqa_valid"])
+    val_questions = [q for q in val_items if q["VolumeName"] in val_volumes][:args.eval_n]
+    eval_every = args.eval_every if val_questions else 0
+    if args.eval_every and not val_questions:
+        cached = sum(q["VolumeName"] in val_volumes for q in val_items)
+        print0(f"no validation: no question selected from {paths['mmvqa_valid']} ({len(val_items)} questions, "
+               f"{cached} with a cached volume, --eval-n {args.eval_n})")
     reports = {name: " ".join(s for s in (r["findings"], r["impressions"]) if s)
                for name, r in data.read_reports(paths["train_reports"]).items()}
     consistency = make_consistency_scorer(args.consistency, args.con_thresholds, args.con_levels, device,
@@ -422,12 +428,12 @@ def main(argv=None) -> dict:
     if len(questions) < global_batch:
         raise SystemExit(f"{len(questions)} RL questions < one global batch of {global_batch}")
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    run = runtime.Run(args.out, args.resume, args.stop_at)
+    run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at)
     if run.state is not None:
         vlm.load_state_dict(run.state["model"])
         optimizer.load_state_dict(run.state["optimizer"])
     history, skipped, t0 = [], 0, time.time()
-    if run.start == 0 and args.eval_every:
+    if run.start == 0 and eval_every:
         history.append({"step": 0, **validate(vlm, val_questions, val_volumes, args.max_new_tokens)})
         run.log(history[-1])
         print0(f"step 0 (SFT model): validation accuracy {history[-1]['val_acc']:.3f}, "
@@ -445,7 +451,7 @@ def main(argv=None) -> dict:
         done = step + 1
         row = {**log_row(done, out), "lr": lr, "skipped": skipped, "sec": round(time.time() - t0, 1),
                "sample": out["texts"][0]}
-        if args.eval_every and (done % args.eval_every == 0 or done == args.steps):
+        if eval_every and (done % eval_every == 0 or done == args.steps):
             row.update(validate(vlm, val_questions, val_volumes, args.max_new_tokens))
             print0(f"\nstep {done}: validation accuracy {row['val_acc']:.3f}, format {row['val_format']:.3f}; "
                    f"sample {row['sample']!r}")
@@ -458,7 +464,7 @@ def main(argv=None) -> dict:
         if stop or (args.save_every and done % args.save_every == 0 and done < args.steps):
             run.save(done, {"model": vlm.state_dict(), "optimizer": optimizer.state_dict(), "args": vars(args)})
         if stop:
-            print0(f"saved a resumable checkpoint at step {done}; continue with --resume")
+            run.stopped(done)
             break
     bar.close()
     run.close()
@@ -474,3 +480,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    sys.exit(runtime.exit_code())

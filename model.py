@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from runtime import atomic_dir
+from runtime import atomic_dir, versions
 
 try:  # optional, CUDA only
     from flash_attn import flash_attn_func
@@ -208,6 +208,16 @@ class Bridge(nn.Module):
 
 
 # ==== The vision-language model ===================================================================================
+def _transformers_version() -> str:
+    from importlib.metadata import version
+    return version("transformers")
+
+
+def rope_theta(config) -> float | None:
+    """The LLM's RoPE base, wherever this transformers version keeps it (rope_parameters since 5.x)."""
+    return (getattr(config, "rope_parameters", None) or {}).get("rope_theta", getattr(config, "rope_theta", None))
+
+
 def load_llm(llm_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """A local Hugging Face causal LM and its tokenizer (no downloads, no remote code); attention is
     flash_attention_2 with flash-attn installed, CUDA and bf16/fp16 weights, else PyTorch SDPA."""
@@ -217,7 +227,11 @@ def load_llm(llm_dir: str | Path, device: str | torch.device = "cpu", dtype: tor
     fa2 = flash_attn_func is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype, local_files_only=True,
                                                attn_implementation="flash_attention_2" if fa2 else "sdpa")
-    tokenizer = AutoTokenizer.from_pretrained(llm_dir, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(llm_dir, local_files_only=True)
+    except Exception as e:  # e.g. a tokenizer.json written by a newer tokenizers / transformers than this one
+        raise RuntimeError(f"{llm_dir}: cannot load its tokenizer with transformers {_transformers_version()} "
+                           f"({type(e).__name__}: {e})") from e
     if tokenizer.chat_template is None:
         raise ValueError(f"{llm_dir}: the tokenizer has no chat template; Med3D-R1 builds every prompt with it")
     return llm.to(device), tokenizer
@@ -275,6 +289,11 @@ class VLM(nn.Module):
             raise FileNotFoundError(f"{ckpt_dir} is not a complete VLM checkpoint (no config.json)")
         config = json.loads((ckpt_dir / "config.json").read_text())
         llm, tokenizer = load_llm(ckpt_dir / "llm", "cpu", dtype)
+        written = config.get("versions", {}).get("transformers")
+        if config.get("rope_theta") not in (None, rope_theta(llm.config)):  # e.g. 5.x's rope_parameters read by 4.x
+            raise RuntimeError(f"{ckpt_dir}: written with transformers {written}, read with {_transformers_version()}:"
+                               f" the LLM's rope theta reads as {rope_theta(llm.config)}, not {config['rope_theta']}; "
+                               f"load it with transformers {str(written).split('.')[0]}.x")
         vit = ViT3D(**config["vit"])
         vit.load_state_dict(load_file(ckpt_dir / "vision.safetensors"), strict=True)
         bridge_state = load_file(ckpt_dir / "bridge.safetensors")
@@ -286,8 +305,8 @@ class VLM(nn.Module):
         """Write the whole model into one directory, atomically (a crash mid-save leaves the previous version).
         Call it on one rank; `meta` (the stage's run config, JSON-able) comes back as vlm.config["meta"]."""
         parts = {"vit": self.vit, "bridge": self.bridge, "llm": self.llm}
-        self.config = {**self.config, "meta": meta or {},
-                       "trainable": {name: any(p.requires_grad for p in m.parameters()) for name, m in parts.items()}}
+        self.config = {**self.config, "meta": meta or {}, "versions": versions(),
+                       "rope_theta": rope_theta(self.llm.config), "trainable": {name: any(p.requires_grad for p in m.parameters()) for name, m in parts.items()}}
         with atomic_dir(ckpt_dir) as tmp:
             self.llm.save_pretrained(tmp / "llm")
             self.tokenizer.save_pretrained(tmp / "llm")

@@ -14,6 +14,8 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -184,6 +186,33 @@ def latest_train_state(ckpt_root: str | Path) -> dict | None:
     return torch.load(done[-1] / "state.pt", map_location="cpu", weights_only=True) if done else None
 
 
+def versions() -> dict:
+    """What wrote a checkpoint: the git commit of this code and the versions that change numerics or formats."""
+    from importlib.metadata import version
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"git_commit": commit, "python": sys.version.split()[0], "torch": str(torch.__version__),
+            "transformers": version("transformers"), "safetensors": version("safetensors")}
+
+
+_stop_signal: int | None = None  # the SIGINT / SIGTERM that asked this process to stop
+
+
+def _on_stop_signal(signum, frame) -> None:
+    global _stop_signal
+    if _stop_signal is not None and signum == signal.SIGINT:
+        raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+    _stop_signal = signum  # the loop finishes its step, saves a checkpoint and stops
+
+
+def exit_code() -> int:
+    """The process's exit status: 128 + the signal that stopped a run (130 Ctrl-C, 143 SIGTERM), else 0."""
+    return 128 + _stop_signal if _stop_signal is not None else 0
+
+
 def wrap_ddp(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DistributedDataParallel under torchrun (one device per process), the module itself otherwise."""
     if world_size() == 1:
@@ -234,9 +263,17 @@ class Run:
     Create it after the model is built (building consumes RNG) and before the loop.
     """
 
-    def __init__(self, out: str | Path, resume: bool, stop_at: int | None = None, keep: int = 2):
+    def __init__(self, out: str | Path, resume: bool, overwrite: bool = False, stop_at: int | None = None,
+                 keep: int = 2):
+        global _stop_signal
         self.out, self.stop_at, self.keep = Path(out), stop_at, keep
         self.rank, self.world = get_rank(), world_size()
+        earlier = [p.name for p in (self.out / "metrics.jsonl", self.out / "ckpt") if p.exists()]
+        if earlier and not resume and not overwrite:
+            raise SystemExit(f"{self.out} holds an earlier run ({', '.join(earlier)}): pass --resume to continue it "
+                             f"or --overwrite to start afresh (or choose another --out)")
+        if self.world > 1:
+            dist.barrier()  # every rank has looked at the folder before rank 0 changes it
         self.state = latest_train_state(self.out / "ckpt") if resume else None
         self.start = self.state["step"] if self.state is not None else 0
         if self.state is not None:
@@ -245,8 +282,9 @@ class Run:
             print0(f"resumed from step {self.start}")
         elif resume:
             print0(f"no checkpoint under {self.out / 'ckpt'}: starting from step 0")
-        self.sigterm = False
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        _stop_signal = None
+        for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C and SIGTERM alike: finish the step, save, exit
+            signal.signal(sig, _on_stop_signal)
         self._log = None
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -259,9 +297,6 @@ class Run:
                 kept = [line for line in rows if json.loads(line).get("step", 0) <= self.start]
                 metrics.write_text("".join(line + "\n" for line in kept))
             self._log = open(metrics, "a")
-
-    def _on_sigterm(self, signum, frame) -> None:
-        self.sigterm = True  # the loop finishes its step, saves a checkpoint and stops
 
     def log(self, row: dict) -> None:
         """Append one row to metrics.jsonl (rank 0)."""
@@ -277,13 +312,22 @@ class Run:
         else:
             rngs = [rng_state()]
         if self.rank == 0:
-            save_train_state(self.out / "ckpt", step, {**state, "step": step, "rng": rngs}, keep=self.keep)
+            save_train_state(self.out / "ckpt", step, {**state, "step": step, "rng": rngs, "versions": versions()},
+                             keep=self.keep)
 
     def should_stop(self, step: int, device: torch.device | str = "cpu") -> bool:
-        """True on every rank once any rank received SIGTERM, or at --stop-at."""
-        return any_rank(self.sigterm, device) or step == self.stop_at
+        """True on every rank once any rank received SIGINT or SIGTERM, or at --stop-at."""
+        return any_rank(_stop_signal is not None, device) or step == self.stop_at
+
+    def stopped(self, step: int) -> None:
+        """The one line a stopped run prints after saving its checkpoint."""
+        why = f"stopped by {signal.Signals(_stop_signal).name}" if _stop_signal is not None else "stopped"
+        print0(f"{why} after step {step}: saved a resumable checkpoint in {self.out / 'ckpt'}; continue with the "
+               f"same command and --resume")
 
     def close(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
         if self._log is not None:
             self._log.close()
             self._log = None

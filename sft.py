@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -81,6 +82,7 @@ def parse_args(argv=None, phantom: dict = PHANTOM, doc: str = __doc__, prog: str
     g = p.add_argument_group("run-time")
     g.add_argument("--out", default="runs/sft", help="vlm/, ckpt/, metrics.jsonl")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under <out>/ckpt")
+    g.add_argument("--overwrite", action="store_true", help="start afresh over an earlier run in <out>")
     g.add_argument("--save-every", type=int, default=100, help="optimizer steps between resumable checkpoints")
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--nan-policy", default="skip", choices=["skip", "stop"], help="on a non-finite loss, on all ranks")
@@ -273,7 +275,7 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
         raise SystemExit(f"{len(examples)} examples < one global batch of {global_batch}")
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or 10**12)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    run = runtime.Run(args.out, args.resume, args.stop_at)
+    run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at)
     if run.state is not None:
         with torch.no_grad():
             for n, p in zip(names, params):
@@ -313,7 +315,7 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
             run.save(done, {"trainable": {n: p.detach().cpu() for n, p in zip(names, params)},
                             "optimizer": optimizer.state_dict(), "args": vars(args)})
         if stop:
-            print0(f"saved a resumable checkpoint at step {done}; continue with --resume")
+            run.stopped(done)
             break
     bar.close()
     run.close()
@@ -365,3 +367,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    sys.exit(runtime.exit_code())

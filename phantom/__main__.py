@@ -9,8 +9,9 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["warmup"]:                      # the warm-up takes sft.py's flags
         from phantom import warmup
+        import runtime
         warmup.main(argv[1:])
-        return
+        sys.exit(runtime.exit_code())
     ap = argparse.ArgumentParser(prog="python -m phantom", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("warmup", help="train the tiny LLM (flags: python -m phantom warmup --help)")

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -273,12 +274,14 @@ def test_preprocess_dir_is_resumable_and_records_bad_files(tmp_path):
     write_nifti(data.ctrate_path(src, "valid_6_a_1.nii.gz"), np.zeros((4, 4, 4), np.int16))  # a head CT
     (tmp_path / "no_chest.txt").write_text("dataset/valid/valid_6/valid_6_a/valid_6_a_1.nii.gz\n")
     assert data.preprocess_dir(src, out, "ctrate", meta, data.PHANTOM, no_chest=tmp_path / "no_chest.txt",
-                               progress=False) == {"written": 3, "skipped": 0, "bad": 2, "excluded": 1}
+                               progress=False) == {"written": 3, "skipped": 0, "bad": 2, "excluded": 1,
+                                                   "not_volume": {}}
     bad = [json.loads(l) for l in open(out / "bad_files.jsonl")]
     assert {b["VolumeName"] for b in bad} == {"valid_4_a_1.nii.gz", "valid_5_a_1.nii.gz"}
     assert all(b["VolumeName"][:-7] in b["error"] for b in bad)
-    assert data.main(["preprocess", "--src", str(src), "--metadata", str(meta), "--out", str(out),
-                      "--preset", "phantom", "--workers", "2", "--no-chest", str(tmp_path / "no_chest.txt")]) is None
+    with pytest.raises(SystemExit, match=r"^0 written, 3 already done, 1 excluded, 2 bad \(see .*bad_files.jsonl\)"):
+        data.main(["preprocess", "--src", str(src), "--metadata", str(meta), "--out", str(out),
+                   "--preset", "phantom", "--workers", "2", "--no-chest", str(tmp_path / "no_chest.txt")])
     assert len(open(out / "manifest.jsonl").readlines()) == 3  # the rerun skipped what was done
     cache = data.VolumeCache(out)
     assert cache.preset == data.PHANTOM and sorted(cache.names) == [f"valid_{i}_a_1.nii.gz" for i in (1, 2, 3)]
@@ -289,6 +292,163 @@ def test_preprocess_dir_is_resumable_and_records_bad_files(tmp_path):
         cache.load("valid_4_a_1.nii.gz")
     with pytest.raises(ValueError, match="another preset"):
         data.preprocess_dir(src, out, "ctrate", meta, data.REAL, progress=False)
+
+
+def real_meta_rows() -> dict[str, dict]:
+    """The real CT-RATE validation metadata rows by VolumeName (RescaleIntercept -1024: Philips, -8192: Siemens)."""
+    with open(CTRATE / "validation_metadata.csv", newline="") as f:
+        return {r["VolumeName"]: r for r in csv.DictReader(f)}
+
+
+def write_meta_csv(path, rows) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=world.METADATA_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    return Path(path)
+
+
+def chest(shape=(24, 24, 12)) -> np.ndarray:
+    """HU int16: air (-1024) around a 40 HU block."""
+    hu = np.full(shape, -1024, np.int16)
+    hu[6:18, 6:18, 3:9] = 40
+    return hu
+
+
+@needs_real
+def test_non_finite_voxels_or_rescale_parameters_make_bad_files_never_cache_entries(tmp_path):
+    rows = real_meta_rows()
+    philips = [n for n, r in rows.items() if r["RescaleIntercept"] == "-1024"]
+    siemens = [n for n, r in rows.items() if r["RescaleIntercept"] == "-8192"]
+    src, hu = tmp_path / "valid_fixed", chest()
+    nan_voxels, inf_voxel, all_nan = hu.astype(np.float32), hu.astype(np.float32), np.full(hu.shape, np.nan, "f4")
+    nan_voxels.flat[:12] = np.nan
+    inf_voxel[0, 0, 0] = -np.inf
+    cases = {philips[0]: (hu, None), siemens[0]: (hu + 8192, None),  # a good v2 (HU) and a good v1 (raw) file
+             philips[1]: (nan_voxels, "12 NaN voxels"), philips[2]: (nan_voxels + 1024, "12 NaN voxels"),
+             philips[3]: (all_nan, f"{hu.size} NaN voxels"), philips[4]: (inf_voxel, "1 infinite voxels"),
+             siemens[1]: (hu + 8192, "RescaleIntercept is nan")}
+    for name, (vol, _) in cases.items():
+        write_nifti(data.ctrate_path(src, name), vol)
+    rows[siemens[1]] = {**rows[siemens[1]], "RescaleIntercept": "nan"}
+    overflow = nib.Nifti1Image(hu, LPS)  # header scaling to beyond float32
+    overflow.header.set_slope_inter(1e36, 0.0)
+    nib.save(overflow, str(data.ctrate_path(src, philips[5])))
+    cases[philips[5]] = (None, "infinite voxels")
+    inf_slope = write_nifti(data.ctrate_path(src, philips[6]), hu)
+    stored = bytearray(gzip.decompress(inf_slope.read_bytes()))
+    stored[112:116] = np.float32(np.inf).tobytes()  # the NIfTI-1 scl_slope field, which nibabel reads as 1
+    inf_slope.write_bytes(gzip.compress(bytes(stored)))
+    cases[philips[6]] = (None, "NIfTI header scl_slope is inf")
+    with np.errstate(over="ignore"):
+        for name, (_, reason) in cases.items():
+            if reason:
+                with pytest.raises(data.VolumeReadError, match=f"{name}: .*{reason}"):
+                    data.read_ctrate_volume(data.ctrate_path(src, name), rows[name])
+    assert data.is_hu(nan_voxels) and not data.is_hu(nan_voxels + 1024) and not data.is_hu(all_nan)
+    meta, out = write_meta_csv(tmp_path / "meta.csv", [rows[n] for n in cases]), tmp_path / "cache"
+    with np.errstate(over="ignore"):
+        stats = data.preprocess_dir(src, out, "ctrate", meta, SMALL, progress=False)
+    assert stats == {"written": 2, "skipped": 0, "bad": 7, "excluded": 0, "not_volume": {}}
+    bad = {b["VolumeName"]: b["error"] for b in map(json.loads, open(out / "bad_files.jsonl"))}
+    assert set(bad) == {n for n, (_, reason) in cases.items() if reason}
+    assert all(e.startswith(f"{data.ctrate_path(src, n)}: ") and cases[n][1] in e for n, e in bad.items())
+    assert sorted(out.glob("*.npy")) == sorted(out / f"{data.volume_key(n)}.npy" for n in (philips[0], siemens[0]))
+    for name in (philips[0], siemens[0]):  # the good files: exactly the HU volume, preprocessed
+        expected = data.preprocess_volume(hu.astype(np.float32), data.metadata_spacing(rows[name]), SMALL)
+        assert np.array_equal(np.load(out / f"{data.volume_key(name)}.npy"), expected)
+    rad = tmp_path / "rad"
+    rad.mkdir()
+    for name, vol in {"trn1": hu.astype(np.float32), "trn2": nan_voxels}.items():  # RAD-ChestCT (Z, Y, X) .npz
+        np.savez_compressed(rad / f"{name}.npz", ct=vol.transpose(2, 1, 0)[::-1])
+    with pytest.raises(data.VolumeReadError, match="trn2.npz: 12 NaN voxels"):
+        data.read_radchestct_volume(rad / "trn2.npz")
+    stats = data.preprocess_dir(rad, tmp_path / "rad_cache", "radchestct", preset=SMALL, progress=False)
+    assert (stats["written"], stats["bad"]) == (1, 1) and not (tmp_path / "rad_cache" / "trn2.npy").exists()
+
+
+@needs_real
+@pytest.mark.parametrize("workers", [1, 2])
+def test_any_failure_is_listed_and_the_run_goes_on(tmp_path, workers):
+    rows = real_meta_rows()
+    names = sorted(rows)[:6]  # the two failing files come first
+    src, hu = tmp_path / "valid_fixed", chest()
+    rgb = np.zeros(hu.shape, [("R", "u1"), ("G", "u1"), ("B", "u1")])  # a colour image (NIfTI RGB24): no HU
+    for name in names:  # v1 raw values
+        write_nifti(data.ctrate_path(src, name), rgb if name == names[1] else hu + 1024)
+    rows[names[0]] = {**rows[names[0]], "RescaleSlope": ""}  # an empty cell: float('') raises a plain ValueError
+    meta, out = write_meta_csv(tmp_path / "meta.csv", [rows[n] for n in names]), tmp_path / "cache"
+    stats = data.preprocess_dir(src, out, "ctrate", meta, SMALL, workers=workers, progress=False)
+    assert stats == {"written": 4, "skipped": 0, "bad": 2, "excluded": 0, "not_volume": {}}
+    bad = {b["VolumeName"]: b["error"] for b in map(json.loads, open(out / "bad_files.jsonl"))}
+    assert bad[names[0]] == f"{data.ctrate_path(src, names[0])}: ValueError: could not convert string to float: ''"
+    assert bad[names[1]].startswith(f"{data.ctrate_path(src, names[1])}: TypeError: Cannot cast array data from ")
+    listed = {r["file"] for r in map(json.loads, open(out / "manifest.jsonl"))}
+    assert listed == {f"{data.volume_key(n)}.npy" for n in names[2:]} == {p.name for p in out.glob("*.npy")}
+    for name in names[2:]:
+        expected = data.preprocess_volume(hu.astype(np.float32), data.metadata_spacing(rows[name]), SMALL)
+        assert np.array_equal(np.load(out / f"{data.volume_key(name)}.npy"), expected)
+
+
+@needs_real
+def test_a_crash_leaves_no_npy_outside_the_manifest(tmp_path, monkeypatch):
+    rows = real_meta_rows()
+    names = sorted(rows)[:6]
+    src, hu = tmp_path / "valid_fixed", chest()
+    for name in names:
+        write_nifti(data.ctrate_path(src, name), hu)
+    meta, out = write_meta_csv(tmp_path / "meta.csv", [rows[n] for n in names]), tmp_path / "cache"
+
+    def crash_after_first_record(results, **kwargs):  # tqdm's stand-in: the main process dies after one record,
+        results = iter(results)                         # once both workers have saved all six volumes
+        yield next(results)
+        for _ in range(600):
+            if len(list(out.glob("*.npy"))) == len(names):
+                break
+            time.sleep(0.05)
+        raise KeyError("simulated crash")
+    monkeypatch.setattr(data, "tqdm", crash_after_first_record)
+    with pytest.raises(KeyError, match="simulated crash"):
+        data.preprocess_dir(src, out, "ctrate", meta, SMALL, workers=2, progress=False)
+    listed = [r["file"] for r in map(json.loads, open(out / "manifest.jsonl"))]
+    assert len(listed) == 1 and {p.name for p in out.glob("*.npy") if not p.name.endswith(".tmp.npy")} == set(listed)
+    monkeypatch.undo()
+    assert data.preprocess_dir(src, out, "ctrate", meta, SMALL, progress=False)["written"] == 5  # resumed
+    assert {p.name for p in out.glob("*.npy")} == {f"{data.volume_key(n)}.npy" for n in names}
+
+
+@needs_real
+def test_summary_counts_every_file_and_the_cli_fails_on_bad_files(tmp_path, capsys):
+    rows = real_meta_rows()
+    names = sorted(rows)[:4]
+    src, hu = tmp_path / "valid_fixed", chest()
+    for name in names:
+        write_nifti(data.ctrate_path(src, name), hu + 1024 if name == names[3] else hu)  # names[3]: v1 raw values
+    for name in sorted(rows)[4:6]:  # uncompressed NIfTI: not read
+        write_nifti(str(data.ctrate_path(src, name)).removesuffix(".gz"), hu)
+    (src / "README.txt").write_text("CT-RATE validation volumes\n")
+    rows[names[3]] = {**rows[names[3]], "RescaleSlope": "inf", "RescaleIntercept": "nan"}
+    meta = write_meta_csv(tmp_path / "meta.csv", [rows[n] for n in names])
+    (tmp_path / "no_chest.txt").write_text(f"{names[2]}\n")
+    out = tmp_path / "cache"
+    argv = ["preprocess", "--src", str(src), "--metadata", str(meta), "--out", str(out), "--preset", "phantom",
+            "--no-chest", str(tmp_path / "no_chest.txt")]
+    r = subprocess.run([sys.executable, "data.py", *argv], cwd=Path(data.__file__).parent, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.splitlines()[-1] == (f"2 written, 0 already done, 1 excluded, 1 bad (see {out}/bad_files.jsonl), "
+                                         "3 not a volume (*.nii: 2, *.txt: 1)")
+    assert [json.loads(l)["error"] for l in open(out / "bad_files.jsonl")] == [
+        f"{data.ctrate_path(src, names[3])}: RescaleSlope is inf, RescaleIntercept is nan in the metadata CSV "
+        "(v1 raw values cannot become HU)"]
+    stats = data.preprocess_dir(src, out, "ctrate", meta, data.PHANTOM, no_chest=tmp_path / "no_chest.txt",
+                                progress=False)
+    assert stats == {"written": 0, "skipped": 2, "bad": 1, "excluded": 1, "not_volume": {"*.nii": 2, "*.txt": 1}}
+    assert sum(stats.pop("not_volume").values()) + sum(stats.values()) == sum(p.is_file() for p in src.rglob("*"))
+    write_nifti(data.ctrate_path(src, names[3]), hu)  # HU: the rescale parameters are not needed
+    assert data.main(argv) is None
+    assert capsys.readouterr().out == (
+        "1 written, 2 already done, 1 excluded, 0 bad, 3 not a volume (*.nii: 2, *.txt: 1)\n")
 
 
 # ------------------------------------------------ reports and labels ---------------------------------------------

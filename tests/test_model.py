@@ -454,3 +454,20 @@ def test_atomic_dir_puts_back_a_version_stranded_by_a_kill_between_its_renames(t
     with runtime.atomic_dir(tmp_path / "out") as tmp:
         (tmp / "v").write_text("2")
     assert (tmp_path / "out" / "v").read_text() == "2" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_checkpoint_whose_rope_theta_reads_differently_stops_with_a_clear_error(vlm, tmp_path):
+    vlm.save(tmp_path / "vlm")
+    config = json.loads((tmp_path / "vlm" / "config.json").read_text())
+    assert config["versions"]["transformers"] and config["rope_theta"] == M.rope_theta(vlm.llm.config)
+    config["rope_theta"], config["versions"]["transformers"] = 12345.0, "4.57.0"  # as another major version reads it
+    (tmp_path / "vlm" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match=r"written with transformers 4.57.0.*rope theta reads as .* not 12345"):
+        M.VLM.load(tmp_path / "vlm")
+
+
+def test_a_tokenizer_this_transformers_cannot_read_is_named_with_the_version(vlm, tmp_path):
+    vlm.save(tmp_path / "vlm")
+    (tmp_path / "vlm" / "llm" / "tokenizer.json").write_text('{"version": "9.9", "model": {"type": "FromTheFuture"}}')
+    with pytest.raises(RuntimeError, match=r"llm: cannot load its tokenizer with transformers \d+\.\d+"):
+        M.VLM.load(tmp_path / "vlm")

@@ -71,7 +71,9 @@ def test_fresh_run_replaces_metrics_and_checkpoints_resume_keeps_rows_up_to_its_
     resumed.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["loss"] == 0.25    # step 3 once, the new one
-    fresh = runtime.Run(tmp_path, resume=False)
+    with pytest.raises(SystemExit, match=r"holds an earlier run \(metrics.jsonl, ckpt\): pass --resume .* --overwrite"):
+        runtime.Run(tmp_path, resume=False)                                         # never mixed silently
+    fresh = runtime.Run(tmp_path, resume=False, overwrite=True)
     fresh.close()
     assert not (tmp_path / "ckpt").exists() and (tmp_path / "metrics.jsonl").read_text() == ""
 
@@ -96,3 +98,11 @@ def test_optimizer_step_skips_a_non_finite_loss(capsys):
     (w.sum()).backward()
     _, applied = runtime.optimizer_step(opt, [w], 1.0, "skip", 8, torch.tensor(1.0))
     assert applied and not torch.equal(w.detach(), torch.ones(2))
+
+
+def test_a_checkpoint_records_the_code_and_package_versions(tmp_path):
+    run = runtime.Run(tmp_path, resume=False)
+    run.save(1, {})
+    run.close()
+    saved = runtime.latest_train_state(tmp_path / "ckpt")["versions"]
+    assert saved["torch"] == str(torch.__version__) and saved["transformers"] and len(saved["git_commit"]) == 40

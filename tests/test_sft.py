@@ -229,3 +229,26 @@ def test_nan_on_one_rank_is_handled_by_all(phantom_world, tiny_llm, vision_weigh
     assert (run.returncode == 0) == (policy == "skip"), log[-3000:]
     if policy == "skip":
         assert "step 2:" not in log  # only the poisoned step was dropped
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_and_sigterm_save_say_how_to_resume_and_exit_non_zero(phantom_world, tiny_llm, vision_weights, tmp_path,
+                                                                      sig, code):
+    import signal
+    import time
+    args = sft_args(phantom_world, tiny_llm, vision_weights, tmp_path, "--max-steps", 400)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sft.py"), *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not (tmp_path / "metrics.jsonl").is_file() or not (tmp_path / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-2000:]
+        time.sleep(0.2)
+    proc.send_signal(getattr(signal, sig))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == code, out[-2000:]
+    assert f"stopped by {sig} after step" in out and "--resume" in out and "Traceback" not in out
+    step = int(out.split(f"stopped by {sig} after step ")[1].split(":")[0])
+    assert (tmp_path / "ckpt" / f"step_{step:08d}" / "state.pt").is_file() and not (tmp_path / "vlm").exists()
+    rows = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, step + 1))
