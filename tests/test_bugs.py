@@ -21,13 +21,7 @@ import runtime
 import sft
 from phantom.llm import build_tiny_llm, phantom_texts
 
-TEXTS = [
-    "No pleural effusion. Heart size is normal. The trachea and both main bronchi are open.",
-    "There is a 5 mm nodule in the right upper lobe. Emphysematous changes in both lungs.",
-    "What abnormality is present in this CT scan? A) Emphysema B) Atelectasis C) Lung nodule D) Pleural effusion",
-    "<think>The scan shows lung nodule. The answer is C.</think><answer>C</answer>",
-    "<finding>Mediastinal lymph nodes are not enlarged.</finding><impression>Normal chest CT.</impression>",
-] * 20
+from test_model import TEXTS, one_thread  # noqa: F401  shared with test_model.py (one_thread is autouse)
 
 OPTIONS = {"A": "Emphysema", "B": "Atelectasis", "C": "Lung nodule", "D": "Pleural effusion"}
 QUESTIONS = [  # two questions of different lengths (left padding), on two different volumes
@@ -38,14 +32,6 @@ QUESTIONS = [  # two questions of different lengths (left padding), on two diffe
 ]
 REPORTS = {"vol_a.nii.gz": "There is a 5 mm lung nodule in the right upper lobe. No pleural effusion.",
            "vol_b.nii.gz": "Emphysema in both lungs. No lung nodule."}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def volumes(n, seed=0):
