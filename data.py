@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
-from collections import Counter
+import hashlib
 import json
 import multiprocessing
 import os
 import re
 import threading
-import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -385,52 +385,86 @@ def clinical_stances(text: str) -> dict[str, str]:
     return {name: s.pop() if len(s) == 1 else "both" for name, s in stance.items()}
 
 
+class Chat:
+    """An OpenAI-compatible chat endpoint asked fixed prompts at temperature 0 (the sentence labeller, GRPO's
+    `judge:` consistency scorer, evaluate.py's judge). Transport errors, rate limits (429) and server errors are
+    retried by the client itself with exponential back-off; a reply that `parse` rejects (returns None or raises
+    ValueError) is an error, never retried or cached. Valid replies are cached on disk per (endpoint, model, prompt)
+    when `cache_dir` is given. The key is read from the environment variable `key_env`, never logged or saved."""
+
+    def __init__(self, base_url, model, key_env="OPENAI_API_KEY", cache_dir=None, timeout=60.0, retries=3, workers=4,
+                 client=None):
+        import openai
+        if not model or not (base_url or client):
+            raise ValueError(f"an OpenAI-compatible endpoint needs a base URL and a model, got {base_url!r}, {model!r}")
+        self.base_url, self.model, self.retries, self.workers = base_url, model, retries, max(1, workers)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._key = os.environ.get(key_env) or "EMPTY"  # local servers accept any key
+        self.client = client or openai.OpenAI(base_url=base_url, api_key=self._key, timeout=timeout,
+                                              max_retries=retries)
+
+    def ask(self, prompt: str, parse, max_tokens: int | None = None) -> tuple[object, str | None]:
+        """(parse(reply), None), or (None, the error) for a failed request or a rejected reply."""
+        messages = [{"role": "user", "content": prompt}]
+        key = json.dumps([self.base_url, self.model, messages], sort_keys=True).encode()
+        path = self.cache_dir / f"{hashlib.sha256(key).hexdigest()}.json" if self.cache_dir else None
+        if path and path.is_file():
+            return json.loads(path.read_text())["parsed"], None
+        try:
+            reply = self.client.chat.completions.create(model=self.model, messages=messages, temperature=0,
+                                                        **({"max_tokens": max_tokens} if max_tokens else {}))
+            text = reply.choices[0].message.content
+        except Exception as e:  # connection, timeout and HTTP errors after the client's retries: the caller counts it
+            return None, f"{type(e).__name__}: {str(e).replace(self._key, '***')[:200]}"
+        try:
+            parsed = parse(text)
+        except (ValueError, TypeError):
+            parsed = None
+        if parsed is None:
+            return None, f"unparseable reply: {str(text)[:200]!r}"
+        if path:
+            write_json(path, {"model": self.model, "reply": text, "parsed": parsed})
+        return parsed, None
+
+    def ask_all(self, prompts: list[str], parse) -> tuple[list, list[str]]:
+        """The parsed replies (None where an error occurred) and the errors, `workers` requests at a time."""
+        with ThreadPoolExecutor(self.workers) as pool:
+            out = list(pool.map(lambda p: self.ask(p, parse), prompts))
+        return [o for o, _ in out], [e for _, e in out if e]
+
+
+LABEL_PROMPT = ("You label sentences from chest CT radiology reports. For each numbered sentence answer 1 if it "
+                "describes an abnormal finding and 0 if it describes a normal finding or absence of disease. "
+                "Reply with only a JSON list of 0/1 integers, one per sentence, in order.\n\n")
+
+
 class OpenAILabeller:
     """Sentence labeller through an OpenAI-compatible endpoint (the paper used DeepSeek-V3): one request per report,
     the reply a JSON list of 0/1, cached per (model, sentence) in cache_dir/labels.jsonl. Failures raise RuntimeError.
     """
 
-    PROMPT = ("You label sentences from chest CT radiology reports. For each numbered sentence answer 1 if it "
-              "describes an abnormal finding and 0 if it describes a normal finding or absence of disease. "
-              "Reply with only a JSON list of 0/1 integers, one per sentence, in order.\n\n")
-
-    def __init__(self, base_url=None, model=None, api_key=None, cache_dir="runs/label_cache", timeout=60.0,
-                 retries=3):
-        import openai
-        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL")
-        self.model = model or os.environ.get("OPENAI_MODEL")
-        if not self.base_url or not self.model:
-            raise ValueError("OpenAI labeller needs a base URL and a model: --base-url/--model or the "
-                             "OPENAI_BASE_URL/OPENAI_MODEL environment variables")
-        self.client = openai.OpenAI(base_url=self.base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY", "none"),
-                                    timeout=timeout, max_retries=0)
-        self.retries, self.lock = retries, threading.Lock()
+    def __init__(self, base_url=None, model=None, key_env="OPENAI_API_KEY", cache_dir="runs/label_cache",
+                 timeout=60.0, retries=3):
+        base_url, model = base_url or os.environ.get("OPENAI_BASE_URL"), model or os.environ.get("OPENAI_MODEL")
+        if not base_url or not model:
+            raise ValueError("the OpenAI labeller needs --base-url and --model (or $OPENAI_BASE_URL, $OPENAI_MODEL)")
+        self.chat = Chat(base_url, model, key_env, None, timeout, retries)
+        self.model, self.lock = self.chat.model, threading.Lock()
         self.cache_file = Path(cache_dir) / "labels.jsonl"
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)
         recs = map(json.loads, open(self.cache_file)) if self.cache_file.exists() else []
         self.cache = {(r["model"], r["sentence"]): r["abnormal"] for r in recs}
 
-    def _ask(self, sentences: list[str]) -> list[bool]:
-        text, error = self.PROMPT + "\n".join(f"{i + 1}. {s}" for i, s in enumerate(sentences)), None
-        for attempt in range(self.retries + 1):
-            try:
-                reply = self.client.chat.completions.create(
-                    model=self.model, temperature=0.0, messages=[{"role": "user", "content": text}])
-                content = reply.choices[0].message.content
-                labels = json.loads(content[content.index("["): content.rindex("]") + 1])
-                if len(labels) != len(sentences) or any(int(v) not in (0, 1) for v in labels):
-                    raise ValueError(f"expected {len(sentences)} labels of 0/1, got {content!r}")
-                return [bool(int(v)) for v in labels]
-            except Exception as e:  # network, HTTP status, or unparsable reply: retry, then fail loudly
-                error = e
-                time.sleep(min(2 ** attempt, 10) * 0.1)
-        raise RuntimeError(f"OpenAI labeller failed at {self.base_url} (model {self.model}) after "
-                           f"{self.retries + 1} attempts: {type(error).__name__}: {error}")
-
     def __call__(self, sentences: list[str]) -> list[bool]:
         todo = list(dict.fromkeys(s for s in sentences if (self.model, s) not in self.cache))
         if todo:
-            answers = self._ask(todo)
+            def parse(text):  # the list may be wrapped in prose or a code fence
+                labels = json.loads(text[text.index("["): text.rindex("]") + 1])
+                return [bool(v) for v in labels] if len(labels) == len(todo) and set(labels) <= {0, 1} else None
+            answers, error = self.chat.ask(LABEL_PROMPT + "\n".join(f"{i + 1}. {s}" for i, s in enumerate(todo)), parse)
+            if error:
+                raise RuntimeError(f"OpenAI labeller failed at {self.chat.base_url} (model {self.model}) after "
+                                   f"{self.chat.retries + 1} attempts: {error}")
             with self.lock, open(self.cache_file, "a") as f:
                 for s, a in zip(todo, answers):
                     self.cache[(self.model, s)] = a
@@ -734,10 +768,10 @@ def main(argv=None):
     a.add_argument("--labeller", choices=["rules", "openai"], default="rules")
     a.add_argument("--base-url", help="OpenAI-compatible endpoint (default $OPENAI_BASE_URL)")
     a.add_argument("--model", help="model name (default $OPENAI_MODEL)")
-    a.add_argument("--api-key", help="default $OPENAI_API_KEY")
+    a.add_argument("--api-key-env", default="OPENAI_API_KEY", help="NAME of the env variable holding the key")
     a.add_argument("--cache", default="runs/label_cache", help="reply cache folder")
     a.add_argument("--timeout", type=float, default=60.0)
-    a.add_argument("--retries", type=int, default=3)
+    a.add_argument("--retries", type=int, default=3, help="the client's retries, with back-off (errors, 429)")
     a.add_argument("--workers", type=int, default=1, help="parallel requests (openai labeller)")
     a = sub.add_parser("mmvqa", help="build MMVQA questions (official MCQ format) from a label CSV")
     a.add_argument("--labels", required=True)
@@ -762,8 +796,11 @@ def main(argv=None):
             raise SystemExit(line)  # exit code 1, the line on stderr
         print(line)
     elif args.cmd == "label":
-        labeller = OpenAILabeller(args.base_url, args.model, args.api_key, args.cache, args.timeout, args.retries) \
-            if args.labeller == "openai" else None
+        try:
+            labeller = OpenAILabeller(args.base_url, args.model, args.api_key_env, args.cache, args.timeout,
+                                      args.retries) if args.labeller == "openai" else None
+        except ValueError as e:
+            ap.error(str(e))
         label_reports(read_reports(args.reports), args.out, labeller, args.workers)
         print(f"sentence labels written to {args.out}")
     elif args.cmd == "mmvqa":

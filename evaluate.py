@@ -34,7 +34,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
@@ -101,7 +100,7 @@ def _bert_f1(hyps: list[str], refs: list[str], model_dir: str, layers: int | Non
 
 
 def report_metrics(hyps: list[str], refs: list[str], bert_model: str | None = None, bert_layers: int | None = None,
-                   judge: Judge | None = None) -> dict:
+                   judge: data.Chat | None = None) -> dict:
     """{"scores": {metric: corpus value | None}, "per_item": {metric: [value | None]}, "missing": {metric: reason},
     "implementations": {metric: what ran}, "mean_over": [the metrics in "Mean"]}."""
     assert len(hyps) == len(refs) and hyps, "need as many hypotheses as references (at least one)"
@@ -131,7 +130,7 @@ def report_metrics(hyps: list[str], refs: list[str], bert_model: str | None = No
         missing["BERT-F1"] = "no local BERT model given (--bert-model DIR); nothing is downloaded"
     scores.update({k: np.mean(per_item[k]) for k in ("ROUGE-1", "ROUGE-2", "BERT-F1") if k in per_item})
     if judge is not None:
-        llm = judge.llm_scores(hyps, refs)
+        llm = llm_scores(judge, hyps, refs)
         per_item["LLM-score"], scores["LLM-score"] = llm["per_item"], llm["mean"]
         impl["LLM-score"] = f"judge {judge.model} (0-100 / 100), {llm['n_valid']} of {len(hyps)} replies valid"
         if llm["mean"] is None:
@@ -194,59 +193,24 @@ def parse_judge_reply(text: str, keys: list[str], lo: int, hi: int) -> dict | No
     return obj if ok and all(type(obj[k]) is int and lo <= obj[k] <= hi for k in keys) else None
 
 
-class Judge:
-    """Chat-completions client with a fixed prompt, temperature 0, strict parsing, timeouts and an on-disk cache."""
+def llm_scores(judge: data.Chat, hyps: list[str], refs: list[str]) -> dict:
+    """LLM score per report in [0, 1] (the judge's 0-100 / 100) and their mean over valid replies."""
+    replies, errors = judge.ask_all([LLM_SCORE_PROMPT.format(reference=r, candidate=h) for h, r in zip(hyps, refs)],
+                                    lambda text: parse_judge_reply(text, ["score"], 0, 100))
+    per_item = [o["score"] / 100 if o else None for o in replies]
+    valid = [s for s in per_item if s is not None]
+    return {"per_item": per_item, "mean": float(np.mean(valid)) if valid else None, "n_valid": len(valid),
+            "errors": errors}
 
-    def __init__(self, base_url: str, model_name: str, api_key_env: str = "JUDGE_API_KEY", cache_dir: str | Path =
-                 "runs/eval/judge_cache", timeout: float = 60.0, retries: int = 2, workers: int = 4):
-        from openai import OpenAI
-        self.base_url, self.model, self.workers, self.cache_dir = base_url, model_name, workers, Path(cache_dir)
-        self._key = os.environ.get(api_key_env) or "EMPTY"     # local servers accept any key; never logged or saved
-        self.client = OpenAI(base_url=base_url, api_key=self._key, timeout=timeout, max_retries=retries)
 
-    def ask(self, prompt: str, keys: list[str], lo: int, hi: int) -> tuple[dict | None, str | None]:
-        """(parsed reply, None) or (None, error). Only valid replies are cached, so failures are retried next run."""
-        messages = [{"role": "user", "content": prompt}]
-        key = hashlib.sha256(json.dumps([self.base_url, self.model, messages], sort_keys=True).encode()).hexdigest()
-        path = self.cache_dir / f"{key}.json"
-        if path.is_file():
-            return json.loads(path.read_text())["parsed"], None
-        try:
-            reply = self.client.chat.completions.create(model=self.model, messages=messages, temperature=0)
-            text = reply.choices[0].message.content
-        except Exception as e:   # timeouts, connection and HTTP errors: that item is null, counted by the caller
-            return None, f"{type(e).__name__}: {str(e).replace(self._key, '***')[:200]}"
-        parsed = parse_judge_reply(text, keys, lo, hi)
-        if parsed is None:
-            return None, f"unparseable reply: {str(text)[:200]!r}"
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")   # write, then rename: a killed run leaves no half file
-        tmp.write_text(json.dumps({"model": self.model, "reply": text, "parsed": parsed}))
-        os.replace(tmp, path)
-        return parsed, None
-
-    def ask_all(self, prompts: list[str], keys: list[str], lo: int, hi: int) -> tuple[list, list[str]]:
-        """The parsed replies (None where invalid) and the errors, `workers` requests at a time."""
-        with ThreadPoolExecutor(max(1, self.workers)) as pool:
-            out = list(pool.map(lambda p: self.ask(p, keys, lo, hi), prompts))
-        return [o for o, _ in out], [e for _, e in out if e]
-
-    def llm_scores(self, hyps: list[str], refs: list[str]) -> dict:
-        """LLM score per report in [0, 1] (the judge's 0-100 / 100) and their mean over valid replies."""
-        replies, errors = self.ask_all([LLM_SCORE_PROMPT.format(reference=r, candidate=h) for h, r in zip(hyps, refs)],
-                                       ["score"], 0, 100)
-        per_item = [o["score"] / 100 if o else None for o in replies]
-        valid = [s for s in per_item if s is not None]
-        return {"per_item": per_item, "mean": float(np.mean(valid)) if valid else None, "n_valid": len(valid),
-                "errors": errors}
-
-    def reasoning_scores(self, questions: list[str], thinks: list[str], reports: list[str]) -> dict:
-        """Four 0-5 criteria per reasoning text; means over valid replies."""
-        replies, errors = self.ask_all([REASONING_PROMPT.format(question=q, think=t or "(empty)", report=r)
-                                        for q, t, r in zip(questions, thinks, reports)], JUDGE_CRITERIA, 0, 5)
-        valid = [o for o in replies if o]
-        return {"means": {k: float(np.mean([o[k] for o in valid])) if valid else None for k in JUDGE_CRITERIA},
-                "per_item": replies, "n_valid": len(valid), "n": len(replies), "errors": errors}
+def reasoning_scores(judge: data.Chat, questions: list[str], thinks: list[str], reports: list[str]) -> dict:
+    """Four 0-5 criteria per reasoning text; means over valid replies."""
+    replies, errors = judge.ask_all([REASONING_PROMPT.format(question=q, think=t or "(empty)", report=r)
+                                     for q, t, r in zip(questions, thinks, reports)],
+                                    lambda text: parse_judge_reply(text, JUDGE_CRITERIA, 0, 5))
+    valid = [o for o in replies if o]
+    return {"means": {k: float(np.mean([o[k] for o in valid])) if valid else None for k in JUDGE_CRITERIA},
+            "per_item": replies, "n_valid": len(valid), "n": len(replies), "errors": errors}
 
 
 # ============================================ positional bias (figure 1) ============================================
@@ -420,7 +384,7 @@ def evaluate_reasoning(judge, mmvqa: dict, questions: list[dict], reports: dict)
         return {"means": None, "missing": "no judge endpoint configured" if judge is None else
                 "needs think outputs (task mmvqa) of CT-RATE questions with reports"}
     question = {q["VolumeName"]: q["question"] for q in questions}
-    return judge.reasoning_scores([question[r["VolumeName"]] for r in recs], [think_text(r["output"]) for r in recs],
+    return reasoning_scores(judge, [question[r["VolumeName"]] for r in recs], [think_text(r["output"]) for r in recs],
                                   [" ".join(s for s in reports[r["VolumeName"]].values() if s) for r in recs])
 
 
@@ -623,8 +587,8 @@ def main(argv=None) -> dict | None:
         caches, questions, reports, report_names = load_inputs(args, tasks, paths, results["provenance"])
     judge_url = args.judge_base_url or os.environ.get("JUDGE_BASE_URL")
     judge_model = args.judge_model or os.environ.get("JUDGE_MODEL")
-    judge = Judge(judge_url, judge_model, args.judge_api_key_env, out_dir / "judge_cache", args.judge_timeout,
-                  args.judge_retries, args.judge_workers) if rank == 0 and judge_url and judge_model else None
+    judge = data.Chat(judge_url, judge_model, args.judge_api_key_env, out_dir / "judge_cache", args.judge_timeout,
+                      args.judge_retries, args.judge_workers) if rank == 0 and judge_url and judge_model else None
     sentence_encoder = encoder_embedder(args.sentence_encoder, device) if args.sentence_encoder else None
 
     for label, ckpt in ckpts:

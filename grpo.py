@@ -31,6 +31,7 @@ import argparse
 import bisect
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -127,22 +128,14 @@ def make_consistency_scorer(spec: str, thresholds: list[float] | None = None, le
             batch = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=4096).to(device)
             return rm(**batch).logits[:, 0].float().tolist()
     else:
-        if client is None:
-            import openai
-            client = openai.OpenAI(base_url=os.environ.get("OPENAI_BASE_URL"), api_key=os.environ.get("OPENAI_API_KEY"))
+        chat = data.Chat(os.environ.get("OPENAI_BASE_URL"), arg, client=client)
 
         def judge_one(think: str, report: str) -> float:
-            try:
-                reply = client.chat.completions.create(model=arg, temperature=0.0, max_tokens=8, messages=[
-                    {"role": "user", "content": JUDGE_PROMPT.format(report=report, think=think)}])
-                grade = int(reply.choices[0].message.content.strip())
-                if not 0 <= grade <= 10:
-                    raise ValueError(f"grade {grade} outside 0..10")
-                return grade / 10
-            except Exception as err:
-                if judge_failures == "fail":
-                    raise RuntimeError(f"consistency judge {arg!r} failed: {err}") from err
-                return math.nan
+            grade, error = chat.ask(JUDGE_PROMPT.format(report=report, think=think), max_tokens=8,
+                                    parse=lambda t: int(t) / 10 if re.fullmatch(r"\s*(10|\d)\s*", t or "") else None)
+            if error and judge_failures == "fail":
+                raise RuntimeError(f"consistency judge {arg!r} failed: {error}")
+            return math.nan if error else grade
         raw = lambda thinks, reports: [judge_one(t, r) for t, r in zip(thinks, reports)]
 
     def score(thinks: list[str], reports: list[str]) -> list[float]:

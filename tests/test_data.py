@@ -496,19 +496,21 @@ def test_split_sentences_and_reports(tmp_path):
 
 class FakeLLM(BaseHTTPRequestHandler):
     """A chat-completions endpoint that labels the numbered sentences with the rule labeller (or fails)."""
-    mode, requests = "ok", 0
+    mode, requests, limited_until = "ok", 0, 0.0
 
     def do_POST(self):
         FakeLLM.requests += 1
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if self.path != "/v1/chat/completions" or FakeLLM.mode == "error":
-            self.send_response(500)
+        limited = FakeLLM.mode == "429" and time.monotonic() < FakeLLM.limited_until
+        if self.path != "/v1/chat/completions" or FakeLLM.mode == "error" or limited:
+            self.send_response(429 if limited else 500)
+            self.send_header("retry-after", "1")                           # seconds
             self.end_headers()
             self.wfile.write(b'{"error": {"message": "boom"}}')
             return
         lines = body["messages"][-1]["content"].split("\n\n", 1)[1].split("\n")
         labels = [int(data.rule_label(l.split(". ", 1)[1])) for l in lines]
-        content = f"Labels: {json.dumps(labels)}" if FakeLLM.mode == "ok" else "I cannot help with that."
+        content = f"Labels: {json.dumps(labels)}" if FakeLLM.mode in ("ok", "429") else "I cannot help with that."
         reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                  "choices": [{"index": 0, "finish_reason": "stop",
                               "message": {"role": "assistant", "content": content}}],
@@ -536,21 +538,28 @@ def fake_llm():
 
 def test_openai_labeller_against_a_local_server(fake_llm, tmp_path):
     sents = list(REAL_STYLE)
-    lab = data.OpenAILabeller(fake_llm, "fake-model", "key", tmp_path / "cache", timeout=5, retries=1)
+    lab = data.OpenAILabeller(fake_llm, "fake-model", "NO_KEY_ENV", tmp_path / "cache", timeout=5, retries=1)
     assert lab(sents) == list(REAL_STYLE.values()) and FakeLLM.requests == 1  # one request per report
     assert lab(sents[:3]) == list(REAL_STYLE.values())[:3] and FakeLLM.requests == 1  # cached
     FakeLLM.mode = "error"
-    again = data.OpenAILabeller(fake_llm, "fake-model", "key", tmp_path / "cache", timeout=5, retries=1)
+    again = data.OpenAILabeller(fake_llm, "fake-model", "NO_KEY_ENV", tmp_path / "cache", timeout=5, retries=1)
     assert again(sents) == list(REAL_STYLE.values()) and FakeLLM.requests == 1  # the on-disk cache is reused
     with pytest.raises(RuntimeError, match=r"127\.0\.0\.1.*fake-model.*2 attempts"):
         again(["A new sentence about a nodule."])
-    assert FakeLLM.requests == 3  # tried, retried, failed loudly
+    assert FakeLLM.requests == 3  # tried, retried by the client, failed loudly
     FakeLLM.mode = "garbage"
-    with pytest.raises(RuntimeError, match="ValueError"):
+    with pytest.raises(RuntimeError, match="unparseable reply: 'I cannot help"):
         again(["Another new sentence."])
-    dead = data.OpenAILabeller("http://127.0.0.1:9/v1", "m", "k", tmp_path / "c2", timeout=1, retries=0)
+    assert FakeLLM.requests == 4  # a malformed reply is not asked again
+    dead = data.OpenAILabeller("http://127.0.0.1:9/v1", "m", "NO_KEY_ENV", tmp_path / "c2", timeout=1, retries=0)
     with pytest.raises(RuntimeError, match="127.0.0.1:9"):
         dead(["No effusion."])
+
+
+def test_openai_labeller_waits_out_a_rate_limit(fake_llm, tmp_path):
+    FakeLLM.mode, FakeLLM.limited_until = "429", time.monotonic() + 0.8     # rate-limited for 0.8 s
+    lab = data.OpenAILabeller(fake_llm, "fake-model", "NO_KEY_ENV", tmp_path / "cache", timeout=5, retries=2)
+    assert lab(["Cardiomegaly is seen."]) == [True] and FakeLLM.requests == 2   # 429, waited as told, then served
 
 
 def test_label_cli_with_openai_labeller(fake_llm, tmp_path, monkeypatch):

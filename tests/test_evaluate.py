@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+import data
 import evaluate as E
 
 JAVA = shutil.which("java") is not None
@@ -251,9 +252,9 @@ def server():
 
 def test_judge_scores_bad_reply_timeout_and_cache(server, tmp_path, monkeypatch):
     monkeypatch.setenv("MY_JUDGE_KEY", "sk-test-secret-123")
-    judge = E.Judge(server.url, "judge-model", "MY_JUDGE_KEY", tmp_path / "cache", timeout=0.5, retries=0, workers=3)
+    judge = data.Chat(server.url, "judge-model", "MY_JUDGE_KEY", tmp_path / "cache", timeout=0.5, retries=0, workers=3)
     hyps = ["GOOD report", "BAD report", "SLOW report"]
-    out = judge.llm_scores(hyps, ["ref one", "ref two", "ref three"])
+    out = E.llm_scores(judge, hyps, ["ref one", "ref two", "ref three"])
     assert out["per_item"] == [0.8, None, None] and out["mean"] == pytest.approx(0.8) and out["n_valid"] == 1
     assert any("unparseable" in e for e in out["errors"]) and any("Timeout" in e for e in out["errors"])
     first = server.requests[0]
@@ -263,17 +264,17 @@ def test_judge_scores_bad_reply_timeout_and_cache(server, tmp_path, monkeypatch)
     cached = list((tmp_path / "cache").glob("*.json"))
     assert len(cached) == 1 and "sk-test-secret" not in cached[0].read_text()
     n = len(server.requests)
-    again = judge.llm_scores(hyps[:1], ["ref one"])
+    again = E.llm_scores(judge, hyps[:1], ["ref one"])
     assert again["per_item"] == [0.8] and len(server.requests) == n   # served from the cache
 
-    r = judge.reasoning_scores(["Q? A) x B) y"], ["the effusion is on the left"], ["Left pleural effusion."])
+    r = E.reasoning_scores(judge, ["Q? A) x B) y"], ["the effusion is on the left"], ["Left pleural effusion."])
     assert r["means"] == {"clinical_correctness": 4.0, "clarity": 3.0, "differential_diagnosis": 2.0,
                           "conciseness": 5.0} and r["n_valid"] == 1
 
 
 def test_report_metrics_with_judge(server, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))            # skip METEOR's Java start-up here
-    judge = E.Judge(server.url, "m", "NO_SUCH_ENV_VAR", tmp_path / "c", timeout=5, retries=0)
+    judge = data.Chat(server.url, "m", "NO_SUCH_ENV_VAR", tmp_path / "c", timeout=5, retries=0)
     out = E.report_metrics(["GOOD a", "BAD b"], ["a", "b"], judge=judge)
     assert out["per_item"]["LLM-score"] == [0.8, None] and out["scores"]["LLM-score"] == pytest.approx(0.8)
     assert "LLM-score" in out["mean_over"]
