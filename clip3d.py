@@ -304,7 +304,8 @@ def main(argv=None) -> dict:
     no_decay = [p for p in net.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-    run = runtime.Run(args.out, args.resume, args.overwrite)
+    run = runtime.Run(args.out, args.resume, args.overwrite,
+                      curves=("loss", "lr", "zs_auc_mean", "v2r_R@1", "v2r_R@5", "r2v_R@5"))
     if run.state is not None:
         net.load_state_dict(run.state["model"])
         opt.load_state_dict(run.state["optimizer"])

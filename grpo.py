@@ -421,7 +421,9 @@ def main(argv=None) -> dict:
     if len(questions) < global_batch:
         raise SystemExit(f"{len(questions)} RL questions < one global batch of {global_batch}")
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at)
+    run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at,
+                      curves=("reward", "r_fmt", "r_acc", "r_con", "reward_std", "kl", "completion_len", "truncated",
+                              "val_acc"))
     if run.state is not None:
         vlm.load_state_dict(run.state["model"])
         optimizer.load_state_dict(run.state["optimizer"])

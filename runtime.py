@@ -29,6 +29,9 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
     rank 0 of 1 without one."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        if rank != 0:  # only rank 0 shows progress, transformers' own loading bars included
+            import transformers
+            transformers.utils.logging.disable_progress_bar()
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
             dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
@@ -264,9 +267,9 @@ class Run:
     """
 
     def __init__(self, out: str | Path, resume: bool, overwrite: bool = False, stop_at: int | None = None,
-                 keep: int = 2):
+                 keep: int = 2, curves: tuple[str, ...] = ()):
         global _stop_signal
-        self.out, self.stop_at, self.keep = Path(out), stop_at, keep
+        self.out, self.stop_at, self.keep, self.curves = Path(out), stop_at, keep, curves
         self.rank, self.world = get_rank(), world_size()
         earlier = [p.name for p in (self.out / "metrics.jsonl", self.out / "ckpt") if p.exists()]
         if earlier and not resume and not overwrite:
@@ -326,11 +329,36 @@ class Run:
                f"same command and --resume")
 
     def close(self) -> None:
+        """Restore the signal handlers, close metrics.jsonl and plot its curves (also after a stop request)."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
         if self._log is not None:
             self._log.close()
             self._log = None
+            if self.curves:
+                plot_curves(self.out / "metrics.jsonl", self.curves, self.out / "curves.png")
+
+
+def plot_curves(metrics: str | Path, series: tuple[str, ...], png: str | Path) -> None:
+    """One panel per series of a metrics.jsonl against the step; rows without a (finite) value are left out."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+    fig, axes = plt.subplots(math.ceil(len(series) / 3), 3, figsize=(12, 2.6 * math.ceil(len(series) / 3)),
+                             squeeze=False)
+    counts = {}
+    for ax, key in zip(axes.flat, series):
+        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        counts[key] = len(points)
+        if points:
+            ax.plot(*zip(*points), marker="o" if len(points) < 20 else None, markersize=3)
+        ax.set(title=key, xlabel="step")
+    for ax in axes.flat[len(series):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100, metadata={"Description": json.dumps({"points": counts})})  # what each panel holds
+    plt.close(fig)
 
 
 # =====================================================================================================================

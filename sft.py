@@ -275,7 +275,8 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
         raise SystemExit(f"{len(examples)} examples < one global batch of {global_batch}")
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or 10**12)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at)
+    run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at,
+                      curves=("loss", "lr", "grad_norm"))
     if run.state is not None:
         with torch.no_grad():
             for n, p in zip(names, params):

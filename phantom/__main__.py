@@ -1,4 +1,4 @@
-"""python -m phantom world | warmup | dataset (see phantom/__init__.py)."""
+"""python -m phantom quickstart | world | warmup | dataset (see phantom/__init__.py)."""
 import argparse
 import sys
 
@@ -7,6 +7,9 @@ from phantom import ensure_world, make_phantom
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["quickstart"]:
+        from phantom import quickstart
+        sys.exit(quickstart.main(argv[1:]))
     if argv[:1] == ["warmup"]:                      # the warm-up takes sft.py's flags
         from phantom import warmup
         import runtime
@@ -14,6 +17,7 @@ def main(argv=None) -> None:
         sys.exit(runtime.exit_code())
     ap = argparse.ArgumentParser(prog="python -m phantom", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("quickstart", help="every stage in turn, then the time and results tables (--fresh: redo all)")
     sub.add_parser("warmup", help="train the tiny LLM (flags: python -m phantom warmup --help)")
     for name, text in (("world", "build the whole world (dataset, caches, labels, questions, tiny models)"),
                        ("dataset", "write only the raw dataset (CT-RATE v2 layout + RAD-ChestCT subset)")):

@@ -13,3 +13,13 @@ import phantom  # noqa: E402
 def phantom_world(tmp_path_factory) -> dict:
     """phantom.ensure_world's paths for a small world (24 train / 12 valid / 8 RAD-ChestCT volumes)."""
     return phantom.ensure_world(tmp_path_factory.mktemp("phantom"), n_train=24, n_valid=12, n_rad=8, seed=0)
+
+
+def curve_points(png) -> dict:
+    """{series: number of points} of a stage's curves.png (runtime.plot_curves writes it into the PNG's metadata)."""
+    import json
+
+    from PIL import Image
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] >= 600
+        return json.loads(im.info["Description"])["points"]

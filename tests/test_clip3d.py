@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from conftest import curve_points
 import clip3d
 import model as M
 
@@ -144,6 +145,8 @@ def test_resume_continues_exactly(phantom_world, tmp_path):
     (resumed / "vision_encoder.safetensors").unlink()
     m_resumed = clip3d.main([str(a) for a in run_args(phantom_world, resumed, "--max-steps", 4, "--resume")])
     assert losses(resumed) == losses(full)               # bit-identical steps 3 and 4
+    points = curve_points(resumed / "curves.png")
+    assert points["loss"] == points["lr"] == 4 and points["zs_auc_mean"] >= 1 and points["v2r_R@1"] >= 1
     assert json.dumps(m_resumed["zs_auc"]) == json.dumps(m_full["zs_auc"])   # NaN-safe
     a, b = load_file(full / "vision_encoder.safetensors"), load_file(resumed / "vision_encoder.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

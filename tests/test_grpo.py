@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import curve_points
 import data
 import grpo
 import model
@@ -313,6 +314,8 @@ def test_truncation_freeze_encoder_and_logs(phantom_world, sft_ckpt, tmp_path, m
         assert key in row
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [0, 1] and "val_acc" in logged[0]
+    assert curve_points(tmp_path / "curves.png") == {"reward": 1, "r_fmt": 1, "r_acc": 1, "r_con": 1, "reward_std": 1,
+                                                     "kl": 1, "completion_len": 1, "truncated": 1, "val_acc": 2}
     trained, sft = trained_state(tmp_path), model.VLM.load(sft_ckpt).state_dict()
     assert all(torch.equal(trained[k], sft[k]) for k in trained if k.startswith("vit."))
     assert not torch.equal(trained["bridge.proj.weight"], sft["bridge.proj.weight"])
@@ -329,7 +332,7 @@ def test_sigterm_saves_and_exits(phantom_world, sft_ckpt, tmp_path, monkeypatch)
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert out["interrupted"] and out["step"] == 1 and (tmp_path / "ckpt" / "step_00000001" / "state.pt").is_file()
-    assert not (tmp_path / "vlm").exists()
+    assert not (tmp_path / "vlm").exists() and curve_points(tmp_path / "curves.png")["reward"] == 1  # curves so far
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
 """The phantom package: the tiny LLM it builds and the warm-up that teaches it (phantom/llm.py, phantom/warmup.py)."""
+import json
 import re
 from pathlib import Path
 
@@ -73,3 +74,37 @@ def test_ensure_world_builds_the_tiny_llm_once_and_it_learns_the_phantom_languag
     n_tokens = len(tok(report, add_special_tokens=False)["input_ids"])
     assert n_tokens < len(report) / 3  # whole words and phrases, not bytes
     assert tok.decode(tok(report, add_special_tokens=False)["input_ids"]) == report
+
+
+STAGE = """import sys
+from pathlib import Path
+Path("calls.txt").open("a").write(" ".join(sys.argv[1:]) + "\\n")
+if "--flaky" in sys.argv and not Path("failed_once").exists():
+    Path("failed_once").touch()
+    sys.exit(3)
+if "--results" in sys.argv:
+    Path("runs/eval").mkdir(parents=True, exist_ok=True)
+    Path("runs/eval/results.md").write_text("| Method | CT-RATE w think |\\n")
+"""
+
+
+def test_quickstart_runs_every_stage_and_goes_on_after_a_failure(tmp_path, monkeypatch, capsys):
+    from phantom import quickstart
+    monkeypatch.chdir(tmp_path)
+    Path("stage.py").write_text(STAGE)
+    Path("runs/b/ckpt/step_00000002").mkdir(parents=True)
+    Path("runs/b/ckpt/step_00000002/state.pt").touch()                     # b left a resumable checkpoint
+    stages = [("a", ["stage.py"], "runs/a"), ("b", ["stage.py", "--flaky"], "runs/b"),
+              ("evaluate", ["stage.py", "--results"], None)]
+    monkeypatch.setattr(quickstart, "STAGES", stages)
+    assert quickstart.main([]) == 3                                        # b failed: stop, say how to go on
+    assert "run `python -m phantom quickstart` again" in capsys.readouterr().out
+    record = json.loads(Path("runs/quickstart.json").read_text())
+    assert record["a"]["done"] and not record["b"]["done"] and "evaluate" not in record and record["cpu"]
+    assert quickstart.main([]) == 0                                        # a is skipped, b resumes
+    out = capsys.readouterr().out
+    assert "== a: done before" in out and "| total |" in out and out.rstrip().endswith("| Method | CT-RATE w think |")
+    assert Path("calls.txt").read_text().splitlines() == [
+        "--overwrite", "--flaky --resume", "--flaky --resume", "--results"]
+    assert quickstart.main(["--fresh"]) == 0                               # --fresh: every stage again, afresh
+    assert Path("calls.txt").read_text().splitlines()[4:] == ["--overwrite", "--flaky --overwrite", "--results"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import curve_points
 import data
 import model
 import runtime
@@ -157,6 +158,7 @@ def test_resume_is_exact(phantom_world, tiny_llm, vision_weights, tmp_path):
     first = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "b", "--max-steps", 4,
                               "--stop-at", 2))
     assert first["interrupted"] and first["step"] == 2
+    assert curve_points(tmp_path / "b" / "curves.png") == {"loss": 2, "lr": 2, "grad_norm": 2}   # the curves so far
     second = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "b", "--max-steps", 4,
                                "--resume"))
     assert first["losses"] + second["losses"] == straight["losses"]
@@ -196,8 +198,9 @@ def test_nan_step_is_skipped_or_stops(phantom_world, tiny_llm, vision_weights, t
 # two processes under torchrun (gloo)
 # ---------------------------------------------------------------------------------------------------------------------
 
-def torchrun(nproc, args, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+def torchrun(nproc, args, timeout=300, log_dir=None):
+    logs = ["--log-dir", str(log_dir), "--redirects", "3"] if log_dir else []   # each rank's output in its own files
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *logs,
            str(ROOT / "sft.py"), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -210,9 +213,12 @@ def losses(out):
 @pytest.mark.slow
 def test_two_processes_equal_one(phantom_world, tiny_llm, vision_weights, tmp_path):
     one = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "one", "--grad-accum", 2))
-    run = torchrun(2, sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "two"))
+    run = torchrun(2, sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "two"), log_dir=tmp_path / "logs")
     assert run.returncode == 0, run.stderr[-3000:]
     assert losses(tmp_path / "two") == pytest.approx(one["losses"], rel=1e-5)
+    out = {rank: "".join(p.read_text() for p in (tmp_path / "logs").rglob(f"attempt_0/{rank}/std*.log")) for rank in "01"}
+    assert "Loading weights" in out["0"] and "sft: " in out["0"]           # rank 0: transformers' bars and ours
+    assert "%|" not in out["1"] and "Loading weights" not in out["1"]      # rank 1: no progress output at all
     two = model.VLM.load(tmp_path / "two" / "vlm")
     mine = dict(one["net"].vlm.named_parameters())
     assert all(torch.allclose(p, mine[n], atol=ADAM_NOISE) for n, p in two.named_parameters())
