@@ -2,7 +2,8 @@
 
 Deliberate choices:
 1. Standard text metrics, corpus-level as CT-CHAT and VLM3D report them: pycocoevalcap BLEU-1..4, METEOR 1.5 (Java),
-   ROUGE-L, CIDEr-D; rouge-score ROUGE-1/2 F1 (stemmer); bert-score F1 from a local model directory, no rescaling.
+   ROUGE-L, CIDEr-D on pycocoevalcap's own PTBTokenizer tokens (Java; without it a regex approximation, results.json
+   says which); rouge-score ROUGE-1/2 F1 (stemmer); bert-score F1 from a local model directory, no rescaling.
    A metric that cannot run (no Java, no BERT dir, no judge) is null with its reason; "Mean" averages those that ran.
 2. LLM judge (LLM score, reasoning quality): an OpenAI-compatible endpoint, fixed prompts, temperature 0, strict JSON,
    an on-disk cache of valid replies; the key stays in the environment. A failed reply is null and counted.
@@ -12,9 +13,13 @@ Deliberate choices:
 5. Significance against a reference run (default sft): paired t-test on per-report scores, exact McNemar on answers.
 6. Greedy decoding; global batch k runs on rank k % world, so sharded results equal single-process ones.
 7. results.json records the provenance of every number: argv, commit, package versions, hashes of the inputs.
+8. Case sheets (PNG): a few questions per set, labelled scans with distinct answers first: the model's view of the
+   scan, its true findings, the question, and every run's rationale and answers side by side, sft (S1) next to grpo.
 
 Run:
-  python evaluate.py                # 1 CPU: every runs/*/vlm on the phantom world -> runs/eval/results.{json,md}
+  python evaluate.py                # 1 CPU: runs/{sft,sft_noram,sft_noarw,grpo}/vlm (those that exist) on the
+                                    # phantom world -> runs/eval/results.{json,md}, case sheets in runs/eval/cases/
+  python evaluate.py sft grpo       # only these runs (runs/sft/vlm, runs/grpo/vlm)
   python evaluate.py --preset real --data-root /data/ct-rate --ckpt runs/grpo/vlm --n-mmvqa 0 --n-reports 0 \\
       --bert-model /models/roberta-large --judge-base-url https://api.deepseek.com/v1 --judge-model deepseek-chat
                                     # 1 GPU, everything (key in $JUDGE_API_KEY)
@@ -33,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from collections import Counter
 from importlib import metadata
 from pathlib import Path
@@ -57,15 +63,31 @@ from runtime import world_size
 TEXT_METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-1", "ROUGE-2", "ROUGE-L", "CIDEr",
                 "BERT-F1", "LLM-score"]
 JUDGE_CRITERIA = ["clinical_correctness", "clarity", "differential_diagnosis", "conciseness"]
+DEFAULT_RUNS = ["sft", "sft_noram", "sft_noarw", "grpo"]   # the quick start's runs, in its order
 QSETS = {"CT-RATE": ("valid_cache", "mmvqa_valid"), "RAD-ChestCT": ("radchestct_cache", "mmvqa_radchestct")}
-PTB_PUNCTUATION = set("'' ' `` ` . ? ! , : - -- ... ; ( ) [ ] { } \"".split())
+PTB_PUNCTUATION = set("'' ' `` ` . ? ! , : - -- ... ; \"".split())   # brackets stay: -lrb- etc. are kept
+PTB_BRACKETS = dict(zip("()[]{}", ["-lrb-", "-rrb-", "-lsb-", "-rsb-", "-lcb-", "-rcb-"]))
 TAG = re.compile(r"</?[A-Za-z_|][^<>\s]*>")
 
 # ============================================ report metrics (table 2) ============================================
 def tokenize(text: str) -> str:
-    """Lower-case words without punctuation, as pycocoevalcap's PTBTokenizer leaves them ("3.5", "1/2" stay whole)."""
-    words = re.findall(r"[a-z0-9]+(?:[.'/-][a-z0-9]+)*|\.\.\.|--|\S", text.lower())
-    return " ".join(w for w in words if w not in PTB_PUNCTUATION)
+    """A regex approximation of pycocoevalcap's PTBTokenizer: lower case, punctuation dropped, clitics split ("is
+    n't", "patient 's"), brackets as -lrb- etc., "3.5", "1/2", "i.e." whole (it differs on e.g. "3.5x2" -> "3.5 x2")."""
+    words = re.findall(r"(?:[a-z]\.){2,}|[a-z]+(?=n't\b)|n't\b|'(?:s|re|ve|ll|d|m)\b|[a-z0-9]+(?:[./-][a-z0-9]+)*"
+                       r"|\.\.\.|--|\S", text.lower())
+    return " ".join(PTB_BRACKETS.get(w, w) for w in words if w not in PTB_PUNCTUATION)
+
+
+def tokenize_all(texts: list[str]) -> tuple[list[str], str]:
+    """(tokens per text, which tokenizer ran): pycocoevalcap's own PTBTokenizer (Stanford CoreNLP in Java, one call
+    for all texts) when `java` is on PATH, as COCO-style code feeds its scorers; else the regex `tokenize`."""
+    if not shutil.which("java"):
+        return [tokenize(t) for t in texts], "regex approximation of PTBTokenizer (no Java)"
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    # one line per text: a line break inside one (\r, U+2028 too) would shift every later text's tokens
+    out = PTBTokenizer().tokenize({i: [{"caption": " ".join(t.split())}] for i, t in enumerate(texts)})
+    assert len(out) == len(texts), f"PTBTokenizer returned {len(out)} lines for {len(texts)} texts"
+    return [out[i][0] for i in range(len(texts))], f"pycocoevalcap {_version('pycocoevalcap')} PTBTokenizer (Java)"
 
 
 def _local_dir(path: str) -> None:
@@ -104,10 +126,11 @@ def report_metrics(hyps: list[str], refs: list[str], bert_model: str | None = No
     """{"scores": {metric: corpus value | None}, "per_item": {metric: [value | None]}, "missing": {metric: reason},
     "implementations": {metric: what ran}, "mean_over": [the metrics in "Mean"]}."""
     assert len(hyps) == len(refs) and hyps, "need as many hypotheses as references (at least one)"
-    res, gts = {i: [tokenize(h)] for i, h in enumerate(hyps)}, {i: [tokenize(r)] for i, r in enumerate(refs)}
+    tokens, tokenizer = tokenize_all(hyps + refs)                                 # one Java start for both
+    res, gts = ({i: [t] for i, t in enumerate(part)} for part in (tokens[:len(hyps)], tokens[len(hyps):]))
     missing, coco = {}, f"pycocoevalcap {_version('pycocoevalcap')}"
-    impl = {**{f"BLEU-{n}": f"{coco} Bleu(4), corpus" for n in range(1, 5)}, "ROUGE-L": f"{coco} Rouge",
-            "CIDEr": f"{coco} Cider (CIDEr-D)", "METEOR": f"{coco} Meteor 1.5 (Java)",
+    impl = {"tokenizer": tokenizer, **{f"BLEU-{n}": f"{coco} Bleu(4), corpus" for n in range(1, 5)},
+            "ROUGE-L": f"{coco} Rouge", "CIDEr": f"{coco} Cider (CIDEr-D)", "METEOR": f"{coco} Meteor 1.5 (Java)",
             "ROUGE-1": f"rouge-score {_version('rouge-score')} F1, stemmer", "ROUGE-2": "rouge-score F1, stemmer"}
     bleu, bleu_items = Bleu(4).compute_score(gts, res, verbose=0)        # corpus BLEU; per item: sentence BLEU
     scores = {f"BLEU-{n + 1}": bleu[n] for n in range(4)}
@@ -143,7 +166,7 @@ def report_metrics(hyps: list[str], refs: list[str], bert_model: str | None = No
     per_item["Mean"] = [float(np.mean([per_item[k][i] for k in ran if per_item[k][i] is not None]))
                         for i in range(len(hyps))]
     return {"scores": scores, "per_item": per_item, "missing": missing, "mean_over": ran,
-            "implementations": {k: v for k, v in impl.items() if k in ran}}
+            "implementations": {k: v for k, v in impl.items() if k in ran + ["tokenizer"]}}
 
 
 def paired_test(a: dict, b: dict) -> dict:
@@ -253,6 +276,89 @@ def positional_bias(reports: str | Path, out_png: str | Path | None = None, bins
         plt.close(fig)
         out["png"] = str(out_png)
     return out
+
+
+# ================================================ case sheets (PNG) ================================================
+LABEL_FILES = {"CT-RATE": (data.read_labels, "valid_labels"), "RAD-ChestCT": (data.read_radchestct_labels,
+                                                                             "radchestct_labels")}
+
+
+def case_sheets(runs: dict, questions: dict, caches: dict, paths: dict, n: int, out_dir: Path) -> list[dict]:
+    """Per question set, n evaluated questions whose scan has labels (first those with a new correct option on a new
+    scan, in file order): one PNG each, drawn from the records evaluate_mmvqa kept. [{set, index, VolumeName, answer,
+    png}]."""
+    sheets, order = [], sorted(runs, key=lambda k: {"sft": 0, "grpo": 1}.get(k, 2))   # S1 next to S2, then the rest
+    for qset, items in questions.items():
+        read, key = LABEL_FILES[qset]
+        labels = {data.volume_key(k): v for k, v in read(paths[key]).items()} if Path(paths[key]).is_file() else {}
+        usable, firsts, seen = [i for i, q in enumerate(items) if data.volume_key(q["VolumeName"]) in labels], [], set()
+        for i in usable:                     # first a new correct option on a new scan each, then the rest in order
+            new = {("key", items[i]["options"][items[i]["answer"]]), ("scan", scan_id(items[i]["VolumeName"]))}
+            if not new & seen:
+                firsts.append(i)
+                seen |= new
+        chosen = sorted((firsts + [i for i in usable if i not in firsts])[:n])
+        if not chosen:
+            print0(f"{qset}: no case sheets: none of its {len(items)} questions has a scan labelled in {paths[key]}")
+        for i in chosen:
+            q, png = items[i], out_dir / f"{qset}_{i:04d}_{data.volume_key(items[i]['VolumeName'])}.png"
+            truth = labels[data.volume_key(q["VolumeName"])]                  # RAD-ChestCT: NaN = unmapped, skipped
+            recs = {label: [runs[label]["mmvqa"][qset][p]["records"][i] for p in ("think", "no_think")]
+                    for label in order}
+            case_sheet(png, caches[qset], q, [a for a, y in zip(data.ABNORMALITIES, truth) if y == 1], recs, qset)
+            sheets.append({"set": qset, "index": i, "VolumeName": q["VolumeName"], "answer": q["answer"],
+                           "png": str(png)})
+    return sheets
+
+
+def case_sheet(png: Path, cache, q: dict, findings: list[str], recs: dict, qset: str) -> None:
+    """The crop the model sees in its HU window [-1000, 1000] as axial, coronal and sagittal mid-slices, oriented as
+    radiologists read them (volume axes X, Y, Z = R->L, A->P, I->S), the true findings, the question, then one column
+    per run: its answers (think, no-think prompt) and its rationale."""
+    import textwrap
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    vol = data.online_transform(np.asarray(cache.load(q["VolumeName"])), cache.preset)[0].numpy()
+    vol = vol * data.NORM_STD + data.NORM_MEAN                                   # HU / 1000, (X, Y, Z)
+    (cx, cy, cz), (sx, sy, sz) = (n // 2 for n in vol.shape), cache.preset.spacing
+    views = [("axial", cz, vol[:, :, cz].T, "upper", sy / sx, "RLAP"),     # from the feet: rows A->P, columns R->L
+             ("coronal", cy, vol[:, cy, :].T, "lower", sz / sx, "RLSI"),   # from the front: S up, patient's R left
+             ("sagittal", cx, vol[cx, :, :].T, "lower", sz / sy, "APSI")]  # from the patient's left: A left, S up
+    col_in = max(12.0, 3.8 * len(recs)) / len(recs)
+    fig = plt.figure(figsize=(col_in * len(recs), 11))
+    grid = fig.add_gridspec(3, 1, height_ratios=[4, 2, 5], left=0.03, right=0.98, top=0.97, bottom=0.01, hspace=0.15)
+    for ax, (name, k, img, origin, aspect, (left, right, top, bottom)) in zip(grid[0].subgridspec(1, 3).subplots(),
+                                                                               views):
+        ax.imshow(img, cmap="gray", vmin=-1, vmax=1, origin=origin, aspect=aspect)
+        ax.set_title(f"{name} (slice {k})", fontsize=10)
+        ax.set_xticks([]), ax.set_yticks([])
+        for x, y, t in ((0.02, 0.5, left), (0.98, 0.5, right), (0.5, 0.97, top), (0.5, 0.03, bottom)):
+            ax.text(x, y, t, color="yellow", ha="center", va="center", fontsize=10, transform=ax.transAxes)
+    inline = " ".join(f"{k}) {v}" for k, v in q["options"].items())         # options written into the question text
+    head = [f"{qset} · {q['VolumeName']} · model input: centre crop {'×'.join(map(str, vol.shape))}, window "
+            f"[-1000, 1000] HU", f"True findings: {', '.join(findings) or 'none'}", "",
+            *textwrap.wrap("Q: " + q["question"].removesuffix(inline).strip(), 130),
+            *(f"    {k}) {v}" + ("   ← correct" if k == q["answer"] else "") for k, v in q["options"].items())]
+    ax = fig.add_subplot(grid[1])
+    ax.axis("off")
+    ax.text(0, 1, "\n".join(head), va="top", fontsize=10, transform=ax.transAxes)
+
+    def mark(r: dict) -> str:   # the letter, right or wrong, and how it was read
+        return f"{r['pred'] or '—'} {'✓' if r['correct'] else '✗'}{' (by similarity)' * (r['path'] == 'similarity')}"
+    for ax, (label, (think, plain)) in zip(np.atleast_1d(grid[2].subgridspec(1, len(recs)).subplots()), recs.items()):
+        ax.axis("off")
+        ax.set_title(label + {"sft": " (S1)", "grpo": " (S2)"}.get(label, ""), loc="left", fontweight="bold")
+        rationale = think_text(think["output"]) or "(no <think> block) " + think["output"]
+        rationale = "".join(c if c.isprintable() or c.isspace() else "�" for c in rationale)  # control characters
+        text = textwrap.fill(textwrap.shorten(rationale, int(col_in * 12) * 24, placeholder=" […]"), int(col_in * 12))
+        ax.text(0, 1, f"answer: {mark(think)}\nw/o think: {mark(plain)}\n\nrationale:\n{text}", va="top", fontsize=9,
+                transform=ax.transAxes)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():   # a character the font lacks (e.g. CJK from the LLM) is drawn as a box
+        warnings.filterwarnings("ignore", "Glyph .* missing from font")
+        fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 # =============================== MMVQA answers: the parser, then cosine similarity ===============================
@@ -417,7 +523,7 @@ def compare(specs: list[str]) -> dict:
         loaded = json.loads(Path(path).read_text())["runs"]
         runs[spec] = loaded[label or next(iter(loaded))]
     tests = significance(runs, specs[1])
-    print(json.dumps(tests, indent=1))
+    print0(json.dumps(tests, indent=1))
     return tests
 
 
@@ -492,8 +598,10 @@ def markdown(results: dict) -> str:
 def parse_args(argv=None):
     p = make_parser(__doc__)
     g = p.add_argument_group("what to evaluate")
-    g.add_argument("--ckpt", action="append", help="VLM checkpoint dir, repeatable; unset = every <runs>/*/vlm")
-    g.add_argument("--runs", default="runs", help="where the default checkpoints are looked for")
+    g.add_argument("run", nargs="*", metavar="RUN", help="runs to evaluate, <runs>/RUN/vlm (also a comma list); "
+                   f"none named = those of {', '.join(DEFAULT_RUNS)} that exist (unless --ckpt)")
+    g.add_argument("--ckpt", action="append", help="any VLM checkpoint dir, repeatable, evaluated after the named runs")
+    g.add_argument("--runs", default="runs", help="the folder holding the runs")
     g.add_argument("--reference", default=None, help="run label the others are tested against; unset = sft, or first")
     g.add_argument("--tasks", default="mmvqa,reports,reasoning,bias", help="comma list of mmvqa,reports,reasoning,bias")
     g.add_argument("--compare", nargs=2, metavar="RESULTS_JSON[:LABEL]", help="only paired tests between two results")
@@ -523,6 +631,7 @@ def parse_args(argv=None):
     g.add_argument("--judge-workers", type=int, default=4, help="concurrent requests")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="runs/eval", help="results.json, results.md, positional_bias.png, judge_cache/")
+    g.add_argument("--case-sheets", type=int, default=4, help="questions per set drawn as <out>/cases/*.png; 0 = none")
     return parse_with_preset(p, argv, {})   # no phantom overrides: the defaults fit both worlds
 
 
@@ -533,13 +642,26 @@ def eval_paths(args) -> dict:
     return paths
 
 
-def find_checkpoints(args) -> list[tuple[str, Path]]:
-    """(label, dir) of --ckpt dirs, or of every complete runs/*/vlm (sft first, then grpo, then the rest)."""
-    if args.ckpt:
-        return [(Path(c).parent.name if Path(c).name == "vlm" else Path(c).name, Path(c)) for c in args.ckpt]
-    rank = {"sft": 0, "grpo": 1}
-    found = sorted((p.parent.parent.name, p.parent) for p in Path(args.runs).glob("*/vlm/config.json"))
-    return sorted(found, key=lambda run: (rank.get(run[0], 2), run[0]))
+def find_checkpoints(args) -> tuple[list[tuple[str, Path]], dict]:
+    """(label, dir) of the runs named (<runs>/<name>/vlm; by default those of the quick start's runs that exist), then
+    of the --ckpt dirs, and the selection as results.json records it. A named run without a checkpoint is an error."""
+    named = [n for spec in args.run for n in spec.split(",") if n]
+    names = named or ([] if args.ckpt else DEFAULT_RUNS)
+    where = {n: Path(args.runs, n, "vlm") for n in names}
+    missing = {n: str(d) for n, d in where.items() if not (d / "config.json").is_file()}
+    if named and missing:
+        present = sorted(p.parent.parent.name for p in Path(args.runs).glob("*/vlm/config.json"))
+        raise SystemExit(f"no checkpoint for run {', '.join(missing)}: "
+                         + ", ".join(f"{d}/config.json does not exist" for d in missing.values())
+                         + f" (runs with a checkpoint under {args.runs}: {', '.join(present) or 'none'}; any "
+                         "checkpoint dir: --ckpt DIR)")
+    found = [(n, d) for n, d in where.items() if n not in missing]
+    found += [(Path(c).parent.name if Path(c).name == "vlm" else Path(c).name, Path(c)) for c in args.ckpt or []]
+    if found:
+        print0(f"evaluating {', '.join(f'{label} ({d})' for label, d in found)}"
+               + (f"; not found: {', '.join(f'{n} ({d})' for n, d in missing.items())}" if missing else ""))
+    return found, {"runs_dir": args.runs, "named": named or None, "ckpt": args.ckpt, "not_found": missing,
+                   "evaluated": {label: str(d) for label, d in found}}
 
 
 def load_inputs(args, tasks: set, paths: dict, prov: dict) -> tuple[dict, dict, dict, list]:
@@ -580,9 +702,10 @@ def main(argv=None) -> dict | None:
     if "bias" in tasks and rank == 0:
         results["positional_bias"] = positional_bias(args.bias_reports or paths["train_reports"],
                                                      out_dir / "positional_bias.png")
-    ckpts = find_checkpoints(args) if model_tasks else []
+    ckpts, results["selection"] = find_checkpoints(args) if model_tasks else ([], None)
     if model_tasks and not ckpts:
-        raise SystemExit(f"no checkpoint under {args.runs}/*/vlm: run `python sft.py` (then grpo.py) or pass --ckpt")
+        raise SystemExit(f"none of the runs {', '.join(DEFAULT_RUNS)} has a checkpoint under {args.runs} (<run>/vlm): "
+                         "run `python sft.py` (then grpo.py), name runs (python evaluate.py NAME ...) or pass --ckpt")
     if model_tasks:
         caches, questions, reports, report_names = load_inputs(args, tasks, paths, results["provenance"])
     judge_url = args.judge_base_url or os.environ.get("JUDGE_BASE_URL")
@@ -615,11 +738,15 @@ def main(argv=None) -> dict | None:
         if results["reference"] is not None and results["reference"] not in labels:
             raise SystemExit(f"--reference {args.reference} is not one of the runs {labels}")
         results["significance"] = significance(results["runs"], results["reference"]) if labels else {}
+        if "mmvqa" in tasks and args.case_sheets:
+            results["case_sheets"] = case_sheets(results["runs"], questions, caches, paths, args.case_sheets,
+                                                 out_dir / "cases")
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
         (out_dir / "results.md").write_text(markdown(results))
         print0(markdown(results))
-        print0(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
+        sheets = f", {len(results['case_sheets'])} case sheets in {out_dir}/cases" if results.get("case_sheets") else ""
+        print0(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}{sheets}")
     cleanup_distributed()
     return results if rank == 0 else None
 

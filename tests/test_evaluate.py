@@ -17,13 +17,16 @@ import evaluate as E
 
 JAVA = shutil.which("java") is not None
 
-# one hand-checkable pair, one identical pair, two report-like pairs (no brackets: PTB would keep "-lrb-")
+# one hand-checkable pair, one identical pair, three report-like pairs (the last with what PTB splits its own way)
 HYPS = ["the cat sat on the mat", "no pleural effusion.",
         "Mild emphysema in both upper lobes. A 4 mm nodule in the right lower lobe. No pleural effusion.",
-        "Heart size is normal. Atelectasis in the left lower lobe."]
+        "Heart size is normal. Atelectasis in the left lower lobe.",
+        "The patient's nodule (RUL) isn't larger, i.e. 3.5x2 cm."]
 REFS = ["the cat is on the mat", "No pleural effusion.",
         "There is mild centrilobular emphysema. A 3.5 mm nodule is seen in the right lower lobe.",
-        "Cardiomegaly. Left lower lobe atelectasis and a small pleural effusion."]
+        "Cardiomegaly. Left lower lobe atelectasis and a small pleural effusion.",
+        "The patient's RUL nodule is 3.5x2 cm, i.e. stable."]
+ISSUE_STRINGS = ["patient's", "isn't", "(RUL)", "i.e.", "3.5x2"]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,33 @@ def metrics():
 
 
 def test_tokenize_matches_ptb_punctuation_rules():
-    assert E.tokenize("No pleural effusion; 3.5 cm, well-defined 1/2...") == "no pleural effusion 3.5 cm well-defined 1/2"
+    assert E.tokenize("No pleural effusion; 3.5 cm, well-defined 1/2...") == \
+        "no pleural effusion 3.5 cm well-defined 1/2"
+    assert E.tokenize("The patient's (RUL) isn't, i.e. clear") == "the patient 's -lrb- rul -rrb- is n't i.e. clear"
+
+
+@pytest.mark.skipif(not JAVA, reason="PTBTokenizer runs in Java")
+def test_java_tokens_are_ptbtokenizer_own(metrics):
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    texts = ISSUE_STRINGS + ["Nodule\rin the\u2028RUL.", "No effusion."]      # line breaks inside one text
+    tokens, name = E.tokenize_all(texts)
+    ptb = PTBTokenizer().tokenize({i: [{"caption": t}] for i, t in enumerate(ISSUE_STRINGS + ["No effusion."])})
+    assert tokens[:5] == [ptb[i][0] for i in range(5)] == ["patient 's", "is n't", "-lrb- rul -rrb-", "i.e.", "3.5 x2"]
+    assert tokens[5:] == ["nodule in the rul", ptb[5][0]]                      # the next text's tokens stay its own
+    assert name.endswith("PTBTokenizer (Java)")
+    assert [E.tokenize(t) for t in ISSUE_STRINGS[:4]] == tokens[:4]            # the fallback agrees on these four
+    assert metrics["implementations"]["tokenizer"] == name
+
+
+def test_regex_tokens_without_java(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))                                  # no java on PATH
+    tokens, name = E.tokenize_all(ISSUE_STRINGS)
+    assert tokens == [E.tokenize(t) for t in ISSUE_STRINGS] and name == "regex approximation of PTBTokenizer (no Java)"
+    out = E.report_metrics(HYPS, REFS)
+    assert out["implementations"]["tokenizer"] == name
+    from pycocoevalcap.bleu.bleu import Bleu
+    res, gts = ({i: [E.tokenize(t)] for i, t in enumerate(texts)} for texts in (HYPS, REFS))
+    assert out["scores"]["BLEU-4"] == pytest.approx(Bleu(4).compute_score(gts, res, verbose=0)[0][3], rel=1e-12)
 
 
 def test_known_scores_on_fixed_strings(metrics):
@@ -64,7 +93,7 @@ def test_scores_equal_pycocoevalcap_own_output(metrics):
         ptb = PTBTokenizer()
         res = ptb.tokenize({i: [{"caption": h}] for i, h in enumerate(HYPS)})
         gts = ptb.tokenize({i: [{"caption": r}] for i, r in enumerate(REFS)})
-        assert res == {i: [E.tokenize(h)] for i, h in enumerate(HYPS)}
+        assert res[4] != [E.tokenize(HYPS[4])]                  # "3.5 x2": a score on regex tokens would differ
     else:
         res, gts = {i: [E.tokenize(h)] for i, h in enumerate(HYPS)}, {i: [E.tokenize(r)] for i, r in enumerate(REFS)}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
@@ -373,11 +402,81 @@ def test_evaluate_end_to_end(eval_setup, server, tmp_path):
                 assert (r["pred"], r["path"]) == E.resolve_answer(r["output"], options[r["VolumeName"]], embed)
     rep = run["reports"]
     assert len(rep["per_item"]["BLEU-1"]) == 3 and "BERT-F1" in rep["missing"] and rep["scores"]["BLEU-1"] is not None
+    assert rep["implementations"]["tokenizer"].endswith("PTBTokenizer (Java)" if JAVA else "(no Java)")
     assert rep["scores"]["LLM-score"] == pytest.approx(0.8)              # the test server always answers 80
     assert run["reasoning"]["n_valid"] == 6 and run["reasoning"]["means"]["clarity"] == 3.0
     md = (tmp_path / "results.md").read_text()
     assert "| Method | CT-RATE w think | CT-RATE w/o think | RAD-ChestCT w think | RAD-ChestCT w/o think" in md
     assert "| sft | ✓ | 1.1 |" in md and "| Run | Clinical | Clarity | Diff. Dx | Concis |" in md
+
+
+def test_run_selection(phantom_world, tmp_path, capsys):
+    """Default: the quick start's runs that exist, never a stray folder; a named run that does not exist is an error."""
+    runs = tmp_path / "runs"
+    for name in ("sft", "grpo", "test_run"):
+        (runs / name / "vlm").mkdir(parents=True)
+        (runs / name / "vlm" / "config.json").write_text("{}")
+    found, selection = E.find_checkpoints(E.parse_args(["--runs", str(runs)]))
+    assert found == [("sft", runs / "sft/vlm"), ("grpo", runs / "grpo/vlm")]          # the quick start's order
+    assert selection["not_found"] == {n: str(runs / n / "vlm") for n in ("sft_noram", "sft_noarw")}
+    assert f"; not found: sft_noram ({runs / 'sft_noram/vlm'}), sft_noarw" in capsys.readouterr().out
+    assert [r for r, _ in E.find_checkpoints(E.parse_args(["test_run,sft", "--runs", str(runs)]))[0]] == \
+        ["test_run", "sft"]                                                            # named: exactly those
+    argv = ["--data-root", str(phantom_world["root"]), "--runs", str(runs), "--tasks", "mmvqa", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match=f"run sft_noram: {runs / 'sft_noram/vlm'}/config.json does not exist"):
+        E.main(["sft", "sft_noram"] + argv)
+    with pytest.raises(SystemExit, match="none of the runs sft, sft_noram, sft_noarw, grpo has a checkpoint"):
+        E.main(argv[:2] + ["--runs", str(tmp_path / "empty")] + argv[4:])
+
+
+def test_case_sheets(eval_setup, tmp_path, monkeypatch):
+    """Default selection on a runs folder with sft, grpo and a stray run: the stray is not evaluated; one PNG per
+    chosen question of each set, showing the scan's labelled findings and each run's answer."""
+    import matplotlib.text
+    from matplotlib.figure import Figure
+    from PIL import Image
+    import model
+    world, root = eval_setup
+    runs = tmp_path / "runs"
+    (runs / "sft").mkdir(parents=True)
+    (runs / "sft" / "vlm").symlink_to(root / "runs/sft/vlm")
+    (runs / "test_run").mkdir()
+    (runs / "test_run" / "vlm").symlink_to(root / "runs/sft/vlm")
+    vlm = model.VLM.load(root / "runs/sft/vlm")
+    with torch.no_grad():                                    # a second, different policy for the grpo column
+        torch.manual_seed(1)
+        for name, p in vlm.llm.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                torch.nn.init.normal_(p, std=0.5)
+    vlm.save(runs / "grpo/vlm", meta={"stage": "grpo"})
+    texts, savefig = {}, Figure.savefig
+
+    def spy(fig, path, *a, **kw):                             # each saved figure's text, then the real savefig
+        texts[str(path)] = "\n".join(t.get_text() for t in fig.findobj(matplotlib.text.Text))
+        return savefig(fig, path, *a, **kw)
+    monkeypatch.setattr(Figure, "savefig", spy)
+    res = E.main(eval_argv(world, tmp_path, tmp_path / "out", "--tasks", "mmvqa", "--case-sheets", "3"))
+    saved = json.loads((tmp_path / "out/results.json").read_text())
+    assert list(saved["runs"]) == ["sft", "grpo"] and "test_run" not in json.dumps(saved["selection"])
+    assert saved["selection"]["evaluated"] == {"sft": str(runs / "sft/vlm"), "grpo": str(runs / "grpo/vlm")}
+    labels = {"CT-RATE": data.read_labels(world["valid_labels"]),
+              "RAD-ChestCT": data.read_radchestct_labels(world["radchestct_labels"])}
+    assert [c["set"] for c in saved["case_sheets"]] == ["CT-RATE"] * 3 + ["RAD-ChestCT"] * 3
+    for case in saved["case_sheets"]:
+        png = E.Path(case["png"])
+        assert png.parent == tmp_path / "out/cases" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.width >= 1200 and im.height >= 1000
+        text, truth = texts[case["png"]], labels[case["set"]][case["VolumeName"]]
+        findings = [a for a, y in zip(data.ABNORMALITIES, truth) if y == 1]     # RAD-ChestCT's NaN: unmapped
+        assert f"True findings: {', '.join(findings) or 'none'}" in text and "axial" in text and "sagittal" in text
+        for label, tag in (("sft", "sft (S1)"), ("grpo", "grpo (S2)")):
+            rec = res["runs"][label]["mmvqa"][case["set"]]["think"]["records"][case["index"]]
+            assert rec["VolumeName"] == case["VolumeName"] and tag in text
+            assert f"answer: {rec['pred'] or '—'} {'✓' if rec['correct'] else '✗'}" in text
+    keys = [res["runs"]["sft"]["mmvqa"]["CT-RATE"]["think"]["records"][c["index"]]["key_option"]
+            for c in saved["case_sheets"][:3]]
+    assert len(set(keys)) == 3                                # different correct answers when the set has them
 
 
 def test_scan_id_groups_reconstructions():
@@ -402,6 +501,7 @@ def test_sharded_equals_single_process(eval_setup, tmp_path):
         proc = subprocess.run(cmd + argv, cwd=E.Path(E.__file__).parent, env=env, capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("evaluating sft (") == 1 and proc.stdout.count("wrote ") == 1   # rank 0 prints
         out[name] = json.loads((tmp_path / name / "results.json").read_text())
     assert out["sharded"]["provenance"]["world_size"] == 2 and out["single"]["provenance"]["world_size"] == 1
     a, b = out["single"]["runs"]["sft"], out["sharded"]["runs"]["sft"]
