@@ -56,14 +56,15 @@ from tqdm import tqdm
 
 import data
 import model
-from grpo import format_reward, parse_answer, think_text
+from grpo import format_reward, offline_consistency, parse_answer, think_text
 from runtime import autocast, cleanup_distributed, get_rank, make_parser, parse_with_preset, print0, setup_distributed
 from runtime import world_size
 
 TEXT_METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-1", "ROUGE-2", "ROUGE-L", "CIDEr",
                 "BERT-F1", "LLM-score"]
 JUDGE_CRITERIA = ["clinical_correctness", "clarity", "differential_diagnosis", "conciseness"]
-DEFAULT_RUNS = ["sft", "sft_noram", "sft_noarw", "grpo"]   # the quick start's runs, in its order
+DEFAULT_RUNS = ["sft", "sft_noram", "sft_noarw", "sft_lora", "grpo", "grpo_nocon"]   # the quick start's runs
+PAIRS = [("grpo", "grpo_nocon")]   # also tested against each other: GRPO with and without the consistency reward
 QSETS = {"CT-RATE": ("valid_cache", "mmvqa_valid"), "RAD-ChestCT": ("radchestct_cache", "mmvqa_radchestct")}
 PTB_PUNCTUATION = set("'' ' `` ` . ? ! , : - -- ... ; \"".split())   # brackets stay: -lrb- etc. are kept
 PTB_BRACKETS = dict(zip("()[]{}", ["-lrb-", "-rrb-", "-lsb-", "-rsb-", "-lcb-", "-rcb-"]))
@@ -416,12 +417,15 @@ def scan_id(name: str) -> str:
 
 
 def summarize_mmvqa(records: list[dict], think: bool) -> dict:
-    """Accuracy, answer paths, format compliance, accuracy per abnormality and per scan (the mean of scan means)."""
+    """Accuracy and its one-sided binomial p-value against guessing (chance = mean of 1 / options), answer paths,
+    format compliance, accuracy per abnormality and per scan (the mean of scan means)."""
     by_abn, by_scan = {}, {}
     for r in records:
         by_abn.setdefault(r["key_option"], []).append(r["correct"])
         by_scan.setdefault(scan_id(r["VolumeName"]), []).append(r["correct"])
-    return {"n": len(records), "accuracy": float(np.mean([r["correct"] for r in records])) if records else None,
+    right, chance = sum(r["correct"] for r in records), float(np.mean([1 / r["n_options"] for r in records] or [0]))
+    return {"n": len(records), "accuracy": right / len(records) if records else None, "chance": chance,
+            "p_above_chance": stats.binomtest(right, len(records), chance, "greater").pvalue if records else None,
             "paths": {p: sum(r["path"] == p for r in records) for p in ("parsed", "similarity", "none")},
             "format_ok": float(np.mean([follows_format(r["output"], think) for r in records])) if records else None,
             "per_scan_accuracy": float(np.mean([np.mean(v) for v in by_scan.values()])) if by_scan else None,
@@ -464,7 +468,8 @@ def evaluate_mmvqa(vlm, cache, items: list[dict], embed, args, desc: str) -> dic
         for q, text in zip(items, texts):
             letter, path = resolve_answer(text, q["options"], embed)
             records.append({"VolumeName": q["VolumeName"], "answer": q["answer"], "pred": letter, "path": path,
-                            "correct": letter == q["answer"], "key_option": q["options"][q["answer"]], "output": text})
+                            "correct": letter == q["answer"], "key_option": q["options"][q["answer"]], "output": text,
+                            "n_options": len(q["options"])})
         out["think" if think else "no_think"] = summarize_mmvqa(records, think)
     return out
 
@@ -484,27 +489,42 @@ def evaluate_reports(vlm, cache, reports: dict, names: list[str], args, judge, d
 
 
 def evaluate_reasoning(judge, mmvqa: dict, questions: list[dict], reports: dict) -> dict:
-    """Table 4: the judge grades the think outputs of CT-RATE questions whose scan has a report."""
-    recs = [r for r in mmvqa.get("CT-RATE", {}).get("think", {}).get("records", []) if r["VolumeName"] in reports]
-    if judge is None or not recs:
-        return {"means": None, "missing": "no judge endpoint configured" if judge is None else
-                "needs think outputs (task mmvqa) of CT-RATE questions with reports"}
-    question = {q["VolumeName"]: q["question"] for q in questions}
-    return reasoning_scores(judge, [question[r["VolumeName"]] for r in recs], [think_text(r["output"]) for r in recs],
-                                  [" ".join(s for s in reports[r["VolumeName"]].values() if s) for r in recs])
+    """Table 4: the think outputs of CT-RATE questions whose scan has a report, graded against that report offline
+    (grpo.offline_consistency, 0-1, per question index) and, when an endpoint is configured, by the judge."""
+    recs = [(i, r) for i, r in enumerate(mmvqa.get("CT-RATE", {}).get("think", {}).get("records", []))
+            if r["VolumeName"] in reports]
+    if not recs:
+        return {"means": None, "missing": "needs think outputs (task mmvqa) of CT-RATE questions with reports"}
+    thinks = [think_text(r["output"]) for _, r in recs]
+    texts = [" ".join(s for s in reports[r["VolumeName"]].values() if s) for _, r in recs]
+    offline = {str(i): offline_consistency(t, text) for (i, _), t, text in zip(recs, thinks, texts)}
+    out = {"offline": {"scorer": "grpo.offline_consistency", "mean": float(np.mean(list(offline.values()))),
+                       "per_item": offline}, "means": None, "missing": "no judge endpoint configured"}
+    if judge is not None:
+        question = {q["VolumeName"]: q["question"] for q in questions}
+        out = {**out, **reasoning_scores(judge, [question[r["VolumeName"]] for _, r in recs], thinks, texts)}
+        out.pop("missing")
+    return out
 
 
 # ====================================== significance, provenance, tables ======================================
 def significance(runs: dict, reference: str) -> dict:
-    """Every run against the reference: paired t-tests on per-report scores, exact McNemar on per-question
-    correctness (the same question files, so questions pair by position)."""
+    """Every run against the reference, and the PAIRS against each other: paired t-tests on per-report scores and on
+    the offline grades of the rationales, exact McNemar on per-question correctness (the same question files, so
+    questions pair by position)."""
     out, ref = {}, runs[reference]
+    for a, b in PAIRS:
+        if a in runs and b in runs and reference not in (a, b):
+            out.update(significance({a: runs[a], b: runs[b]}, b))
     ref_items = ref.get("reports", {}).get("per_item", {})
     for label, run in runs.items():
         if label == reference:
             continue
         tests = {f"reports/{m}": paired_test(items, ref_items[m])
                  for m, items in run.get("reports", {}).get("per_item", {}).items() if m in ref_items}
+        if "offline" in run.get("reasoning", {}) and "offline" in ref.get("reasoning", {}):
+            tests["reasoning/offline"] = paired_test(run["reasoning"]["offline"]["per_item"],
+                                                     ref["reasoning"]["offline"]["per_item"])
         for qset, prompts in run.get("mmvqa", {}).items():
             for prompt, summary in prompts.items():
                 other = ref.get("mmvqa", {}).get(qset, {}).get(prompt)
@@ -568,6 +588,16 @@ def markdown(results: dict) -> str:
             paths = ["/".join(str(s["paths"][k]) for k in ("parsed", "similarity", "none"))
                      for s in summaries.values() if s]
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {', '.join(paths)} |")
+    if any("mmvqa" in run for run in runs.values()):
+        lines += ["", f"p-values: one-sided binomial against guessing · exact McNemar against `{ref}`.", "",
+                  "| Method | CT-RATE w think | CT-RATE w/o think | RAD-ChestCT w think | RAD-ChestCT w/o think |",
+                  "|---" * 5 + "|"]
+    for label, run in runs.items():
+        if "mmvqa" in run:
+            cells = [" · ".join(f"{p:.2g}" if p is not None else "—" for p in (
+                (s or {}).get("p_above_chance"), tests[label].get(f"mmvqa/{q}/{k}", {}).get("p")))
+                for q in QSETS for k in ("think", "no_think") for s in [run["mmvqa"].get(q, {}).get(k)]]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     names = ["B-1", "B-2", "B-3", "B-4", "METEOR", "R-1", "R-2", "R-L", "CIDEr", "BERT_F1", "LLM_Score", "Mean"]
     if any("reports" in run for run in runs.values()):
         lines += ["", "## Report generation (%), paper table 2", "", f"\\* p < 0.05, † p < 0.005 vs. `{ref}` (paired "
@@ -578,6 +608,20 @@ def markdown(results: dict) -> str:
             scores = run["reports"]["scores"]
             cells = [cell(scores[m], tests[label].get(f"reports/{m}")) for m in TEXT_METRICS + ["Mean"]]
             lines.append(f"| {label} | {'✓' if run['ram'] else '✗'} | {run['arw_lambda']} | {' | '.join(cells)} |")
+    graded = {k: r["reasoning"]["offline"] for k, r in runs.items() if "offline" in r.get("reasoning", {})}
+    if graded:
+        lines += ["", "## Rationales against the scan's report (offline clinical-term consistency, 0-1), paper "
+                  "table 4", "", f"p: paired t-test against `{ref}`.", "", "| Run | consistency | n | p |",
+                  "|---|---|---|---|"]
+        for label, g in graded.items():
+            p = tests[label].get("reasoning/offline", {}).get("p")
+            lines.append(f"| {label} | {g['mean']:.3f} | {len(g['per_item'])} | {'—' if p is None else f'{p:.2g}'} |")
+        for a, b in PAIRS:
+            t = results["significance"].get(f"{a} vs {b}", {}).get("reasoning/offline")
+            if t and t["n"]:
+                p = "—" if t["p"] is None else f"{t['p']:.2g}"
+                lines.append(f"\n`{a}` − `{b}`: {t['mean_a'] - t['mean_b']:+.3f} over {t['n']} questions, paired "
+                             f"t-test p = {p}.")
     judged = {k: r["reasoning"] for k, r in runs.items() if r.get("reasoning", {}).get("means")}
     if judged:
         lines += ["", "## Reasoning quality (0-5, LLM judge), paper table 4", "",

@@ -11,9 +11,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from scipy import stats
 
 import data
 import evaluate as E
+import grpo
 
 JAVA = shutil.which("java") is not None
 
@@ -418,14 +420,15 @@ def test_run_selection(phantom_world, tmp_path, capsys):
         (runs / name / "vlm" / "config.json").write_text("{}")
     found, selection = E.find_checkpoints(E.parse_args(["--runs", str(runs)]))
     assert found == [("sft", runs / "sft/vlm"), ("grpo", runs / "grpo/vlm")]          # the quick start's order
-    assert selection["not_found"] == {n: str(runs / n / "vlm") for n in ("sft_noram", "sft_noarw")}
+    assert selection["not_found"] == {n: str(runs / n / "vlm") for n in ("sft_noram", "sft_noarw", "sft_lora",
+                                                                           "grpo_nocon")}
     assert f"; not found: sft_noram ({runs / 'sft_noram/vlm'}), sft_noarw" in capsys.readouterr().out
     assert [r for r, _ in E.find_checkpoints(E.parse_args(["test_run,sft", "--runs", str(runs)]))[0]] == \
         ["test_run", "sft"]                                                            # named: exactly those
     argv = ["--data-root", str(phantom_world["root"]), "--runs", str(runs), "--tasks", "mmvqa", "--out", str(tmp_path)]
     with pytest.raises(SystemExit, match=f"run sft_noram: {runs / 'sft_noram/vlm'}/config.json does not exist"):
         E.main(["sft", "sft_noram"] + argv)
-    with pytest.raises(SystemExit, match="none of the runs sft, sft_noram, sft_noarw, grpo has a checkpoint"):
+    with pytest.raises(SystemExit, match="none of the runs sft, sft_noram, sft_noarw, sft_lora, grpo, grpo_nocon has"):
         E.main(argv[:2] + ["--runs", str(tmp_path / "empty")] + argv[4:])
 
 
@@ -477,6 +480,34 @@ def test_case_sheets(eval_setup, tmp_path, monkeypatch):
     keys = [res["runs"]["sft"]["mmvqa"]["CT-RATE"]["think"]["records"][c["index"]]["key_option"]
             for c in saved["case_sheets"][:3]]
     assert len(set(keys)) == 3                                # different correct answers when the set has them
+
+
+def test_p_values_against_guessing_and_the_consistency_ablation_pair():
+    records = [{"VolumeName": f"valid_{i}_a_1.nii.gz", "correct": i < 6, "key_option": "Emphysema", "path": "parsed",
+                "output": "<answer>A</answer>", "n_options": 4} for i in range(10)]
+    s = E.summarize_mmvqa(records, think=False)
+    assert s["chance"] == 0.25 and s["p_above_chance"] == pytest.approx(stats.binomtest(6, 10, 0.25, "greater").pvalue)
+    report = {"findings": "Pleural effusion on the left.", "impressions": None}
+    questions = [{"VolumeName": r["VolumeName"], "question": "Q?"} for r in records]
+
+    def run(thinks):       # a run whose rationales are `thinks`, graded offline against the report
+        recs = [{**r, "output": f"<think>{t}</think><answer>A</answer>"} for r, t in zip(records, thinks)]
+        mmvqa = {"CT-RATE": {"think": E.summarize_mmvqa(recs, think=True)}}
+        return {"mmvqa": mmvqa, "ram": True, "arw_lambda": 1.1,
+                "reasoning": E.evaluate_reasoning(None, mmvqa, questions, {r["VolumeName"]: report for r in records})}
+    agree, deny = "Pleural effusion is present.", "No pleural effusion."
+    runs = {"sft": run([deny] * 10), "grpo": run([agree] * 8 + [deny] * 2), "grpo_nocon": run([agree] * 2 + [deny] * 8)}
+    g = runs["grpo"]["reasoning"]
+    assert g["offline"]["per_item"]["0"] == grpo.offline_consistency(agree, "Pleural effusion on the left.") == 1.0
+    assert g["offline"]["mean"] == pytest.approx(0.8) and g["missing"] == "no judge endpoint configured"
+    tests = E.significance(runs, "sft")
+    pair = tests["grpo vs grpo_nocon"]["reasoning/offline"]
+    assert pair["n"] == 10 and pair["mean_a"] - pair["mean_b"] == pytest.approx(0.6)
+    assert pair["p"] == pytest.approx(stats.ttest_rel([1] * 8 + [0] * 2, [1] * 2 + [0] * 8).pvalue)
+    for label in ("grpo", "grpo_nocon"):
+        assert "mmvqa/CT-RATE/think" in tests[f"{label} vs sft"] and "reasoning/offline" in tests[f"{label} vs sft"]
+    md = E.markdown({"runs": runs, "reference": "sft", "significance": tests, "provenance": {"git_commit": "x"}})
+    assert "| grpo | 0.800 | 10 |" in md and "`grpo` − `grpo_nocon`: +0.600 over 10 questions" in md
 
 
 def test_scan_id_groups_reconstructions():
