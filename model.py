@@ -222,16 +222,21 @@ def rope_theta(config) -> float | None:
     return (getattr(config, "rope_parameters", None) or {}).get("rope_theta", getattr(config, "rope_theta", None))
 
 
-def load_llm(llm_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """A local Hugging Face causal LM on `device`, weights in `dtype` (default fp32), and its tokenizer (no downloads,
-    no remote code). Attention is flash_attention_2 when flash-attn is installed and the device computes in bf16/fp16
+def attn_implementation(device: str | torch.device) -> str:
+    """The LLM's attention: flash_attention_2 when flash-attn is installed and the device computes in bf16/fp16
     (runtime.compute_dtype: CUDA, under autocast whatever the weights' dtype), else PyTorch SDPA."""
+    fa2 = flash_attn_func is not None and compute_dtype(device) in (torch.float16, torch.bfloat16)
+    return "flash_attention_2" if fa2 else "sdpa"
+
+
+def load_llm(llm_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """A local Hugging Face causal LM on `device`, weights in `dtype` (default fp32), attention as
+    attn_implementation(device) says, and its tokenizer (no downloads, no remote code)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device, dtype = torch.device(device), dtype or torch.float32
-    fa2 = flash_attn_func is not None and compute_dtype(device) in (torch.float16, torch.bfloat16)
     llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype, local_files_only=True,
-                                               attn_implementation="flash_attention_2" if fa2 else "sdpa")
+                                               attn_implementation=attn_implementation(device))
     try:
         tokenizer = AutoTokenizer.from_pretrained(llm_dir, local_files_only=True)
     except Exception as e:  # e.g. a tokenizer.json written by a newer tokenizers / transformers than this one

@@ -4,6 +4,7 @@ import pytest
 import torch
 import transformers
 
+import bench
 import data
 import evaluate
 import grpo
@@ -122,3 +123,21 @@ def test_sft_holds_the_frozen_llm_in_bf16_and_trains_an_fp32_bridge(bf16_device,
     assert bf16_device == [torch.float32, torch.bfloat16] and vlm.llm.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in [*vlm.vit.parameters(), *vlm.bridge.parameters()])
     assert out["skipped"] == 0 and all(not torch.equal(p.detach(), start[n]) for n, p in vlm.bridge.named_parameters())
+
+
+def test_the_gpu_benchmark_times_the_stages_own_steps_in_their_precision(bf16_device, phantom_world, parts,
+                                                                          monkeypatch):
+    """bench.py's CUDA benchmark, run here on a bf16 CPU with a tiny LLM shape: it times sft.train_step and
+    grpo.train_step themselves, SFT with its frozen LLM in bf16, GRPO with an fp32 policy beside a bf16 reference."""
+    seen, sft_step, grpo_step = [], sft.train_step, grpo.train_step
+    monkeypatch.setattr(sft, "train_step", lambda net, *a: seen.append(("sft", net.vlm.llm.dtype)) or sft_step(net, *a))
+    monkeypatch.setattr(grpo, "train_step", lambda net, ref, *a: seen.append(("grpo", net.vlm.llm.dtype, ref.llm.dtype))
+                        or grpo_step(net, ref, *a))
+    args = bench.parse_args(["--sft-steps", "1", "--grpo-prompts", "1", "--cuda-new-tokens", "4"])
+    shape = dict(bench.QWEN25_3B, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                 vocab_size=128)
+    res = bench.bench_cuda(args, phantom_world, parts["llm"], device="cpu", llm_shape=shape, vit_preset="tiny")
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert seen == [("sft", bf16)] * 2 + [("grpo", fp32, bf16)] * 2
+    assert res["sft"]["samples_per_s"] > 0 and res["grpo"]["sec_per_step"] > 0 and 0 < res["grpo"]["mfu"] < 1
+    assert res["grpo"]["grad_ckpt"] and res["grpo"]["tokens"] <= 4 * 4
