@@ -249,15 +249,25 @@ def sft_setup(vlm, examples: list[dict]):
     return preset, encoded, volumes
 
 
+class InMemoryVolumes(dict):
+    """int16 volumes by name, read like a data.VolumeCache (load, preset), so that sft.EncoderTokens encodes them."""
+
+    def __init__(self, volumes: dict, preset):
+        super().__init__(volumes)
+        self.preset = preset
+
+    load = dict.__getitem__
+
+
 def sft_step(vlm, optimizer, preset, batch: list, vit_tokens=None) -> torch.Tensor:
     """One optimizer step of sft.py (sft.train_step); vit_tokens = the cached frozen-encoder output, or None to
-    encode. Returns the ViT tokens (what --cache-features keeps)."""
+    encode as sft.py does (sft.EncoderTokens). Returns the ViT tokens (what --cache-features keeps)."""
     device = vlm.device
     input_ids, mask, weights = sft.collate([enc for enc, _ in batch], vlm.tokenizer.pad_token_id)
     if vit_tokens is None:
-        with torch.no_grad(), runtime.autocast(device):
-            x = torch.stack([data.online_transform(vol, preset) for _, vol in batch]).to(device)
-            vit_tokens = vlm.vit(x).float()                             # (B, N, C)
+        names = [str(i) for i in range(len(batch))]
+        volumes = InMemoryVolumes({n: vol for n, (_, vol) in zip(names, batch)}, preset)
+        vit_tokens = sft.EncoderTokens(vlm.vit, volumes, device, cache=False)(names)   # (B, N, C)
     params = [p for p in vlm.parameters() if p.requires_grad]
     step_args = argparse.Namespace(grad_clip=1.0, nan_policy="skip")
     sft.train_step(sft.WeightedLM(vlm, vlm.bridge), optimizer, [(input_ids, mask, weights, vit_tokens)], params,
@@ -304,12 +314,16 @@ def grpo_rewards(texts: list[str], finished: list[bool], qs: list[dict], reports
     return torch.tensor(r_fmt) + torch.tensor(r_acc) + torch.tensor(r_con)
 
 
-def our_grpo_step(vlm, ref, optimizer, qs: list[dict], reports: dict, consistency, args, step: int,
+def grpo_args(args, new_tokens: int, *extra: str) -> argparse.Namespace:
+    """grpo.py's real-preset flags with the benchmark's G, completion length and beta."""
+    return grpo.parse_args(["--preset", "real", "--group-size", str(args.grpo_g), "--max-new-tokens", str(new_tokens),
+                            "--temperature", "1.0", "--kl-beta", str(args.beta), *extra])
+
+
+def our_grpo_step(vlm, ref, optimizer, qs: list[dict], reports: dict, consistency, grpo_args, step: int,
                   x: torch.Tensor | None = None) -> dict:
     """One step of grpo.py (grpo.train_step: rollout -> rewards -> advantages -> loss -> update); text-only prompts
     when x is None."""
-    grpo_args = grpo.parse_args(["--preset", "real", "--group-size", str(args.grpo_g), "--max-new-tokens",
-                                 str(args.grpo_new_tokens), "--temperature", "1.0", "--kl-beta", str(args.beta)])
     out = grpo.train_step(grpo.PolicyLogprobs(vlm), ref, optimizer, qs, x, reports, consistency, grpo_args, step,
                           list(range(len(qs))))
     if vlm.device.type == "cuda":
@@ -376,7 +390,9 @@ def bench_grpo(args, paths: dict, llm_dir, workdir: Path) -> dict:
     ref = copy.deepcopy(vlm).requires_grad_(False)
     vlm.set_trainable(vit=False, bridge=False, llm=True)               # text only: the LLM is the policy
     opt = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    ours = [our_grpo_step(vlm, ref, opt, items[k * Q:(k + 1) * Q], reports, consistency, args, k) for k in range(n)][1:]
+    gargs = grpo_args(args, args.grpo_new_tokens, "--no-grad-ckpt")   # as TRL runs it
+    ours = [our_grpo_step(vlm, ref, opt, items[k * Q:(k + 1) * Q], reports, consistency, gargs, k)
+            for k in range(n)][1:]
     tot = [o["rollout_sec"] + o["update_sec"] for o in ours]
     res = {"prompts": Q, "G": args.grpo_g, "max_new_tokens": args.grpo_new_tokens, "beta": args.beta,
            "ours": {"sec_per_step": statistics.median(tot), "sec_all": [round(t, 4) for t in tot],
@@ -392,7 +408,7 @@ def bench_grpo(args, paths: dict, llm_dir, workdir: Path) -> dict:
 
 
 # =====================================================================================================================
-# 4. CUDA: the base ViT + a randomly initialised LLM of Qwen2.5-3B's shape (fp32 weights, bf16 autocast, as sft.py)
+# 4. CUDA: the base ViT + a randomly initialised LLM of Qwen2.5-3B's shape, held and run as sft.py and grpo.py do
 # =====================================================================================================================
 
 QWEN25_3B = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
@@ -400,12 +416,14 @@ QWEN25_3B = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36
 
 
 def big_vlm(llm_dir, llm_shape: dict, vit_preset: str, device):
-    """Our tokenizer (with <im_patch>), a fresh ViT and bridge, and a random Qwen2 LLM of llm_shape."""
+    """Our tokenizer (with <im_patch>), a fresh ViT and bridge, and a random Qwen2 LLM of llm_shape with the
+    attention the stages' load_llm chooses on this device (flash_attention_2 on CUDA with flash-attn)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
     small = model.VLM.build(llm_dir, vit_preset=vit_preset)
     tok = small.tokenizer
     cfg = Qwen2Config(**{**llm_shape, "vocab_size": max(llm_shape["vocab_size"], len(tok))}, tie_word_embeddings=True,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+                      attn_implementation=model.attn_implementation(device))
     with torch.device(device):
         llm = Qwen2ForCausalLM(cfg)
     bridge = model.Bridge(small.vit.width, small.vit.grid, cfg.hidden_size, model.compute_anchor(llm))
@@ -413,17 +431,23 @@ def big_vlm(llm_dir, llm_shape: dict, vit_preset: str, device):
 
 
 def bench_cuda(args, paths: dict, llm_dir, device="cuda", llm_shape=None, vit_preset="base") -> dict:
+    """SFT samples/s and GRPO rollout tokens/s, step time, peak GPU memory and MFU (decoder layers and ViT, at
+    --peak-tflops), through sft.train_step and grpo.train_step with the stages' precision: SFT's frozen LLM in
+    runtime.compute_dtype, GRPO's policy in fp32 with a frozen reference, the real presets' --grad-ckpt."""
     cuda = torch.device(device).type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     peak_mb = (lambda: torch.cuda.max_memory_allocated() / 2**20) if cuda else (lambda: float("nan"))
     vlm = big_vlm(llm_dir, llm_shape or dict(QWEN25_3B, num_hidden_layers=args.cuda_llm_layers), vit_preset, device)
     n_llm = sum(p.numel() for p in vlm.llm.model.layers.parameters())  # matmul weights, embeddings excluded
-    n_vit, B = sum(p.numel() for p in vlm.vit.parameters()), args.sft_batch
+    n_vit, n_tok, B = sum(p.numel() for p in vlm.vit.parameters()), math.prod(vlm.vit.grid), args.sft_batch
 
     # SFT samples/s; MFU counts the ViT forward and the LLM forward + activation backward (frozen: no weight grads)
     examples = sft.sft_examples(paths, with_vqa=True)[: B * (args.sft_steps + 1)]
     preset, encoded, volumes = sft_setup(vlm, examples)
+    vlm.llm.to(runtime.compute_dtype(device))                          # frozen, as sft.py holds it
     opt = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=1e-4)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     secs, flops = [], []
     for k in range(args.sft_steps + 1):
         batch = list(zip(encoded, volumes))[k * B:(k + 1) * B]
@@ -432,26 +456,36 @@ def bench_cuda(args, paths: dict, llm_dir, device="cuda", llm_shape=None, vit_pr
         sft_step(vlm, opt, preset, batch)
         sync()
         secs.append(time.perf_counter() - t0)
-        flops.append(2 * n_vit * math.prod(vlm.vit.grid) * B + 4 * n_llm * sum(len(ids) for (ids, _), _ in batch))
+        flops.append(2 * n_vit * n_tok * B + 4 * n_llm * sum(len(ids) for (ids, _), _ in batch))
     sec, fl = statistics.median(secs[1:]), statistics.median(flops[1:])
     res = {"sft": {"batch": B, "sec_per_step": sec, "samples_per_s": B / sec, "tflops_per_s": fl / sec / 1e12,
                    "mfu": fl / sec / (args.peak_tflops * 1e12), "peak_gpu_mb": peak_mb()}}
     del opt
 
-    # GRPO: the whole model trains (SPEC §6); G samples per question with its image, then the update
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    # GRPO: the whole model trains (grpo.py choice 5); G samples per question with its image, then the update
     items = json.loads(Path(paths["mmvqa_rl"]).read_text())
     reports = report_texts(paths)
-    ref = copy.deepcopy(vlm).requires_grad_(False)
+    ref = copy.deepcopy(vlm).requires_grad_(False)                     # frozen LLM in compute_dtype, as grpo.py
+    vlm.llm.float()                                                    # the policy's fp32 master weights
     vlm.requires_grad_(True)
+    gargs = grpo_args(args, args.cuda_new_tokens)
+    vlm.set_grad_checkpointing(gargs.grad_ckpt)
     opt = torch.optim.AdamW(vlm.parameters(), lr=args.lr, weight_decay=0.0)
-    Q, gargs = args.grpo_prompts, argparse.Namespace(**{**vars(args), "grpo_new_tokens": args.cuda_new_tokens})
+    Q, R = args.grpo_prompts, args.grpo_prompts * args.grpo_g
     x = torch.stack([data.online_transform(v, preset) for v in volumes[:Q]]).to(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     try:
-        r = [our_grpo_step(vlm, ref, opt, items[k * Q:(k + 1) * Q], reports, grpo.make_consistency_scorer("offline"),
-                           gargs, k, x) for k in range(2)][-1]
-        res["grpo"] = {"generated_tokens_per_s": r["tokens"] / r["generate_sec"], **r, "peak_gpu_mb": peak_mb()}
+        for k in range(2):                                             # the first step warms up
+            qs = items[k * Q:(k + 1) * Q]
+            r = our_grpo_step(vlm, ref, opt, qs, reports, grpo.make_consistency_scorer("offline"), gargs, k, x)
+        P = vlm.tokenize([vlm.prompt(data.mmvqa_prompt(q, think=True)) for q in qs])[0].shape[1]
+        step_sec = r["rollout_sec"] + r["update_sec"]
+        fl = (2 * n_llm * (R * P + r["tokens"]) + 8 * n_llm * R * (P + r["completion_len"])  # rollout; ref + policy
+              + 10 * n_vit * n_tok * Q)                                # ViT: rollout, reference, policy fwd + bwd
+        res["grpo"] = {"generated_tokens_per_s": r["tokens"] / r["generate_sec"], "sec_per_step": step_sec,
+                       **r, "prompt_len": P, "mfu": fl / step_sec / (args.peak_tflops * 1e12),
+                       "peak_gpu_mb": peak_mb(), "grad_ckpt": gargs.grad_ckpt, "micro_batch": gargs.micro_batch}
     except torch.cuda.OutOfMemoryError as e:
         res["grpo"] = {"error": f"out of memory (whole model + AdamW fp32 + reference): {e}"}
     return res

@@ -11,7 +11,8 @@ Deliberate choices:
    (a local sentence encoder, else the LLM's mean input embeddings). An empty output is wrong. Each path is counted.
 4. Accuracy also per abnormality and per scan (reconstructions of one scan share their labels: each scan counts once).
 5. Significance against a reference run (default sft): paired t-test on per-report scores, exact McNemar on answers.
-6. Greedy decoding; global batch k runs on rank k % world, so sharded results equal single-process ones.
+6. Greedy decoding; global batch k runs on rank k % world, so sharded results equal single-process ones. On CUDA the
+   LLM is held in bf16 and runs under bf16 autocast, as in training (runtime.compute_dtype); fp32 on the CPU.
 7. results.json records the provenance of every number: argv, commit, package versions, hashes of the inputs.
 8. Case sheets (PNG): a few questions per set, labelled scans with distinct answers first: the model's view of the
    scan, its true findings, the question, and every run's rationale and answers side by side, sft (S1) next to grpo.
@@ -57,8 +58,8 @@ from tqdm import tqdm
 import data
 import model
 from grpo import format_reward, offline_consistency, parse_answer, think_text
-from runtime import autocast, cleanup_distributed, get_rank, make_parser, parse_with_preset, print0, setup_distributed
-from runtime import world_size
+from runtime import autocast, cleanup_distributed, compute_dtype, get_rank, make_parser, parse_with_preset, print0
+from runtime import setup_distributed, world_size
 
 TEXT_METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-1", "ROUGE-2", "ROUGE-L", "CIDEr",
                 "BERT-F1", "LLM-score"]
@@ -760,7 +761,7 @@ def main(argv=None) -> dict | None:
 
     for label, ckpt in ckpts:
         print0(f"evaluating {label}: {ckpt}")
-        vlm = model.VLM.load(ckpt, device=device).eval()
+        vlm = model.VLM.load(ckpt, device=device, dtype=compute_dtype(device)).eval()  # frozen: bf16 on CUDA
         meta = vlm.config.get("meta", {})
         sft_args = meta.get("args", {}) if meta.get("stage") == "sft" else meta.get("sft", {}).get("args", {})
         run = {"checkpoint": str(ckpt), "config_sha256": sha256(Path(ckpt) / "config.json"), "stage": meta.get("stage"),

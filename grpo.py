@@ -19,6 +19,9 @@ Deliberate choices:
    clinical-term scorer, the default), `rm:PATH` (a local reward model such as RM-Mistral-7B, the paper's) or
    `judge:MODEL` (an OpenAI-compatible endpoint; a failed call fails the step, or with --judge-failures exclude
    leaves its group out of the loss, counted).
+7. CUDA: bf16 autocast, the reference LLM and an rm: model held in bf16, fp32 master weights for the policy (AdamW's
+   updates at lr 1e-6 would round away in bf16); CPU: fp32. --micro-batch N: the policy, reference and old-policy
+   passes N rows at a time, losses weighted by their share of choice 4's mean (one pass's update); --grad-ckpt.
 
 Run:
   python grpo.py                                          # 1 CPU, phantom world (needs runs/sft/vlm)
@@ -34,6 +37,7 @@ import os
 import re
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -44,11 +48,9 @@ import data
 import model
 import runtime
 from data import parse_answer, think_text
-from runtime import HIDDEN, all_reduce, get_rank, print0, world_size
+from runtime import HIDDEN, all_reduce, autocast, get_rank, print0, world_size
 
-# =====================================================================================================================
-# Rewards: pure functions of (completion text, example)
-# =====================================================================================================================
+# ==== Rewards: pure functions of (completion text, example) ===========================================================
 
 def format_reward(completion: str) -> float:
     """r_fmt: 1.0 iff exactly one non-empty <think> block, then exactly one non-empty <answer> block, no other tags,
@@ -63,9 +65,7 @@ def accuracy_reward(completion: str, answer: str, options: dict | None = None) -
     return float(parse_answer(completion, options=options) == answer.strip().upper())
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Consistency reward (paper §3.3): does the <think> rationale agree with the scan's radiology report?
-# --------------------------------------------------------------------------------------------------------------------
+# ---- Consistency reward (paper §3.3): does the <think> rationale agree with the scan's radiology report? -------------
 
 def offline_consistency(think: str, report: str) -> float:
     """Raw consistency in [0, 1]: mentioned-and-agreeing abnormalities / (abnormalities the rationale mentions plus
@@ -115,7 +115,8 @@ def make_consistency_scorer(spec: str, thresholds: list[float] | None = None, le
     elif kind == "rm":
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         tok = AutoTokenizer.from_pretrained(arg)
-        rm = AutoModelForSequenceClassification.from_pretrained(arg, num_labels=1).to(device).eval()
+        rm = AutoModelForSequenceClassification.from_pretrained(  # frozen: bf16 on CUDA (choice 7)
+            arg, num_labels=1, dtype=runtime.compute_dtype(device)).to(device).eval()
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         rm.config.pad_token_id = tok.pad_token_id
@@ -148,9 +149,7 @@ def make_consistency_scorer(spec: str, thresholds: list[float] | None = None, le
     return score
 
 
-# =====================================================================================================================
-# GRPO: advantages and loss
-# =====================================================================================================================
+# ==== GRPO: advantages and loss =======================================================================================
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
     """(r - mean_G) / (std_G + eps) per group of G consecutive rows; exactly 0 for a group whose rewards are equal."""
@@ -193,17 +192,23 @@ def sample_seed(seed: int, step: int, question: int) -> int:
     return (seed * 1_000_003 + step) * 1_000_033 + question
 
 
+def row_logprobs(vlm, x: torch.Tensor | None, input_ids, attention_mask, rows: slice, T: int, args) -> torch.Tensor:
+    """Log-probs of the last T tokens of `rows` (question-major, G per question); each volume is encoded once."""
+    G, first = args.group_size, rows.start // args.group_size  # first: the first row's question
+    image = None if x is None else vlm.image_embeds(x[first:(rows.stop - 1) // G + 1]).repeat_interleave(G, 0)
+    image = None if x is None else image[rows.start - first * G:rows.stop - first * G]
+    return vlm.token_logprobs(input_ids[rows], attention_mask[rows], image, args.temperature, last=T)
+
+
 class PolicyLogprobs(torch.nn.Module):
-    """Encode each question's volume once, share its image embeddings with the G rows, return completion log-probs.
-    Every trainable parameter is used inside this one forward (what DDP needs)."""
+    """row_logprobs of the policy: every trainable parameter is used inside this one forward (what DDP needs)."""
 
     def __init__(self, vlm):
         super().__init__()
         self.vlm = vlm
 
-    def forward(self, volumes, input_ids, attention_mask, group_size: int, completion_len: int, temperature: float):
-        image = None if volumes is None else self.vlm.image_embeds(volumes).repeat_interleave(group_size, 0)
-        return self.vlm.token_logprobs(input_ids, attention_mask, image, temperature, last=completion_len)
+    def forward(self, *args):
+        return row_logprobs(self.vlm, *args)
 
 
 def completion_mask(completion: torch.Tensor, lengths: torch.Tensor, finished: torch.Tensor, image_token_id: int,
@@ -235,8 +240,9 @@ def validate(vlm, questions: list[dict], volumes, max_new_tokens: int, batch: in
     for i in range(0, len(mine), batch):
         chunk = mine[i:i + batch]
         ids, mask = vlm.tokenize([vlm.prompt(data.mmvqa_prompt(q, think=True)) for q in chunk])
-        image = vlm.image_embeds(load_volumes(volumes, chunk).to(vlm.device))
-        out, lengths, finished = vlm.generate(ids, mask, image, max_new_tokens=max_new_tokens, temperature=0.0)
+        with autocast(vlm.device):
+            image = vlm.image_embeds(load_volumes(volumes, chunk).to(vlm.device))
+            out, lengths, finished = vlm.generate(ids, mask, image, max_new_tokens=max_new_tokens, temperature=0.0)
         for text, done, q in zip(decode(vlm.tokenizer, out, lengths, finished), finished.tolist(), chunk):
             counts += torch.tensor([parse_answer(text, options=q["options"]) == q["answer"],
                                     format_reward(text) * done, 1.0], dtype=torch.float64, device=vlm.device)
@@ -244,9 +250,7 @@ def validate(vlm, questions: list[dict], volumes, max_new_tokens: int, batch: in
     return {"val_acc": correct / n, "val_format": formatted / n} if n else {"val_acc": None, "val_format": None}
 
 
-# =====================================================================================================================
-# One GRPO step: rollout -> rewards -> advantages -> loss -> update
-# =====================================================================================================================
+# ==== One GRPO step: rollout -> rewards -> advantages -> loss -> update ===============================================
 
 LOGGED = ["r_fmt", "r_acc", "r_con", "reward", "reward_std", "zero_std_frac", "completion_len", "truncated",
           "excluded", "n", "groups", "kl", "clip_frac", "loss"]
@@ -263,7 +267,7 @@ def train_step(net, ref: model.VLM, optimizer, qs: list[dict], x: torch.Tensor |
                                             for q in qs])                   # (Q, P), left-padded
 
     # 1. rollout: G samples per question from the current policy, each question with its own generator
-    with torch.no_grad():
+    with torch.no_grad(), autocast(vlm.device):
         image = vlm.image_embeds(x) if x is not None else None              # (Q, N_img, D), once per volume
         completion, lengths, finished = vlm.generate(                       # (Q*G, T), (Q*G,), (Q*G,)
             prompt_ids, prompt_mask, image, num_samples=G, max_new_tokens=args.max_new_tokens,
@@ -289,20 +293,30 @@ def train_step(net, ref: model.VLM, optimizer, qs: list[dict], x: torch.Tensor |
     advantages = group_advantages(torch.nan_to_num(rewards), G).to(vlm.device)
     mask = mask * ~excluded[:, None]
 
-    # 4. loss and update: old = the rollout policy, ref = the SFT model, neither with gradients
-    with torch.no_grad():
-        ref_image = ref.image_embeds(x).repeat_interleave(G, 0) if x is not None else None
-        ref_logp = ref.token_logprobs(input_ids, attention_mask, ref_image, args.temperature, last=T)
+    # 4. loss and update, in micro-batches (choice 7): old = the rollout policy, ref = the SFT model, both no-grad
+    n = input_ids.shape[0]
+    chunks = [slice(i, min(i + (args.micro_batch or n), n)) for i in range(0, n, args.micro_batch or n)]
+    share = [(c.stop - c.start) / n if args.loss_reduction == "sequence"
+             else float(mask[c].sum().clamp(min=1) / mask.sum().clamp(min=1)) for c in chunks]
+    with torch.no_grad(), autocast(vlm.device):
+        ref_logp = torch.cat([row_logprobs(ref, x, input_ids, attention_mask, c, T, args) for c in chunks])
     t_rollout = time.perf_counter() - t0
     old_logp, params = None, [p for p in vlm.parameters() if p.requires_grad]
     for _ in range(args.mu):
-        logp = net(x, input_ids, attention_mask, G, T, args.temperature)            # (Q*G, T)
-        old_logp = logp.detach() if old_logp is None else old_logp                  # mu = 1: ratio = 1
+        logps = []
+        for j, c in enumerate(chunks):
+            with net.no_sync() if hasattr(net, "no_sync") and j < len(chunks) - 1 else nullcontext():
+                with autocast(vlm.device):
+                    logp = net(x, input_ids, attention_mask, c, T, args)                          # (rows, T)
+                old = logp.detach() if old_logp is None else old_logp[c]                          # mu = 1: ratio = 1
+                (grpo_loss(logp, old, ref_logp[c], advantages[c], mask[c], args.clip_eps, args.kl_beta,
+                           args.loss_reduction)[0] * share[j]).backward()
+            logps.append(logp.detach())
+        logp = torch.cat(logps)                                                     # (Q*G, T), the whole batch's
+        old_logp = logp if old_logp is None else old_logp
         loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages, mask, args.clip_eps, args.kl_beta,
                                 args.loss_reduction)
-        loss.backward()
-        grad_norm, applied = runtime.optimizer_step(optimizer, params, args.grad_clip, args.nan_policy, step,
-                                                    loss.detach())
+        grad_norm, applied = runtime.optimizer_step(optimizer, params, args.grad_clip, args.nan_policy, step, loss)
 
     # 5. logging sums over ranks
     groups = torch.nan_to_num(rewards).view(-1, G)
@@ -324,14 +338,12 @@ def log_row(step: int, out: dict) -> dict:
             **{k: s[k] / world_size() for k in ("kl", "clip_frac", "loss")}, "grad_norm": out["grad_norm"]}
 
 
-# =====================================================================================================================
-# Command line and the loop
-# =====================================================================================================================
+# ==== Command line and the loop =======================================================================================
 
 # The phantom world's overrides of the paper's defaults: the tiny LLM needs a larger lr to move within minutes, its
 # answers are short, it samples at 0.7 (at 1.0 half of its samples break the tag format), and the ViT stays frozen.
 PHANTOM = dict(lr=1e-5, steps=120, batch_size=4, max_new_tokens=96, temperature=0.7, eval_n=100,
-               freeze_encoder=True, eval_every=40)
+               freeze_encoder=True, eval_every=40, grad_ckpt=False)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -366,6 +378,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the ViT frozen (the paper trains the whole model)")
     g = p.add_argument_group("run-time")
+    g.add_argument("--micro-batch", type=int, default=0, help="rows per policy/reference pass; 0 = all (choice 7)")
+    g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True, help="less memory (choice 7)")
     g.add_argument("--out", default="runs/grpo", help="vlm/, ckpt/, metrics.jsonl")
     g.add_argument("--eval-every", type=int, default=10, help="steps between validation accuracies; 0 = off")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under <out>/ckpt")
@@ -377,6 +391,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = runtime.parse_with_preset(p, argv, PHANTOM)
     if args.group_size < 2:
         p.error("--group-size must be at least 2: advantages compare the samples of a group")
+    if args.micro_batch < 0:
+        p.error(f"--micro-batch must be 0 (all rows at once) or a number of rows, not {args.micro_batch}")
     return args
 
 
@@ -410,8 +426,9 @@ def main(argv=None) -> dict:
     # policy and frozen reference, both from the SFT checkpoint
     runtime.seed_everything(args.seed)
     vlm = model.VLM.load(args.sft, device=device).eval()     # eval: no dropout, sampled = trained distribution
-    ref = model.VLM.load(args.sft, device=device).eval().requires_grad_(False)
+    ref = model.VLM.load(args.sft, device=device, dtype=runtime.compute_dtype(device)).eval().requires_grad_(False)
     vlm.set_trainable(vit=not args.freeze_encoder, bridge=True, llm=True)   # the RAM anchor is a buffer: frozen
+    vlm.set_grad_checkpointing(args.grad_ckpt)
     params = [p for p in vlm.parameters() if p.requires_grad]
     net = runtime.wrap_ddp(PolicyLogprobs(vlm), device)
     print0(f"{len(questions)} RL questions, {len(val_questions)} validation questions, "

@@ -5,7 +5,8 @@
 
 Deliberate choices:
 1. ViT3D (patch (16, 16, 8), width 768, depth 12 for the real preset) uses timm parameter names, so a published
-   BrgSA_vision_encoder.pth loads with strict key matching; attention is flash-attn when installed on CUDA, else SDPA.
+   BrgSA_vision_encoder.pth loads with strict key matching; attention is flash-attn when installed on CUDA in bf16/fp16
+   (autocast included), else SDPA.
 2. The anchor of eq. (1), the mean input-embedding row over the real vocabulary, is computed once at build: a frozen,
    saved buffer of the bridge.
 3. Each row finds its own placeholder positions, so left and right padding are both correct; position ids come from
@@ -16,6 +17,9 @@ Deliberate choices:
    masks are built from lengths, never from token values.
 6. A checkpoint is one directory — llm/ (Hugging Face format, tokenizer included), vision.safetensors,
    bridge.safetensors (anchor and input statistics included), config.json — written atomically, rebuilt by VLM.load.
+7. build/load hold the LLM in the dtype asked for (frozen copies: runtime.compute_dtype, bf16 on CUDA), the ViT and the
+   bridge always in fp32 (0.4 GB): every stage then computes the encoder tokens exactly as the bridge's statistics
+   were computed (fp32 weights, autocast), and the statistics are not rounded to bf16.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from runtime import atomic_dir, versions
+from runtime import atomic_dir, compute_dtype, versions
 
 try:  # optional, CUDA only
     from flash_attn import flash_attn_func
@@ -109,7 +113,7 @@ class ViT3D(nn.Module):
         self.width = width
         self.preset = dict(img_size=list(self.img_size), patch_size=list(self.patch_size), width=width, depth=depth,
                            heads=heads, mlp_dim=mlp_dim)
-        self.grad_checkpointing = False  # set True to trade compute for activation memory when training the ViT
+        self.grad_checkpointing = False  # True: recompute each block in the backward pass (less activation memory)
         self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv3d(1, width, self.patch_size, stride=self.patch_size)))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         pos = torch.cat([torch.zeros(1, width), sincos_pos_embed_3d(width, self.grid)])  # cls row, then patches
@@ -132,7 +136,7 @@ class ViT3D(nn.Module):
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, C), x-major token order
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            if self.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
@@ -218,15 +222,21 @@ def rope_theta(config) -> float | None:
     return (getattr(config, "rope_parameters", None) or {}).get("rope_theta", getattr(config, "rope_theta", None))
 
 
+def attn_implementation(device: str | torch.device) -> str:
+    """The LLM's attention: flash_attention_2 when flash-attn is installed and the device computes in bf16/fp16
+    (runtime.compute_dtype: CUDA, under autocast whatever the weights' dtype), else PyTorch SDPA."""
+    fa2 = flash_attn_func is not None and compute_dtype(device) in (torch.float16, torch.bfloat16)
+    return "flash_attention_2" if fa2 else "sdpa"
+
+
 def load_llm(llm_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """A local Hugging Face causal LM and its tokenizer (no downloads, no remote code); attention is
-    flash_attention_2 with flash-attn installed, CUDA and bf16/fp16 weights, else PyTorch SDPA."""
+    """A local Hugging Face causal LM on `device`, weights in `dtype` (default fp32), attention as
+    attn_implementation(device) says, and its tokenizer (no downloads, no remote code)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device, dtype = torch.device(device), dtype or torch.float32
-    fa2 = flash_attn_func is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype, local_files_only=True,
-                                               attn_implementation="flash_attention_2" if fa2 else "sdpa")
+                                               attn_implementation=attn_implementation(device))
     try:
         tokenizer = AutoTokenizer.from_pretrained(llm_dir, local_files_only=True)
     except Exception as e:  # e.g. a tokenizer.json written by a newer tokenizers / transformers than this one
@@ -252,15 +262,16 @@ class VLM(nn.Module):
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.eos_token_id, self.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         self._cache_kw = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+        self.ckpt_layers: list[nn.Module] = []  # LLM layers to checkpoint (set_grad_checkpointing)
 
     # ---- construction, checkpoints -----------------------------------------------------------------------------
 
     @classmethod
     def build(cls, llm_dir: str | Path, vit_preset: str | dict = "tiny", vit_weights: str | Path | None = None,
               ram: bool = True, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "VLM":
-        """A fresh VLM from a local HF LLM directory and (optionally) BrgSA-layout encoder weights; the anchor
-        (eq. (1)) is computed before the image placeholder is added to the vocabulary."""
-        llm, tokenizer = load_llm(llm_dir, "cpu", dtype)
+        """A fresh VLM from a local HF LLM directory and (optionally) BrgSA-layout encoder weights, the LLM in `dtype`
+        (choice 7); the anchor (eq. (1)) is computed before the image placeholder is added to the vocabulary."""
+        llm, tokenizer = load_llm(llm_dir, device, dtype)
         embed_rows = llm.get_input_embeddings().weight.shape[0]
         anchor = compute_anchor(llm, vocab_size=min(len(tokenizer), embed_rows))  # eq. (1)
         _prepare_tokenizer(tokenizer)
@@ -283,12 +294,13 @@ class VLM(nn.Module):
 
     @classmethod
     def load(cls, ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "VLM":
-        """Rebuild a VLM saved by vlm.save(ckpt_dir, meta); the meta is in vlm.config["meta"]."""
+        """Rebuild a VLM saved by vlm.save(ckpt_dir, meta), the LLM in `dtype` (choice 7); the meta is in
+        vlm.config["meta"]."""
         ckpt_dir = Path(ckpt_dir)
         if not (ckpt_dir / "config.json").is_file():
             raise FileNotFoundError(f"{ckpt_dir} is not a complete VLM checkpoint (no config.json)")
         config = json.loads((ckpt_dir / "config.json").read_text())
-        llm, tokenizer = load_llm(ckpt_dir / "llm", "cpu", dtype)
+        llm, tokenizer = load_llm(ckpt_dir / "llm", device, dtype)
         written = config.get("versions", {}).get("transformers")
         if config.get("rope_theta") not in (None, rope_theta(llm.config)):  # e.g. 5.x's rope_parameters read by 4.x
             raise RuntimeError(f"{ckpt_dir}: written with transformers {written}, read with {_transformers_version()}:"
@@ -306,7 +318,8 @@ class VLM(nn.Module):
         Call it on one rank; `meta` (the stage's run config, JSON-able) comes back as vlm.config["meta"]."""
         parts = {"vit": self.vit, "bridge": self.bridge, "llm": self.llm}
         self.config = {**self.config, "meta": meta or {}, "versions": versions(),
-                       "rope_theta": rope_theta(self.llm.config), "trainable": {name: any(p.requires_grad for p in m.parameters()) for name, m in parts.items()}}
+                       "rope_theta": rope_theta(self.llm.config),
+                       "trainable": {name: any(p.requires_grad for p in m.parameters()) for name, m in parts.items()}}
         with atomic_dir(ckpt_dir) as tmp:
             self.llm.save_pretrained(tmp / "llm")
             self.tokenizer.save_pretrained(tmp / "llm")
@@ -319,6 +332,19 @@ class VLM(nn.Module):
         """Freeze or unfreeze the three parts (the anchor is a buffer and always frozen)."""
         for module, flag in ((self.vit, vit), (self.bridge, bridge), (self.llm, llm)):
             module.requires_grad_(flag)
+
+    def set_grad_checkpointing(self, on: bool) -> None:
+        """With on: recompute activations in the backward pass instead of keeping them, for each ViT block and each LLM
+        decoder layer (HF's checkpointing, use_reentrant=False). HF checkpoints a layer only in training mode, so
+        forward() sets the layers' own flag (not their submodules', e.g. dropout) while gradients flow; generate()
+        keeps its cache."""
+        if not on:
+            return
+        from transformers.modeling_layers import GradientCheckpointingLayer
+        self.vit.grad_checkpointing = True
+        enable = getattr(self.llm, "activation_checkpointing_enable", self.llm.gradient_checkpointing_enable)
+        enable({"use_reentrant": False})  # the checkpoint's kwargs: first argument of the 5.x name and of the old one
+        self.ckpt_layers = [m for m in self.llm.modules() if isinstance(m, GradientCheckpointingLayer)]
 
     @property
     def device(self) -> torch.device:
@@ -362,9 +388,17 @@ class VLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor | None = None,
                 logits_to_keep: int = 0) -> torch.Tensor:
         """-> logits (B, T, V), or of the last logits_to_keep positions only (B, logits_to_keep, V) when > 0."""
-        out = self.llm(inputs_embeds=self.embed(input_ids, image_embeds), attention_mask=attention_mask,
-                       position_ids=position_ids(attention_mask), use_cache=False, logits_to_keep=logits_to_keep)
-        return out.logits
+        layers = self.ckpt_layers if torch.is_grad_enabled() else []  # see set_grad_checkpointing
+        modes = [layer.training for layer in layers]
+        for layer in layers:
+            layer.training = True
+        try:
+            return self.llm(inputs_embeds=self.embed(input_ids, image_embeds), attention_mask=attention_mask,
+                            position_ids=position_ids(attention_mask), use_cache=False,
+                            logits_to_keep=logits_to_keep).logits
+        finally:
+            for layer, mode in zip(layers, modes):
+                layer.training = mode
 
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        image_embeds: torch.Tensor | None = None, temperature: float = 1.0,

@@ -85,9 +85,16 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     return bool(all_reduce(torch.tensor([float(flag)], device=device), "max").item() > 0)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA, plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def compute_dtype(device: torch.device | str) -> torch.dtype:
+    """The one precision choice: every forward pass computes in it (autocast) and frozen weights are stored in it.
+    bf16 on CUDA (tensor cores, half the memory), fp32 on the CPU (the phantom world and the tests stay exact)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def autocast(device: torch.device | str):
+    """Autocast to compute_dtype(device): bf16 on CUDA; none on the CPU (plain fp32)."""
+    device, dtype = torch.device(device), compute_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
 
 def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_ratio: float = 0.0) -> float:
@@ -217,10 +224,11 @@ def exit_code() -> int:
 
 
 def wrap_ddp(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel under torchrun (one device per process), the module itself otherwise."""
+    """DistributedDataParallel under torchrun (one device per process), the module itself otherwise; the gradients
+    are views into DDP's all-reduce buckets, so no second copy of them is kept."""
     if world_size() == 1:
         return net
-    return DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    return DDP(net, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -16,7 +16,11 @@ Deliberate choices:
    variance is the same in every scan (anatomy, position), and the bridge should see what differs.
 5. Data order is a function of (seed, step): a seeded permutation per epoch, sorted by length within windows of 16
    batches; --resume restores weights, AdamW, RNG and step, and replays the uninterrupted run exactly.
-6. --cache-features: the encoder is frozen and the crop is the centre one, so each volume is encoded once.
+6. --cache-features: the encoder is frozen and the crop is the centre one, so each volume is encoded once; its tokens
+   are kept in host memory (pinned on CUDA; 8.4 MB per base-ViT volume), never on the GPU.
+7. Precision (runtime.compute_dtype): on CUDA the frozen LLM is held in bf16 and every pass runs under bf16 autocast;
+   the trained bridge (and LoRA) keeps fp32 weights, so AdamW's small updates are not rounded away, and so does the
+   small ViT (model.py choice 7); fp32 on the CPU.
 
 Run:
   python sft.py                          # 1 CPU, phantom world -> runs/sft/vlm (needs runs/clip3d and runs/warmup)
@@ -80,6 +84,8 @@ def parse_args(argv=None, phantom: dict = PHANTOM, doc: str = __doc__, prog: str
     g.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=False,
                    help="encode each volume once and reuse its encoder tokens")
     g = p.add_argument_group("run-time")
+    g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute the LLM's activations in the backward pass (less memory, ~1/3 more compute)")
     g.add_argument("--out", default="runs/sft", help="vlm/, ckpt/, metrics.jsonl")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under <out>/ckpt")
     g.add_argument("--overwrite", action="store_true", help="start afresh over an earlier run in <out>")
@@ -153,7 +159,8 @@ def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int) 
 # ---- the frozen encoder's tokens and the bridge's input statistics (choice 4) ----------------------------------------
 
 class EncoderTokens:
-    """(B, N, C) frozen-encoder tokens of volumes by name (centre crop); with cache=True each volume is encoded once."""
+    """(B, N, C) frozen-encoder tokens of volumes by name (centre crop), computed under runtime.autocast as every
+    stage's ViT forward; with cache=True each volume is encoded once and its tokens kept in host memory (choice 6)."""
 
     def __init__(self, vit: nn.Module, volumes: data.VolumeCache, device: torch.device, cache: bool):
         self.vit, self.volumes, self.device, self.cache, self.kept = vit, volumes, device, cache, {}
@@ -164,13 +171,16 @@ class EncoderTokens:
         with autocast(self.device):
             tokens = self.vit(x.to(self.device)).float()
         if self.cache:
-            self.kept.update(zip(names, tokens))
+            host = tokens.cpu()
+            self.kept.update(zip(names, host.pin_memory() if host is not tokens else host))
         return tokens
 
     def __call__(self, names: list[str]) -> torch.Tensor:
         todo = sorted(set(names) - self.kept.keys())
         fresh = dict(zip(todo, self.encode(todo))) if todo else {}
-        return torch.stack([self.kept.get(n, fresh.get(n)) for n in names])
+        if self.cache:
+            return torch.stack([self.kept[n].to(self.device, non_blocking=True) for n in names])
+        return torch.stack([fresh[n] for n in names])
 
 
 def set_feature_statistics(bridge: model.Bridge, tokens: EncoderTokens, names: list[str]) -> None:
@@ -340,13 +350,14 @@ def main(argv=None) -> dict:
 
     runtime.seed_everything(args.seed)  # right before the model: a seed always gives the same initial bridge
     vlm = model.VLM.build(llm_dir, vit_preset=args.vit_preset, vit_weights=vision, ram=not args.no_ram,
-                          device=str(device))
+                          device=str(device), dtype=runtime.compute_dtype(device))  # frozen: choice 7
     vlm.set_trainable(vit=False, bridge=True, llm=False)  # the anchor is a buffer: frozen, eq. (1)
     if args.lora:
         add_lora(vlm.llm, args.lora_rank, args.lora_alpha)
         vlm.llm.to(device)
     vlm.eval()
     vlm.bridge.train()
+    vlm.set_grad_checkpointing(args.grad_ckpt)
     volumes = data.VolumeCache(paths["train_cache"])
     examples = [e for e in sft_examples(paths, args.vqa) if e["volume"] in volumes]
     tokens = EncoderTokens(vlm.vit, volumes, device, args.cache_features)

@@ -335,6 +335,36 @@ def test_sigterm_saves_and_exits(phantom_world, sft_ckpt, tmp_path, monkeypatch)
     assert not (tmp_path / "vlm").exists() and curve_points(tmp_path / "curves.png")["reward"] == 1  # curves so far
 
 
+def test_micro_batches_and_grad_checkpointing_give_the_one_pass_update(phantom_world, sft_ckpt, monkeypatch):
+    """--micro-batch 2 and 3 (3 splits the groups of G = 4 unevenly) and --grad-ckpt: the same policy, reference and
+    old-policy log-probs, loss and gradients as one pass over all 8 rows, for both loss reductions, so the same
+    weights after one step of mu = 2 policy iterations (SGD, so that the weights show the gradients themselves)."""
+    monkeypatch.setattr(grpo, "accuracy_reward", stand_in_accuracy)
+    volumes = data.VolumeCache(phantom_world["train_cache"])
+    qs = [q for q in data.read_questions(phantom_world["mmvqa_rl"]) if q["VolumeName"] in volumes][:2]
+    reports = {n: r["findings"] for n, r in data.read_reports(phantom_world["train_reports"]).items()}
+    start = model.VLM.load(sft_ckpt).state_dict()
+
+    def step(*extra):
+        args = grpo.parse_args(run_args(phantom_world, sft_ckpt, "unused", "--mu", 2, "--no-grad-ckpt", *extra))
+        vlm, ref = model.VLM.load(sft_ckpt).eval(), model.VLM.load(sft_ckpt).eval().requires_grad_(False)
+        vlm.set_grad_checkpointing(args.grad_ckpt)
+        sgd, score = torch.optim.SGD(vlm.parameters(), lr=0.1), make_consistency_scorer("offline")
+        out = grpo.train_step(grpo.PolicyLogprobs(vlm), ref, sgd, qs, grpo.load_volumes(volumes, qs), reports, score,
+                              args, 0, [0, 1])
+        return out, {n: p.detach() for n, p in vlm.named_parameters()}
+
+    for reduction in ("sequence", "token"):
+        base, weights = step("--loss-reduction", reduction)
+        assert base["sums"]["reward_std"] > 0 and all(not torch.equal(weights[n], start[n]) for n in weights)
+        for extra in (["--micro-batch", 2], ["--micro-batch", 3], ["--micro-batch", 3, "--grad-ckpt"]):
+            out, w = step("--loss-reduction", reduction, *extra)
+            assert out["texts"] == base["texts"] and out["grad_norm"] == pytest.approx(base["grad_norm"], rel=1e-5)
+            for key in ("loss", "kl", "clip_frac"):
+                assert out["sums"][key] == pytest.approx(base["sums"][key], rel=1e-5, abs=1e-8), (extra, key)
+            assert all(torch.allclose(w[n], weights[n], rtol=0, atol=1e-6) for n in w), extra  # moved by up to 1e-2
+
+
 @pytest.mark.slow
 def test_one_and_two_processes_agree(phantom_world, sft_ckpt, tmp_path):
     """2 ranks x 1 question (gloo) = 1 rank x 2 questions: same samples, rewards and weights."""

@@ -1,4 +1,5 @@
 """model.py: encoder layout, bridge, splice, generation, checkpoints. Tiny models on the CPU, a few seconds each."""
+import copy
 import json
 import os
 import signal
@@ -294,6 +295,34 @@ def test_bridge_learns_through_the_splice_with_frozen_llm(vlm):
     finally:
         vlm.zero_grad(set_to_none=True)
         vlm.set_trainable(vit=True, bridge=True, llm=True)
+
+
+def test_grad_checkpointing_recomputes_where_gradients_flow(tiny_llm):
+    """--grad-ckpt on a model in eval mode (as the stages hold it): each ViT block and LLM decoder layer runs again in
+    the backward pass, the gradients are the plain pass's, and generation (no gradients) keeps its cache."""
+    torch.manual_seed(0)
+    plain = M.VLM.build(tiny_llm, vit_preset="tiny").eval()
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing(True)
+    ids, mask = plain.tokenize([plain.prompt("Report?")])
+    runs = []
+    for net in (plain, ckpt):
+        calls = {"vit": 0, "llm": 0}
+        hooks = [net.vit.blocks[0].mlp.register_forward_pre_hook(lambda *_: calls.update(vit=calls["vit"] + 1)),
+                 net.llm.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.update(llm=calls["llm"] + 1))]
+        net.token_logprobs(ids, mask, net.image_embeds(volumes(1)))[:, -5:].sum().backward()
+        after_backward = dict(calls)
+        out = net.generate(ids, mask, net.image_embeds(volumes(1)), max_new_tokens=4,
+                           generator=torch.Generator().manual_seed(0))
+        grads = {n: p.grad for n, p in net.named_parameters()}
+        runs.append((after_backward, calls["llm"] - after_backward["llm"], out, grads))
+        for h in hooks:
+            h.remove()
+    (plain_calls, plain_gen_calls, plain_out, plain_grads), (ckpt_calls, ckpt_gen_calls, ckpt_out, ckpt_grads) = runs
+    assert plain_calls == {"vit": 1, "llm": 1} and ckpt_calls == {"vit": 2, "llm": 2}
+    assert all(torch.allclose(plain_grads[n], ckpt_grads[n], rtol=1e-5, atol=1e-8) for n in plain_grads)
+    assert all(torch.equal(a, b) for a, b in zip(plain_out, ckpt_out)) and ckpt_gen_calls == plain_gen_calls
+    assert not any(layer.training for layer in ckpt.ckpt_layers)  # the layers' flag is back after the pass
 
 
 def foreign_llm(out_dir):

@@ -182,6 +182,23 @@ def test_cached_features_train_the_same(phantom_world, tiny_llm, vision_weights,
     assert plain["losses"] == pytest.approx(cached["losses"], rel=1e-5)
 
 
+def test_cached_features_are_kept_in_host_memory(phantom_world, vision_weights):
+    """--cache-features: a volume is encoded once, its tokens kept on the CPU (pinned when the encoder runs on CUDA),
+    never on the GPU, and handed back on the encoder's device with the values a fresh encoding gives."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vit = model.load_vision_weights(model.ViT3D.from_preset("tiny"), vision_weights).to(device).eval()
+    volumes = data.VolumeCache(phantom_world["train_cache"])
+    names, batches = sorted(volumes.names)[:3], []
+    vit.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    cached = sft.EncoderTokens(vit, volumes, device, cache=True)
+    cached([names[0], names[1], names[0]])
+    tokens = cached(names)
+    assert batches == [2, 1] and tokens.device.type == device.type                   # only the new volume encoded
+    assert sorted(cached.kept) == names
+    assert all(t.device.type == "cpu" and t.is_pinned() == (device.type == "cuda") for t in cached.kept.values())
+    assert torch.equal(tokens, sft.EncoderTokens(vit, volumes, device, cache=False)(names))
+
+
 def test_nan_step_is_skipped_or_stops(phantom_world, tiny_llm, vision_weights, tmp_path):
     two = ["--max-steps", 2]
     skipped = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "a", *two, "--inject-nan", "1:0"))
