@@ -22,6 +22,7 @@ Deliberate choices:
 7. CUDA: bf16 autocast, the reference LLM and an rm: model held in bf16, fp32 master weights for the policy (AdamW's
    updates at lr 1e-6 would round away in bf16); CPU: fp32. --micro-batch N: the policy, reference and old-policy
    passes N rows at a time, losses weighted by their share of choice 4's mean (one pass's update); --grad-ckpt.
+8. --shard fsdp: FSDP2 shards the policy, its gradients and AdamW state by ViT block and LLM layer, not the reference.
 
 Run:
   python grpo.py                                          # 1 CPU, phantom world (needs runs/sft/vlm)
@@ -267,7 +268,7 @@ def train_step(net, ref: model.VLM, optimizer, qs: list[dict], x: torch.Tensor |
                                             for q in qs])                   # (Q, P), left-padded
 
     # 1. rollout: G samples per question from the current policy, each question with its own generator
-    with torch.no_grad(), autocast(vlm.device):
+    with torch.no_grad(), autocast(vlm.device), runtime.gathered(net):
         image = vlm.image_embeds(x) if x is not None else None              # (Q, N_img, D), once per volume
         completion, lengths, finished = vlm.generate(                       # (Q*G, T), (Q*G,), (Q*G,)
             prompt_ids, prompt_mask, image, num_samples=G, max_new_tokens=args.max_new_tokens,
@@ -386,6 +387,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--overwrite", action="store_true", help="start afresh over an earlier run in <out>")
     g.add_argument("--save-every", type=int, default=20, help="steps between resumable checkpoints")
     g.add_argument("--nan-policy", default="skip", choices=["skip", "stop"], help="on a non-finite loss, on all ranks")
+    g.add_argument("--shard", default="ddp", choices=["ddp", "fsdp"],
+                   help="under torchrun: replicate the policy (DDP) or shard it, its gradients and AdamW state (FSDP2)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop-at", type=int, default=None, help=HIDDEN)     # save and exit after this step
     args = runtime.parse_with_preset(p, argv, PHANTOM)
@@ -429,8 +432,8 @@ def main(argv=None) -> dict:
     ref = model.VLM.load(args.sft, device=device, dtype=runtime.compute_dtype(device)).eval().requires_grad_(False)
     vlm.set_trainable(vit=not args.freeze_encoder, bridge=True, llm=True)   # the RAM anchor is a buffer: frozen
     vlm.set_grad_checkpointing(args.grad_ckpt)
-    params = [p for p in vlm.parameters() if p.requires_grad]
-    net = runtime.wrap_ddp(PolicyLogprobs(vlm), device)
+    net = runtime.wrap(PolicyLogprobs(vlm), device, args.shard)
+    params = [p for p in vlm.parameters() if p.requires_grad]               # after wrap: FSDP's shards
     print0(f"{len(questions)} RL questions, {len(val_questions)} validation questions, "
            f"{sum(p.numel() for p in params):,} trainable parameters, world {world}, G {args.group_size}")
 
@@ -442,11 +445,11 @@ def main(argv=None) -> dict:
                       curves=("reward", "r_fmt", "r_acc", "r_con", "reward_std", "kl", "completion_len", "truncated",
                               "val_acc"))
     if run.state is not None:
-        vlm.load_state_dict(run.state["model"])
-        optimizer.load_state_dict(run.state["optimizer"])
+        runtime.load_train_state(net, optimizer, run.state)
     history, skipped, t0 = [], 0, time.time()
     if run.start == 0 and eval_every:
-        history.append({"step": 0, **validate(vlm, val_questions, val_volumes, args.max_new_tokens)})
+        with runtime.gathered(net):
+            history.append({"step": 0, **validate(vlm, val_questions, val_volumes, args.max_new_tokens)})
         run.log(history[-1])
         print0(f"step 0 (SFT model): validation accuracy {history[-1]['val_acc']:.3f}, "
                f"format {history[-1]['val_format']:.3f}")
@@ -464,7 +467,8 @@ def main(argv=None) -> dict:
         row = {**log_row(done, out), "lr": lr, "skipped": skipped, "sec": round(time.time() - t0, 1),
                "sample": out["texts"][0]}
         if eval_every and (done % eval_every == 0 or done == args.steps):
-            row.update(validate(vlm, val_questions, val_volumes, args.max_new_tokens))
+            with runtime.gathered(net):
+                row.update(validate(vlm, val_questions, val_volumes, args.max_new_tokens))
             print0(f"\nstep {done}: validation accuracy {row['val_acc']:.3f}, format {row['val_format']:.3f}; "
                    f"sample {row['sample']!r}")
         history.append(row)
@@ -474,13 +478,15 @@ def main(argv=None) -> dict:
                         kl=f"{row['kl']:.3f}")
         stop = run.should_stop(done, device)
         if stop or (args.save_every and done % args.save_every == 0 and done < args.steps):
-            run.save(done, {"model": vlm.state_dict(), "optimizer": optimizer.state_dict(), "args": vars(args)})
+            run.save(done, {**runtime.train_state(net, optimizer), "args": vars(args)})
         if stop:
             run.stopped(done)
             break
     bar.close()
     run.close()
     done = run.start + sum(r["step"] > 0 for r in history)
+    if done == args.steps:
+        runtime.unshard_for_saving(net)
     if done == args.steps and rank == 0:  # a self-contained checkpoint; the run config goes into its meta
         final = {k: v for k, v in history[-1].items() if k != "sample"} if history else {}
         vlm.save(Path(args.out) / "vlm", meta={"stage": "grpo", "args": vars(args), "skipped_steps": skipped,

@@ -231,6 +231,92 @@ def wrap_ddp(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DDP(net, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
 
 
+def wrap(net: torch.nn.Module, device: torch.device, shard: str = "ddp") -> torch.nn.Module:
+    """DDP ("ddp") or PyTorch's FSDP2 ("fsdp", in place) under torchrun, the module itself in one process. FSDP shards
+    what trains, its gradients and AdamW state: one group per ModuleList member holding a trainable parameter (ViT
+    block, LLM decoder layer), then the root. Frozen parameters stay whole on every rank, as under DDP: they have no
+    gradients or AdamW state, and sharding them would add an all-gather per forward."""
+    if world_size() == 1:
+        return net
+    if shard == "ddp":
+        return wrap_ddp(net, device)
+    from torch.distributed.fsdp import fully_shard
+    frozen = {p for p in net.parameters() if not p.requires_grad}
+    blocks = [b for m in net.modules() if isinstance(m, torch.nn.ModuleList) for b in m]
+    for block in reversed(blocks):  # bottom-up, as fully_shard asks
+        if any(p.requires_grad for p in block.parameters()):
+            fully_shard(block, ignored_params=frozen)
+    return fully_shard(net, ignored_params=frozen)
+
+
+def _fsdp_modules(net: torch.nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in net.modules() if isinstance(m, FSDPModule)]
+
+
+@contextmanager
+def gathered(net: torch.nn.Module):
+    """Under FSDP, the block runs with every parameter whole on every rank: one all-gather per group on entry for
+    a generation loop that calls the model's parts many times (not one per layer and token), resharded on exit.
+    Nothing otherwise. Call it on every rank."""
+    groups = _fsdp_modules(net)
+    if not groups:
+        yield
+        return
+    net._get_fsdp_state()._lazy_init()  # FSDP2 takes the first module to run forward as root: make it `net`
+    for m in groups:
+        m.unshard()
+    net.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        net.set_reshard_after_forward(True)
+        net.set_reshard_after_forward(False, recurse=False)  # FSDP2's defaults: the root stays whole for backward
+        for m in groups:
+            m.reshard()
+
+
+def train_state(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """{"model", "optimizer"}: the trainable parameters, the buffers and the optimizer state, whole (gathered from the
+    shards under FSDP), on the CPU and keyed by parameter name, so that a checkpoint resumes under one process, DDP
+    or FSDP alike. Call it on every rank (a collective under FSDP); only rank 0's copy is complete."""
+    import torch.distributed.checkpoint.state_dict as dsd
+    opts = dsd.StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    inner = getattr(net, "module", net)
+    names = {n for n, _ in inner.named_parameters()} | {n for n, _ in inner.named_buffers()}  # a shared one once
+    return {"model": {k: v for k, v in dsd.get_model_state_dict(net, options=opts).items() if k in names},
+            "optimizer": dsd.get_optimizer_state_dict(net, optimizer, options=opts)}
+
+
+def load_train_state(net: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load what train_state saved into the (possibly sharded) model and optimizer, on every rank."""
+    import torch.distributed.checkpoint.state_dict as dsd
+    inner = getattr(net, "module", net)
+    missing = sorted(n for n, p in inner.named_parameters() if p.requires_grad and n not in state["model"])
+    if missing:
+        raise SystemExit(f"the checkpoint holds no {missing[0]} (and {len(missing) - 1} more trainable parameters): "
+                         f"resume with the options it was written with")
+    opts = dsd.StateDictOptions(full_state_dict=True, strict=False)  # frozen parameters are not in a checkpoint
+    dsd.set_model_state_dict(net, state["model"], options=opts)
+    dsd.set_optimizer_state_dict(net, optimizer, state["optimizer"], options=opts)
+
+
+def unshard_for_saving(net: torch.nn.Module) -> None:
+    """Under FSDP, put the whole parameters in place of the shards on every rank (a collective), so that the model
+    is written as usual (Module.state_dict, save_pretrained); it trains no further. Nothing otherwise."""
+    if not _fsdp_modules(net):
+        return
+    import torch.distributed.checkpoint.state_dict as dsd
+    from torch.distributed.tensor import DTensor
+    whole = {}  # by shard: tied weights (embeddings and LM head) stay one parameter
+    for name, value in dsd.get_model_state_dict(net, options=dsd.StateDictOptions(full_state_dict=True)).items():
+        owner, _, attr = name.rpartition(".")
+        shard = getattr(net.get_submodule(owner), attr)
+        if isinstance(shard, DTensor):  # FSDP registers the shards only while they are resharded
+            whole.setdefault(id(shard), torch.nn.Parameter(value, requires_grad=shard.requires_grad))
+            setattr(net.get_submodule(owner), attr, whole[id(shard)])
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -242,6 +328,8 @@ def optimizer_step(optimizer: torch.optim.Optimizer, params: list, grad_clip: fl
     takes the same branch. Otherwise skip this update on every rank (nan_policy "skip") or stop every rank ("stop").
     Returns (gradient norm before clipping, whether the update was applied)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor, the norm over every rank's shards
+        grad_norm = grad_norm.full_tensor()
     finite = all_ranks_finite(*values, grad_norm)
     if finite:
         optimizer.step()

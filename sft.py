@@ -21,6 +21,7 @@ Deliberate choices:
 7. Precision (runtime.compute_dtype): on CUDA the frozen LLM is held in bf16 and every pass runs under bf16 autocast;
    the trained bridge (and LoRA) keeps fp32 weights, so AdamW's small updates are not rounded away, and so does the
    small ViT (model.py choice 7); fp32 on the CPU.
+8. --shard fsdp: FSDP2 shards what trains (bridge, LoRA), its gradients and AdamW state; frozen ViT and LLM stay whole.
 
 Run:
   python sft.py                          # 1 CPU, phantom world -> runs/sft/vlm (needs runs/clip3d and runs/warmup)
@@ -92,6 +93,8 @@ def parse_args(argv=None, phantom: dict = PHANTOM, doc: str = __doc__, prog: str
     g.add_argument("--save-every", type=int, default=100, help="optimizer steps between resumable checkpoints")
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--nan-policy", default="skip", choices=["skip", "stop"], help="on a non-finite loss, on all ranks")
+    g.add_argument("--shard", default="ddp", choices=["ddp", "fsdp"],
+                   help="under torchrun: replicate what trains (DDP) or shard it, its gradients, AdamW state (FSDP2)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop-at", type=int, default=None, help=HIDDEN)     # save and exit after this step
     g.add_argument("--max-steps", type=int, default=None, help=HIDDEN)   # cap the schedule
@@ -275,10 +278,9 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
     rank, world, tokenizer = get_rank(), world_size(), net.vlm.tokenizer
     encoded = [encode(tokenizer, net.vlm.prompt(e["user"]), e["segments"], args.arw_lambda, args.max_len)
                for e in examples]
-    params = [p for p in net.parameters() if p.requires_grad]
-    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    forward = runtime.wrap(net, device, args.shard)
+    params = [p for p in net.parameters() if p.requires_grad]  # after wrap: FSDP's shards
     print0(f"{len(examples)} examples, {sum(p.numel() for p in params):,} trainable parameters, world {world}")
-    forward = runtime.wrap_ddp(net, device)
     global_batch = args.batch_size * args.grad_accum * world
     steps_per_epoch = len(examples) // global_batch
     if steps_per_epoch == 0:
@@ -288,10 +290,7 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
     run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at,
                       curves=("loss", "lr", "grad_norm"))
     if run.state is not None:
-        with torch.no_grad():
-            for n, p in zip(names, params):
-                p.copy_(run.state["trainable"][n])
-        optimizer.load_state_dict(run.state["optimizer"])
+        runtime.load_train_state(forward, optimizer, run.state)
     lengths = [len(ids) for ids, _ in encoded]
     inject_step, inject_rank = map(int, args.inject_nan.split(":")) if args.inject_nan else (-1, -1)
     bar = tqdm(total=total_steps, initial=run.start, disable=rank != 0, desc=desc)
@@ -323,14 +322,15 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
         done = step + 1
         stop = run.should_stop(done, device)
         if stop or (args.save_every and done % args.save_every == 0 and done < total_steps):
-            run.save(done, {"trainable": {n: p.detach().cpu() for n, p in zip(names, params)},
-                            "optimizer": optimizer.state_dict(), "args": vars(args)})
+            run.save(done, {**runtime.train_state(forward, optimizer), "args": vars(args)})
         if stop:
             run.stopped(done)
             break
     bar.close()
     run.close()
     done = run.start + len(losses)
+    if done == total_steps:
+        runtime.unshard_for_saving(forward)
     return {"losses": losses, "step": done, "interrupted": done < total_steps, "net": net, "examples": len(examples),
             "skipped": skipped}
 
