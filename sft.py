@@ -85,7 +85,7 @@ def parse_args(argv=None, phantom: dict = PHANTOM, doc: str = __doc__, prog: str
                    help="encode each volume once and reuse its encoder tokens")
     g = p.add_argument_group("run-time")
     g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=False,
-                   help="recompute the LLM's activations in the backward pass (less memory, ~1/3 more compute)")
+                   help="recompute the LLM's activations in the backward pass (less memory, one more forward)")
     g.add_argument("--out", default="runs/sft", help="vlm/, ckpt/, metrics.jsonl")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under <out>/ckpt")
     g.add_argument("--overwrite", action="store_true", help="start afresh over an earlier run in <out>")
@@ -195,8 +195,8 @@ def set_feature_statistics(bridge: model.Bridge, tokens: EncoderTokens, names: l
     mean = total / len(names)
     std = (total_sq / len(names) - mean * mean).clamp(min=0).sqrt()
     if not std.median() > 0:
-        raise ValueError(f"the encoder tokens of the {len(names)} volumes for the bridge's statistics (--feature-stats) "
-                         f"do not vary: at least two different training volumes are needed")
+        raise ValueError(f"the encoder tokens of the {len(names)} volumes for the bridge's statistics "
+                         f"(--feature-stats) do not vary: at least two different training volumes are needed")
     std = std.clamp(min=0.1 * float(std.median()))
     bridge.feat_mean.copy_(mean.float())
     bridge.feat_std.copy_(std.float())
