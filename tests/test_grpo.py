@@ -367,12 +367,13 @@ def test_micro_batches_and_grad_checkpointing_give_the_one_pass_update(phantom_w
 
 @pytest.mark.slow
 def test_one_and_two_processes_agree(phantom_world, sft_ckpt, tmp_path):
-    """2 ranks x 1 question (gloo) = 1 rank x 2 questions: same samples, rewards and weights."""
+    """2 ranks x 1 question (gloo) = 1 rank x 2 questions: same samples, rewards and weights; the 2 ranks run their 4
+    rows in micro-batches of 3 and 1 (DDP accumulates the first without synchronising)."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = run_args(phantom_world, sft_ckpt, tmp_path / "one", "--steps", 2)
-    two = run_args(phantom_world, sft_ckpt, tmp_path / "two", "--steps", 2, "--batch-size", 1)
+    two = run_args(phantom_world, sft_ckpt, tmp_path / "two", "--steps", 2, "--batch-size", 1, "--micro-batch", 3)
     subprocess.run([sys.executable, str(driver), *one], check=True, env=env, capture_output=True)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     str(driver), *two], check=True, env=env, capture_output=True)
