@@ -56,7 +56,6 @@ def qwen(root, tmp_path_factory) -> Path:
 def sft_run(root, qwen, tmp_path_factory) -> dict:
     """One SFT step; what the tests read of the model is taken here, so that it need not stay in memory."""
     out = tmp_path_factory.mktemp("runs") / "sft"
-    out.mkdir()
     vision = model.save_vision_weights(model.ViT3D.from_preset("base"), out / "vision.safetensors")
     result = sft.main(["--preset", "real", "--data-root", str(root), "--llm", str(qwen), "--vision-weights",
                        str(vision), "--out", str(out), "--max-steps", "1", "--batch-size", "1", "--feature-stats", "1",
