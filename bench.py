@@ -14,17 +14,22 @@ What it measures (every figure is the median of --repeats runs; ratios are alter
  4. cuda        (only when torch.cuda.is_available()) SFT samples/s, GRPO generated tokens/s, peak GPU memory and
                 model-FLOPs utilisation with the base ViT and a randomly initialised LLM of Qwen2.5-3B's shape,
                 through the same sft.train_step and grpo.train_step.
+ 5. memory      a per-GPU plan of the real presets' SFT and GRPO steps by component, under DDP and FSDP, for an LLM
+                config.json, the ViT preset, precision, world size, grad-ckpt, GRPO micro-batch and a reward model,
+                from per-token activation figures measured on the CPU at real width (MEASURED; --measure redoes it).
 
 Run:
   pip install -r requirements-bench.txt        # MONAI, TRL (benchmark only; keeps the installed torch)
   python bench.py                              # all, a few minutes on 2 CPU cores -> runs/bench/bench.json
   python bench.py --which preprocess --repeats 5
   python bench.py --which cuda                 # 1 GPU
+  python bench.py --which memory --rm-params 7.11   # the plan, with RM-Mistral-7B as the consistency reward model
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import json
 import math
@@ -34,12 +39,16 @@ import re
 import statistics
 import tempfile
 import time
+import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import data
 import grpo
@@ -53,7 +62,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # what and where
-    p.add_argument("--which", default="all", choices=["preprocess", "sft", "grpo", "cuda", "all"])
+    p.add_argument("--which", default="all", choices=["preprocess", "sft", "grpo", "cuda", "memory", "all"])
     p.add_argument("--out", default="runs/bench/bench.json")
     p.add_argument("--repeats", type=int, default=3, help="N of every median-of-N")
     p.add_argument("--workdir", default=None, help="keep the synthetic volume here (default: a temp dir)")
@@ -79,7 +88,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cuda-llm-layers", type=int, default=36, help="Qwen2.5-3B has 36")
     p.add_argument("--cuda-new-tokens", type=int, default=256, help="completion length of the GRPO rollout")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100/H200 SXM: 989)")
-    return p.parse_args(argv)
+    # 5. memory plan of the real presets
+    p.add_argument("--llm-config", default=str(QWEN25_CONFIG), help="the LLM's config.json (default: Qwen2.5-3B's)")
+    p.add_argument("--vit-preset", default="base", choices=list(model.VIT_PRESETS))
+    p.add_argument("--world", type=int, default=8, help="GPUs, one process each (FSDP shards over them)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                   help="bf16: CUDA's (bf16 autocast, fp32 trained weights, frozen ones held in bf16); fp32: the CPU's")
+    p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None,
+                   help="gradient checkpointing (default: each stage's real preset, SFT off, GRPO on)")
+    p.add_argument("--micro-batch", type=int, default=None, help="GRPO rows per pass, 0 = all (default: grpo.py's)")
+    p.add_argument("--rm-params", type=float, default=0.0,
+                   help="billions of parameters of an rm: reward model, held like frozen weights (RM-Mistral-7B 7.11)")
+    p.add_argument("--prompt-text-tokens", type=int, default=128,
+                   help="GRPO prompt tokens besides the image's (Qwen2.5 template + MMVQA question: ~440 characters)")
+    p.add_argument("--sft-tokens", type=int, default=None, help="tokens per SFT example (default: sft.py's --max-len)")
+    p.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory; a plan fits under 90 %% of it")
+    p.add_argument("--measure", action="store_true", help="measure the per-token figures again first (minutes)")
+    args = p.parse_args(argv)
+    if args.world < 1 or (args.micro_batch or 0) < 0:
+        p.error(f"--world must be >= 1 and --micro-batch >= 0, not {args.world} and {args.micro_batch}")
+    return args
 
 
 # =====================================================================================================================
@@ -492,6 +520,359 @@ def bench_cuda(args, paths: dict, llm_dir, device="cuda", llm_shape=None, vit_pr
 
 
 # =====================================================================================================================
+# 5. memory: a per-GPU plan of the real run, from per-token activation figures measured on the CPU at real width
+# =====================================================================================================================
+
+QWEN25_CONFIG = Path(__file__).resolve().parent / "docs" / "qwen2.5-3b-config.json"  # Qwen2.5-3B's own config.json
+QWEN25_VOCAB = 151643  # Qwen2.5's byte-level BPE ids; its 22 added tokens follow, the embedding has 151,936 rows
+QWEN25_ADDED = ("<|endoftext|> <|im_start|> <|im_end|> <|object_ref_start|> <|object_ref_end|> <|box_start|> "
+                "<|box_end|> <|quad_start|> <|quad_end|> <|vision_start|> <|vision_end|> <|vision_pad|> <|image_pad|> "
+                "<|video_pad|> <tool_call> </tool_call> <|fim_prefix|> <|fim_middle|> <|fim_suffix|> <|fim_pad|> "
+                "<|repo_name|> <|file_sep|>").split()  # the first 14 are special tokens
+QWEN25_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")  # Qwen2.5's pre-tokenizer split
+QWEN25_TEMPLATE = (  # Qwen2.5's ChatML template without its tool-calling branch
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    "<|im_end|>\\n' }}{%- endif %}{%- for message in messages %}{%- if not (message['role'] == 'system' and "
+    "loop.first) %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+# Measured by measure_activations() on the CPU (torch 2.13.0+cpu, transformers 5.24), bytes per token: what autograd
+# saves in one decoder layer ("llm_layer") and in the final norm ("llm_norm") of a random Qwen2.5-3B-shaped LLM cut to
+# 2 layers, and in one base-ViT block at 224x224x112 ("vit_block"), a storage counted once, parameters excluded; keys
+# stage/precision[/ckpt], where "grpo" trains the layer and "sft" passes gradients through it frozen (held in bf16
+# under bf16). "logits": peak live bytes per scored position of the stage's own loss path (lm_head, fp32 copies,
+# log-softmax, their backward); "llm_backward": a trained layer's backward workspace per token.
+MEASURED = {
+    "llm_layer": {"grpo/fp32": 244808, "grpo/fp32/ckpt": 8192, "grpo/bf16": 151624, "grpo/bf16/ckpt": 8192,
+                  "sft/fp32": 168008, "sft/fp32/ckpt": 8192, "sft/bf16": 92232, "sft/bf16/ckpt": 4096},
+    "llm_norm": {"grpo/fp32": 16388, "grpo/bf16": 16388, "sft/fp32": 8196, "sft/bf16": 8196},
+    "logits": {"grpo/fp32": 2430992, "grpo/bf16": 2430992, "sft/fp32": 1830401, "sft/bf16": 1826817},
+    "llm_backward": {"grpo/fp32": 70648, "grpo/bf16": 7169},
+    "vit_block": {"fp32": 49216, "fp32/ckpt": 3072, "bf16": 27712, "bf16/ckpt": 3072}}
+
+
+def llm_config(path) -> dict:
+    """An LLM's config.json (the file or its directory) as a dict."""
+    path = Path(path)
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise SystemExit(f"--llm-config {path}: no such file")
+    cfg = json.loads(path.read_text())
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                           "vocab_size") if k not in cfg]
+    if missing:
+        raise SystemExit(f"--llm-config {path}: no {', '.join(missing)}: not a decoder LLM's config.json")
+    return cfg
+
+
+def qwen2_config(config: dict, layers: int | None = None):
+    from transformers import Qwen2Config
+    keep = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "torch_dtype")}
+    return Qwen2Config(**{**keep, "num_hidden_layers": layers or config["num_hidden_layers"]})
+
+
+def qwen25_tokenizer(texts: list[str]):
+    """A tokenizer in Qwen2.5's layout, built here: byte-level BPE with Qwen2.5's pre-tokenizer and merges learnt from
+    `texts`, filler entries up to id 151,642, then Qwen2.5's 22 added tokens at Qwen2.5's ids (151,643-151,664); its
+    chat template; EOS and pad <|endoftext|>, as in the base model."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    split = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN25_SPLIT), "isolated"),
+                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    learnt = Tokenizer(models.BPE())
+    learnt.pre_tokenizer = split
+    learnt.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=4096, show_progress=False,
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe = json.loads(learnt.to_str())["model"]
+    vocab = {**bpe["vocab"], **{f"ĠĠfiller{i}": i for i in range(len(bpe["vocab"]), QWEN25_VOCAB)}}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in bpe["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizers.NFC(), split, decoders.ByteLevel()
+    tok.add_tokens([AddedToken(t, special=i < 14, normalized=False) for i, t in enumerate(QWEN25_ADDED)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=QWEN25_ADDED[1:14], model_max_length=131072)
+    tokenizer.chat_template = QWEN25_TEMPLATE
+    return tokenizer
+
+
+def qwen25_like(config: dict, layers: int, texts: list[str], seed: int = 0):
+    """(llm, tokenizer): a random-weight Qwen2 LLM of `config` cut to `layers` decoder layers and qwen25_tokenizer."""
+    from transformers import Qwen2ForCausalLM
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        llm = Qwen2ForCausalLM(qwen2_config(config, layers))
+    return llm, qwen25_tokenizer(texts)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Records when each tensor storage created inside it is allocated and freed (a storage once, whatever its views;
+    never `ignore`'s); peak() replays that and gives the most bytes alive at once, leaving out the storages passed to
+    grad() (parameter gradients, which the plan counts apart)."""
+
+    def __init__(self, ignore=()):
+        super().__init__()
+        self.alive, self.events, self.grads, self.refs = {}, [], set(), []
+        self.ignore = {t.untyped_storage().data_ptr() for t in ignore}
+
+    def grad(self, g: torch.Tensor) -> None:
+        self.grads.add(self.alive[g.untyped_storage().data_ptr()][0])
+
+    def _free(self, k, _ref) -> None:
+        uid, n = self.alive.pop(k)
+        self.events.append((uid, -n))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                s = t.untyped_storage()
+                k = s.data_ptr()
+                if k and k not in self.alive and k not in self.ignore:
+                    self.alive[k] = (len(self.events), s.nbytes())
+                    self.events.append(self.alive[k])
+                    self.refs.append(weakref.ref(s, functools.partial(self._free, k)))
+        return out
+
+    def peak(self) -> int:
+        now = best = 0
+        for uid, n in self.events:
+            if uid not in self.grads:
+                now += n
+                best = max(best, now)
+        return best
+
+
+def autocast_cpu(precision: str):
+    """On the CPU, what runtime.autocast does on CUDA: bf16 autocast (or none for fp32)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def set_llm_ckpt(llm, on: bool) -> None:
+    if on:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif llm.is_gradient_checkpointing:
+        llm.gradient_checkpointing_disable()
+
+
+@contextmanager
+def saved_by(spans: dict, ignore=()):
+    """{name: bytes autograd saves from the end of module a's forward through the end of module b's} for spans
+    {name: (a, b)}, a storage counted once, `ignore` never (a checkpointed b saves its input in that span)."""
+    counts, where, seen = dict.fromkeys(spans, 0), [None], {t.untyped_storage().data_ptr() for t in ignore}
+    hooks = [b.register_forward_hook(lambda *_: where.__setitem__(0, None)) for _, b in spans.values()]
+    hooks += [a.register_forward_hook(lambda *_, k=k: where.__setitem__(0, k)) for k, (a, _) in spans.items()]
+
+    def pack(x):
+        k = x.untyped_storage().data_ptr()
+        if where[0] and k not in seen:
+            seen.add(k)
+            counts[where[0]] += x.untyped_storage().nbytes()
+        return x
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            yield counts
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def pass_bytes(vlm, stage: str, precision: str, ckpt: bool, rows: int, n: int, t: int, backward: bool = True) -> dict:
+    """One forward (+ backward) of the stage's loss path on `rows` random rows of n tokens: GRPO scores the last t
+    with VLM.token_logprobs (decoder layers trained; the tied embedding frozen, so that its 151,936-row gradient does
+    not hide the activations), SFT all n with sft.WeightedLM (LLM frozen, gradients to the image embeddings). Returns
+    the bytes autograd saved in the last decoder layer and the final norm, and the peak live non-gradient bytes."""
+    llm, grpo_stage = vlm.llm, stage == "grpo"
+    llm.requires_grad_(grpo_stage).get_input_embeddings().requires_grad_(False)
+    llm.to(torch.bfloat16 if precision == "bf16" and not grpo_stage else torch.float32).train()
+    set_llm_ckpt(llm, ckpt)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, QWEN25_VOCAB, (rows, n), generator=g)
+    ids[:, 1:1 + vlm.n_img] = vlm.image_token_id
+    mask = torch.ones_like(ids)
+    image = torch.randn(rows, vlm.n_img, llm.config.hidden_size, generator=g, requires_grad=not grpo_stage)
+    fixed = [*vlm.parameters(), *vlm.buffers(), ids, mask, image]
+    live = LiveBytes(ignore=fixed)
+    hooks = [p.register_hook(lambda grad: live.grad(grad) or grad) for p in fixed[:-3] if p.requires_grad]
+    with live:
+        spans = {"layer": llm.model.layers[-2:], "norm": (llm.model.layers[-1], llm.model.norm)}
+        with saved_by(spans, fixed) as saved, autocast_cpu(precision):
+            if grpo_stage:
+                logp = vlm.token_logprobs(ids, mask, image, 1.0, last=t)
+                loss = grpo.grpo_loss(logp, logp.detach(), logp.detach() - 0.1, torch.linspace(-1, 1, rows),
+                                      torch.ones_like(logp))[0]
+            else:
+                loss = sft.WeightedLM(vlm, torch.nn.Identity())(ids, mask, torch.ones(rows, n), image)
+        if backward:
+            loss.backward()
+        del loss
+    for h in hooks:
+        h.remove()
+    set_llm_ckpt(llm, False)
+    llm.float().requires_grad_(False).zero_grad(set_to_none=True)
+    return {**saved, "peak": live.peak(), "n": n}
+
+
+def vit_tokens(preset: str) -> int:
+    """Tokens per volume through the ViT's blocks: the patches and the cls token."""
+    p = model.VIT_PRESETS[preset]
+    return math.prod(i // k for i, k in zip(p["img_size"], p["patch_size"])) + 1
+
+
+def vit_saved(preset: str, precision: str, ckpt: bool, volumes: int) -> int:
+    """Bytes autograd saves in the last block of the `preset` ViT cut to 2 blocks, trained, on `volumes` volumes."""
+    vit = model.ViT3D(**dict(model.VIT_PRESETS[preset], depth=2)).train()
+    vit.grad_checkpointing = ckpt
+    x = torch.randn(volumes, 1, *vit.img_size)
+    with saved_by({"block": vit.blocks[-2:]}, [*vit.parameters(), x]) as saved, autocast_cpu(precision):
+        vit(x)
+    return saved["block"]
+
+
+def measure_activations(workdir, config: dict | None = None, vit_preset: str = "base") -> dict:
+    """MEASURED, measured again: a random LLM of `config` (default Qwen2.5-3B's) cut to 2 decoder layers, written as
+    a local HF dir under workdir and built into a VLM, and the `vit_preset` ViT cut to 2 blocks; each per-token figure
+    from two token counts."""
+    llm, tok = qwen25_like(config or llm_config(QWEN25_CONFIG), 2, [data.THINK_FORMAT, data.REPORT_INSTRUCTION])
+    llm.save_pretrained(Path(workdir) / "llm2")
+    tok.save_pretrained(Path(workdir) / "llm2")
+    del llm
+    vlm = model.VLM.build(Path(workdir) / "llm2", vit_preset="tiny")
+    out = {"llm_layer": {}, "llm_norm": {}, "logits": {}, "llm_backward": {}, "vit_block": {}}
+    n1, n2, t1, t2 = 128, 256, 32, 96
+    for key in ("grpo/fp32", "grpo/bf16", "sft/fp32", "sft/bf16"):
+        stage, precision = key.split("/")
+        run = functools.partial(pass_bytes, vlm, stage, precision, False, 1)
+        if stage == "grpo":  # logits t1 -> t2 at n1 (they make the peak); layers n2 -> 2 n2 with 8 scored (they do)
+            a, b = run(n1, t1), run(n1, t2)
+            out["logits"][key] = (b["peak"] - a["peak"]) / (t2 - t1)
+            a, b = run(n2, 8), run(2 * n2, 8)
+        else:  # SFT scores every position: the logits make the peak
+            a, b = run(n1, t1), run(n2, t1)
+        for name in ("layer", "norm"):
+            out[f"llm_{name}"][key] = (b[name] - a[name]) / (b["n"] - a["n"])
+        rest = (b["peak"] - a["peak"]) / (b["n"] - a["n"]) - 2 * out["llm_layer"][key] - out["llm_norm"][key]
+        out["logits" if stage == "sft" else "llm_backward"][key] = rest
+        a, b = (pass_bytes(vlm, stage, precision, True, 1, n, t1, backward=False) for n in (n1, n2))
+        out["llm_layer"][key + "/ckpt"] = (b["layer"] - a["layer"]) / (n2 - n1)
+    for key in ("fp32", "fp32/ckpt", "bf16", "bf16/ckpt"):
+        a, b = (vit_saved(vit_preset, key[:4], key.endswith("ckpt"), v) for v in (1, 2))
+        out["vit_block"][key] = (b - a) / vit_tokens(vit_preset)
+    return {k: {kk: round(vv) for kk, vv in v.items()} for k, v in out.items()}
+
+
+def param_counts(config: dict, vit_preset: str) -> dict:
+    """Parameters of the LLM (a Qwen2-architecture model of `config`), one decoder layer, the input embedding, the ViT,
+    one ViT block and the bridge (counted on the meta device), and the bridge's image tokens."""
+    from transformers import Qwen2ForCausalLM
+    with torch.device("meta"):
+        llm, vit = Qwen2ForCausalLM(qwen2_config(config)), model.ViT3D(**model.VIT_PRESETS[vit_preset])
+        bridge = model.Bridge(vit.width, vit.grid, config["hidden_size"], torch.zeros(config["hidden_size"]))
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return {"llm": n(llm), "layer": n(llm.model.layers[0]), "embed": n(llm.get_input_embeddings()), "vit": n(vit),
+            "block": n(vit.blocks[0]), "bridge": n(bridge), "n_img": bridge.n_img}
+
+
+def llm_activations(m: dict, stage: str, precision: str, ckpt: bool, layers: int, rows: int, n: int, t: int):
+    """(activations, logits) bytes of one pass of `rows` rows of n tokens (GRPO scores the last t, SFT all n), from
+    the per-token figures m (MEASURED) scaled to `layers` decoder layers. All layers' saved tensors live until the
+    backward reaches them; on top comes the larger of the head's logits and one layer's backward (with grad-ckpt,
+    that layer's activations recomputed, too)."""
+    key = f"{stage}/{precision}"
+    saved = layers * m["llm_layer"][key + "/ckpt" * ckpt] + m["llm_norm"][key]
+    layer_bwd = m["llm_backward"].get(key, 0) + ckpt * m["llm_layer"][key]
+    logits = rows * (t if stage == "grpo" else n) * m["logits"][key]
+    return rows * n * saved + max(0, rows * n * layer_bwd - logits), logits
+
+
+def plan_memory(args, m: dict | None = None) -> dict:
+    """Per-GPU bytes of the real presets' SFT and GRPO steps, by component, under DDP and FSDP (world args.world),
+    and their phases: what is alive during the rollout, at the start of a backward pass, at its end, and in the
+    optimizer step; the peak is the largest phase."""
+    m, cfg, bf16 = m or MEASURED, llm_config(args.llm_config), args.precision == "bf16"
+    c, L, W = param_counts(cfg, args.vit_preset), cfg["num_hidden_layers"], args.world
+    s_args, g_args = sft.parse_args(["--preset", "real"]), grpo.parse_args(["--preset", "real"])
+    held = 2 if bf16 else 4                                              # bytes per frozen weight
+    kv = 2 * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * cfg.get(
+        "head_dim", cfg["hidden_size"] // cfg["num_attention_heads"]) * L * held   # KV-cache bytes per token
+    grpo_ckpt = getattr(g_args, "grad_ckpt", True) if args.grad_ckpt is None else args.grad_ckpt
+    sft_ckpt = getattr(s_args, "grad_ckpt", False) if args.grad_ckpt is None else args.grad_ckpt
+    micro = getattr(g_args, "micro_batch", 0) if args.micro_batch is None else args.micro_batch
+    rows = g_args.batch_size * g_args.group_size
+    per_pass = min(micro or rows, rows)
+    grpo_tokens = c["n_img"] + args.prompt_text_tokens + g_args.max_new_tokens
+    sft_tokens = args.sft_tokens or s_args.max_len
+    vit_train = not g_args.freeze_encoder
+    out = {"setup": {"sft": f"{s_args.batch_size} examples x {sft_tokens} tokens per GPU, ViT and LLM frozen, "
+                            f"grad-ckpt {'on' if sft_ckpt else 'off'}",
+                     "grpo": f"{g_args.batch_size} questions x G {g_args.group_size} = {rows} rows x ({c['n_img']} "
+                             f"image + {args.prompt_text_tokens} text + {g_args.max_new_tokens} completion tokens), "
+                             f"{per_pass} rows per pass, grad-ckpt {'on' if grpo_ckpt else 'off'}, "
+                             f"ViT {'trained' if vit_train else 'frozen'}"}}
+    for stage in ("sft", "grpo"):
+        grpo_stage = stage == "grpo"
+        trained = c["llm"] + c["bridge"] + (c["vit"] if vit_train else 0) if grpo_stage else c["bridge"]
+        frozen = c["vit"] * (not vit_train) * 4 if grpo_stage else (c["llm"] + c["vit"]) * held
+        if grpo_stage:
+            n_pass, t_pass, ckpt = per_pass, g_args.max_new_tokens, grpo_ckpt
+            acts, logits = llm_activations(m, stage, args.precision, ckpt, L, n_pass, grpo_tokens, t_pass)
+            volumes = math.ceil(n_pass / g_args.group_size) * vit_train
+            block = m["vit_block"]
+            acts += volumes * vit_tokens(args.vit_preset) * (model.VIT_PRESETS[args.vit_preset]["depth"] * block[
+                args.precision + "/ckpt" * ckpt] + ckpt * block[args.precision])
+            passes = math.ceil(rows / n_pass)
+        else:
+            acts, logits = llm_activations(m, stage, args.precision, sft_ckpt, L, s_args.batch_size, sft_tokens, 0)
+            passes = s_args.grad_accum
+        unit = max(c["layer"] if grpo_stage else 0, c["block"] if grpo_stage and vit_train else 0)
+        root = trained - (c["layer"] * L if grpo_stage else 0) - (
+            c["block"] * model.VIT_PRESETS[args.vit_preset]["depth"] if grpo_stage and vit_train else 0)
+        for shard in ("ddp", "fsdp"):
+            w = W if shard == "fsdp" else 1
+            comp = {"trainable weights (fp32)": 4 * trained / w, "frozen weights": frozen,
+                    "gradients (fp32)": 4 * trained / w, "AdamW state (fp32)": 8 * trained / w,
+                    "AdamW step temporary (foreach)": 4 * trained / w,
+                    "DDP buckets (gradient_as_bucket_view: none)": 0,
+                    "FSDP whole root + 2 groups, and their grads": (8 * root + 8 * unit + 4 * unit) * (w > 1),
+                    "reference policy": (held * (c["llm"] + c["vit"]) + 4 * c["bridge"]) * grpo_stage,
+                    "reward model (rm:)": held * args.rm_params * 1e9 * grpo_stage,
+                    "autocast bf16 weight copies": 2 * trained * bf16, "activations": acts, "logits": logits,
+                    "KV cache (rollout)": kv * rows * grpo_tokens * grpo_stage}
+            keep = sum(comp[k] for k in ("trainable weights (fp32)", "frozen weights", "AdamW state (fp32)",
+                                         "reference policy", "reward model (rm:)"))
+            grads, work = comp["gradients (fp32)"], comp["FSDP whole root + 2 groups, and their grads"]
+            tied = 8 * c["embed"] * bool(cfg.get("tie_word_embeddings")) * grpo_stage  # two halves, then their sum
+            phases = {"forward/backward": keep + work + comp["autocast bf16 weight copies"] + acts + logits + (
+                          grads if passes > 1 else 0),
+                      "end of backward": keep + work + grads + tied,
+                      "optimizer step": keep + grads + comp["AdamW step temporary (foreach)"]}
+            if grpo_stage:  # generation: the policy whole (FSDP gathers it), its autocast copies, the KV cache
+                phases["rollout"] = keep + comp["autocast bf16 weight copies"] + comp["KV cache (rollout)"] + (
+                    4 * trained * (1 - 1 / w))
+            out[f"{stage} {shard}"] = {**comp, "phases": phases, "peak": max(phases.values()),
+                                       "phase": max(phases, key=phases.get)}
+    return out
+
+
+def memory_table(plan: dict, args) -> str:
+    """The plan as a markdown table in GB (10^9 bytes), one column per stage and sharding."""
+    cols = [k for k in plan if k != "setup"]
+    head = f"| per GPU, GB ({args.precision}, {args.world} GPUs) | " + " | ".join(cols) + " |"
+    rows = [head, "|" + "---|" * (len(cols) + 1)]
+    for k in [k for k in plan[cols[0]] if k not in ("phases", "peak", "phase")]:
+        rows.append(f"| {k} | " + " | ".join(f"{plan[c][k] / 1e9:.1f}" for c in cols) + " |")
+    for ph in ("rollout", "forward/backward", "end of backward", "optimizer step"):
+        rows.append(f"| phase: {ph} | " + " | ".join(f"{plan[c]['phases'][ph] / 1e9:.1f}" if ph in plan[c]["phases"]
+                                                     else "" for c in cols) + " |")
+    budget = args.gpu_gb * 0.9
+    rows.append(f"| **peak** (budget {budget:.0f}) | " + " | ".join(f"**{plan[c]['peak'] / 1e9:.1f}** " + (
+        "fits" if plan[c]["peak"] / 1e9 <= budget else "OVER") for c in cols) + " |")
+    return "\n".join(rows + [f"{k.upper()}: {v}" for k, v in plan["setup"].items()])
+
+
+# =====================================================================================================================
 # Main: run, print a table, write JSON
 # =====================================================================================================================
 
@@ -535,7 +916,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    which = ["preprocess", "sft", "grpo", "cuda"] if args.which == "all" else [args.which]
+    which = ["preprocess", "sft", "grpo", "cuda", "memory"] if args.which == "all" else [args.which]
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="med3d_bench_")
     workdir = Path(args.workdir or tmp.name)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -544,6 +925,11 @@ def main(argv=None) -> dict:
         print(f"== {w}", flush=True)
         if w == "cuda" and not torch.cuda.is_available():
             res[w] = {"skipped": "no CUDA device (torch.cuda.is_available() is False)"}
+            continue
+        if w == "memory":
+            figures = measure_activations(workdir) if args.measure else MEASURED
+            res[w] = {"measured": figures, "plan": plan_memory(args, figures)}
+            print(memory_table(res[w]["plan"], args))
             continue
         if w != "preprocess" and world is None:
             world = phantom(args)
