@@ -59,6 +59,11 @@ def format_reward(completion: str) -> float:
     return float(data.well_formed(completion))
 
 
+def answer_only_reward(completion: str) -> float:
+    """r_fmt of a prompt asked without <think>: 1.0 iff the completion is one non-empty <answer> block alone."""
+    return float(re.fullmatch(r"\s*<answer>[^<>]+</answer>\s*", completion) is not None)
+
+
 def accuracy_reward(completion: str, answer: str, options: dict | None = None) -> float:
     """1.0 iff the single <answer> block names exactly one option letter and it is `answer`; else 0.0."""
     if "<answer>" not in completion:
@@ -105,6 +110,8 @@ def make_consistency_scorer(spec: str, thresholds: list[float] | None = None, le
 
     A completion without a <think> text scores 0 without consulting any model. A judge call that fails or does not
     return an integer raises (judge_failures="fail") or yields NaN (="exclude"; the trainer drops that group)."""
+    if spec == "none":                                   # r_con = 0: the ablation without the consistency reward
+        return lambda thinks, reports: [0.0] * len(thinks)
     kind, _, arg = spec.partition(":")
     if kind not in CON_DEFAULTS:
         raise ValueError(f"--consistency {spec!r}: use offline, rm:PATH or judge:MODEL")
@@ -201,6 +208,12 @@ def row_logprobs(vlm, x: torch.Tensor | None, input_ids, attention_mask, rows: s
     return vlm.token_logprobs(input_ids[rows], attention_mask[rows], image, args.temperature, last=T)
 
 
+def asks_think(seed: int, step: int, question: int, no_think_frac: float) -> bool:
+    """Whether a question is asked with <think> at `step`: a draw seeded like its samples, so ranks agree."""
+    g = torch.Generator().manual_seed(sample_seed(seed, step, question))
+    return no_think_frac == 0 or torch.rand(1, generator=g).item() >= no_think_frac
+
+
 class PolicyLogprobs(torch.nn.Module):
     """row_logprobs of the policy: every trainable parameter is used inside this one forward (what DDP needs)."""
 
@@ -264,8 +277,9 @@ def train_step(net, ref: model.VLM, optimizer, qs: list[dict], x: torch.Tensor |
     the gradient norm, whether the update was applied, the decoded completions and the phases' seconds."""
     vlm, G = getattr(net, "module", net).vlm, args.group_size
     t0 = time.perf_counter()
-    prompt_ids, prompt_mask = vlm.tokenize([vlm.prompt(data.mmvqa_prompt(q, think=True), with_image=x is not None)
-                                            for q in qs])                   # (Q, P), left-padded
+    thinks = [asks_think(args.seed, step, i, args.no_think_frac) for i in question_ids]
+    prompt_ids, prompt_mask = vlm.tokenize([vlm.prompt(data.mmvqa_prompt(q, think=t), with_image=x is not None)
+                                            for q, t in zip(qs, thinks)])   # (Q, P), left-padded
 
     # 1. rollout: G samples per question from the current policy, each question with its own generator
     with torch.no_grad(), autocast(vlm.device), runtime.gathered(net):
@@ -284,7 +298,9 @@ def train_step(net, ref: model.VLM, optimizer, qs: list[dict], x: torch.Tensor |
     # 2. rewards, r = r_fmt + r_acc + r_con (paper §3.3); a truncated completion earns no format reward
     texts = decode(vlm.tokenizer, completion, lengths, finished)
     row_q = [q for q in qs for _ in range(G)]
-    r_fmt = torch.tensor([format_reward(t) * f for t, f in zip(texts, finished.tolist())])
+    row_think = [t for t in thinks for _ in range(G)]
+    r_fmt = torch.tensor([(format_reward(t) if th else answer_only_reward(t)) * f
+                          for t, th, f in zip(texts, row_think, finished.tolist())])
     r_acc = torch.tensor([accuracy_reward(t, q["answer"], q["options"]) for t, q in zip(texts, row_q)])
     r_con = torch.tensor(consistency([think_text(t) for t in texts], [reports[q["VolumeName"]] for q in row_q]))
     rewards = r_fmt + r_acc + r_con                                             # (Q*G,)
@@ -356,7 +372,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--eval-n", type=int, default=500, help="validation questions (the first n of the file)")
     g = p.add_argument_group("rewards")
     g.add_argument("--consistency", default="offline",
-                   help="offline | rm:PATH | judge:MODEL (endpoint and key: OPENAI_BASE_URL, OPENAI_API_KEY)")
+                   help="offline | rm:PATH | judge:MODEL (endpoint, key: OPENAI_BASE_URL, OPENAI_API_KEY) | none")
     g.add_argument("--con-thresholds", type=float, nargs="+", default=None, help="raw-score thresholds of the levels")
     g.add_argument("--con-levels", type=float, nargs="+", default=None, help="one more level than thresholds")
     g.add_argument("--judge-failures", default="fail", choices=["fail", "exclude"],
@@ -368,6 +384,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature = scoring temperature")
     g.add_argument("--clip-eps", type=float, default=0.2)
     g.add_argument("--kl-beta", type=float, default=0.04)
+    g.add_argument("--no-think-frac", type=float, default=0.0,
+                   help="share of the questions asked without <think> (format reward: one answer block alone)")
     g.add_argument("--mu", type=int, default=1, help="policy iterations per rollout batch")
     g.add_argument("--loss-reduction", default="sequence", choices=["sequence", "token"])
     g = p.add_argument_group("optimisation")

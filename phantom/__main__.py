@@ -3,6 +3,7 @@ import argparse
 import sys
 
 from phantom import ensure_world, make_phantom
+from phantom.world import PHANTOM_DEFAULTS
 
 
 def main(argv=None) -> None:
@@ -27,14 +28,15 @@ def main(argv=None) -> None:
         else:
             a.add_argument("--out", required=True)
         a.add_argument("--n-train", type=int, default=None, help="training volumes (default 400)")
-        a.add_argument("--n-valid", type=int, default=None, help="validation volumes (default 100)")
-        a.add_argument("--n-rad", type=int, default=None, help="RAD-ChestCT-format volumes (default 200)")
+        a.add_argument("--n-valid", type=int, default=None, help="validation volumes (default 340)")
+        a.add_argument("--n-rad", type=int, default=None, help="RAD-ChestCT-format volumes (default 340)")
         a.add_argument("--seed", type=int, default=None, help="default 0")
         a.add_argument("-v", "--verbose", action="store_true", help="print every path")
     args = ap.parse_args(argv)
     if args.cmd == "dataset":
-        make_phantom(args.out, args.n_train or 400, args.n_valid or 100,
-                     200 if args.n_rad is None else args.n_rad, args.seed or 0)
+        d = PHANTOM_DEFAULTS
+        make_phantom(args.out, args.n_train or d["n_train"], args.n_valid or d["n_valid"],
+                     d["n_rad"] if args.n_rad is None else args.n_rad, args.seed or 0)
         print(f"phantom dataset written to {args.out}")
         return
     paths = ensure_world(args.root, args.n_train, args.n_valid, args.n_rad, args.seed, progress=True)

@@ -59,6 +59,13 @@ def test_reward_battery(completion, fmt, acc):
     assert accuracy_reward(completion, "C", OPTIONS) == acc
 
 
+def test_answer_only_format_reward():
+    """Asked without <think>, the format is one non-empty answer block alone."""
+    assert grpo.answer_only_reward("<answer>C</answer>") == grpo.answer_only_reward(" <answer> C </answer>\n") == 1.0
+    for bad in (GOOD, "C", "<answer></answer>", "<answer>C</answer> because", "<answer>C</answer><answer>C</answer>"):
+        assert grpo.answer_only_reward(bad) == 0.0
+
+
 def test_parse_answer():
     assert parse_answer(GOOD) == "C"
     assert parse_answer("<answer> d. </answer>") == "D"
@@ -110,6 +117,7 @@ def test_offline_scorer_levels():
     assert got == [1.0, 0.8, 0.5, 0.0, 0.0]
     score = make_consistency_scorer("offline", thresholds=[0.5], levels=[0.0, 1.0])
     assert score(["Emphysema. No pleural effusion."], [REPORT]) == [1.0]
+    assert make_consistency_scorer("none")(["Emphysema and coronary artery wall calcification."], [REPORT]) == [0.0]
     with pytest.raises(ValueError):
         make_consistency_scorer("bogus")
 
@@ -319,6 +327,21 @@ def test_truncation_freeze_encoder_and_logs(phantom_world, sft_ckpt, tmp_path, m
     trained, sft = trained_state(tmp_path), model.VLM.load(sft_ckpt).state_dict()
     assert all(torch.equal(trained[k], sft[k]) for k in trained if k.startswith("vit."))
     assert not torch.equal(trained["bridge.proj.weight"], sft["bridge.proj.weight"])
+
+
+def test_no_think_share_of_the_rl_questions(phantom_world, sft_ckpt, tmp_path, monkeypatch):
+    """--no-think-frac asks that share of the questions without <think> (the same draw on every rank), each graded
+    by the answer-only format; 0 asks every question with <think>."""
+    asked, prompt = [], data.mmvqa_prompt
+    monkeypatch.setattr(data, "mmvqa_prompt", lambda item, think=True: asked.append(think) or prompt(item, think))
+    grpo.main(run_args(phantom_world, sft_ckpt, tmp_path / "a", "--steps", 2))
+    assert asked == [True] * 4
+    asked.clear()
+    grpo.main(run_args(phantom_world, sft_ckpt, tmp_path / "b", "--steps", 2, "--no-think-frac", 1))
+    assert asked == [False] * 4
+    draws = [grpo.asks_think(0, step, q, 0.5) for step in range(50) for q in range(8)]
+    assert 0.4 < sum(draws) / len(draws) < 0.6 and draws == [grpo.asks_think(0, s, q, 0.5) for s in range(50)
+                                                              for q in range(8)]
 
 
 def test_sigterm_saves_and_exits(phantom_world, sft_ckpt, tmp_path, monkeypatch):

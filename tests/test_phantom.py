@@ -108,3 +108,9 @@ def test_quickstart_runs_every_stage_and_goes_on_after_a_failure(tmp_path, monke
         "--overwrite", "--flaky --resume", "--flaky --resume", "--results"]
     assert quickstart.main(["--fresh"]) == 0                               # --fresh: every stage again, afresh
     assert Path("calls.txt").read_text().splitlines()[4:] == ["--overwrite", "--flaky --overwrite", "--results"]
+    long = [stages[0], ("b", ["stage.py", "--flaky", "--long"], "runs/b"), stages[2]]
+    monkeypatch.setattr(quickstart, "LONG_STAGES", long)
+    assert quickstart.main(["--long"]) == 0                    # --long: a changed stage and every later one run again
+    assert Path("calls.txt").read_text().splitlines()[7:] == ["--flaky --long --overwrite", "--results"]
+    assert quickstart.main([]) == 0                            # back to the quick recipe: b's command changed again
+    assert Path("calls.txt").read_text().splitlines()[9:] == ["--flaky --overwrite", "--results"]
