@@ -58,7 +58,7 @@ def sft_run(root, qwen, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("runs") / "sft"
     vision = model.save_vision_weights(model.ViT3D.from_preset("base"), out / "vision.safetensors")
     result = sft.main(["--preset", "real", "--data-root", str(root), "--llm", str(qwen), "--vision-weights",
-                       str(vision), "--out", str(out), "--max-steps", "1", "--batch-size", "1", "--feature-stats", "1",
+                       str(vision), "--out", str(out), "--max-steps", "1", "--batch-size", "1", "--feature-stats", "2",
                        "--max-len", "640"])
     vlm = result.pop("net").vlm
     result["model"] = {"image_token_id": vlm.image_token_id, "n_img": vlm.n_img, "prompt": vlm.prompt("q"),
