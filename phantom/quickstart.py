@@ -36,9 +36,12 @@ STAGES = [
     ("grpo", ["grpo.py"], "runs/grpo"),
     ("evaluate", ["evaluate.py", "--n-mmvqa", "100"], None),
 ]
-# --long: GRPO without the consistency reward as well (table 4) and every validation question (about 320 per set)
-LONG_STAGES = STAGES[:-1] + [
-    ("grpo_nocon", ["grpo.py", "--consistency", "none", "--out", "runs/grpo_nocon"], "runs/grpo_nocon"),
+# --long: GRPO at lr 2e-5 for 160 steps with half of its questions asked without <think>, the same without the
+# consistency reward (table 4), and every validation question (about 320 per set)
+LONG_GRPO = ["--lr", "2e-5", "--steps", "160", "--no-think-frac", "0.5"]
+LONG_STAGES = STAGES[:-2] + [
+    ("grpo", ["grpo.py", *LONG_GRPO], "runs/grpo"),
+    ("grpo_nocon", ["grpo.py", *LONG_GRPO, "--consistency", "none", "--out", "runs/grpo_nocon"], "runs/grpo_nocon"),
     ("evaluate", ["evaluate.py"], None),
 ]
 RECORD = Path("runs/quickstart.json")
