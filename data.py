@@ -745,8 +745,9 @@ def paths(root, preset: str = "real") -> dict[str, Path]:
 def write_json(path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".tmp").write_text(json.dumps(obj, indent=1))
-    os.replace(path.with_suffix(".tmp"), path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # threads may write one path
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
 
 
 def main(argv=None):

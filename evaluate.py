@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 import data
 import model
-from grpo import format_reward, offline_consistency, parse_answer, think_text
+from grpo import answer_only_reward, format_reward, offline_consistency, parse_answer, think_text
 from runtime import autocast, cleanup_distributed, compute_dtype, get_rank, make_parser, parse_with_preset, print0
 from runtime import setup_distributed, world_size
 
@@ -69,7 +69,6 @@ PAIRS = [("grpo", "grpo_nocon")]   # also tested against each other: GRPO with a
 QSETS = {"CT-RATE": ("valid_cache", "mmvqa_valid"), "RAD-ChestCT": ("radchestct_cache", "mmvqa_radchestct")}
 PTB_PUNCTUATION = set("'' ' `` ` . ? ! , : - -- ... ; \"".split())   # brackets stay: -lrb- etc. are kept
 PTB_BRACKETS = dict(zip("()[]{}", ["-lrb-", "-rrb-", "-lsb-", "-rsb-", "-lcb-", "-rcb-"]))
-TAG = re.compile(r"</?[A-Za-z_|][^<>\s]*>")
 
 # ============================================ report metrics (table 2) ============================================
 def tokenize(text: str) -> str:
@@ -370,7 +369,7 @@ def resolve_answer(output: str, options: dict, embed=None) -> tuple[str | None, 
     letter = parse_answer(output, options=options)
     if letter in options:
         return letter, "parsed"
-    text = TAG.sub(" ", output).strip()
+    text = data.TAG.sub(" ", output).strip()
     if not text or embed is None:
         return None, "none"
     keys = sorted(options)
@@ -407,8 +406,9 @@ def encoder_embedder(model_dir: str, device: str = "cpu"):
 
 
 def follows_format(output: str, think: bool) -> bool:
-    """The prompt's format: <think>…</think><answer>…</answer> (grpo.format_reward), or one answer block alone."""
-    return format_reward(output) == 1.0 if think else re.fullmatch(r"\s*<answer>[^<>]+</answer>\s*", output) is not None
+    """The prompt's format: <think>…</think><answer>…</answer> (grpo.format_reward), or one answer block alone
+    (grpo.answer_only_reward)."""
+    return (format_reward(output) if think else answer_only_reward(output)) == 1.0
 
 
 def scan_id(name: str) -> str:
@@ -479,7 +479,7 @@ def evaluate_reports(vlm, cache, reports: dict, names: list[str], args, judge, d
     """Table 2: generated reports (tags removed) against the reference findings + impressions; scored on rank 0."""
     texts = generate_all(vlm, cache, [(n, data.report_instruction(reports[n])) for n in names], args.batch_size,
                          args.max_report_tokens, desc)
-    hyps = [" ".join(TAG.sub(" ", t).split()) for t in texts]
+    hyps = [" ".join(data.TAG.sub(" ", t).split()) for t in texts]
     refs = [" ".join(s for s in (reports[n]["findings"], reports[n]["impressions"]) if s) for n in names]
     if get_rank() != 0:
         return {}

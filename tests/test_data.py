@@ -750,3 +750,13 @@ def test_mmvqa_cli_runs_as_a_script(tmp_path, phantom_world):
     assert r.returncode == 0, r.stderr
     assert "questions written" in r.stdout and json.load(open(out)) == data.build_mmvqa(
         data.read_radchestct_labels(phantom_world["radchestct_labels"]), 4)
+
+
+def test_write_json_from_many_threads_to_one_path(tmp_path):
+    """data.Chat caches a reply per prompt from worker threads: equal prompts write one path at the same time."""
+    from concurrent.futures import ThreadPoolExecutor
+    path = tmp_path / "cache" / "reply.json"
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: data.write_json(path, {"i": i, "pad": "x" * 100_000}), range(200)))
+    assert json.loads(path.read_text())["pad"] == "x" * 100_000                    # whole, not interleaved
+    assert [p.name for p in path.parent.iterdir()] == ["reply.json"]               # no temporary file left
