@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+
 def setup_distributed() -> tuple[int, int, int, torch.device]:
     """(rank, local_rank, world_size, device): a process group under torchrun (NCCL on CUDA, gloo on CPU), else
     rank 0 of 1 without one."""
@@ -38,8 +39,7 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
             return rank, local_rank, world, torch.device("cuda", local_rank)
         dist.init_process_group("gloo")
         return rank, local_rank, world, torch.device("cpu")
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    return 0, 0, 1, device
+    return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def cleanup_distributed() -> None:
@@ -64,12 +64,10 @@ def print0(*args, **kwargs) -> None:
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce that is a no-op without a process group; op in {sum, min, max, avg}."""
     if world_size() > 1:
-        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        ops = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        dist.all_reduce(t, op=ops[op])
         if op == "avg":
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
             t /= world_size()
-        else:
-            dist.all_reduce(t, op=ops[op])
     return t
 
 
@@ -232,10 +230,9 @@ def wrap_ddp(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 
 def wrap(net: torch.nn.Module, device: torch.device, shard: str = "ddp") -> torch.nn.Module:
-    """DDP ("ddp") or PyTorch's FSDP2 ("fsdp", in place) under torchrun, the module itself in one process. FSDP shards
-    what trains, its gradients and AdamW state: one group per ModuleList member holding a trainable parameter (ViT
-    block, LLM decoder layer), then the root. Frozen parameters stay whole on every rank, as under DDP: they have no
-    gradients or AdamW state, and sharding them would add an all-gather per forward."""
+    """DDP ("ddp") or FSDP2 ("fsdp", in place) under torchrun, else the module itself. FSDP shards what trains, its
+    gradients and AdamW state: one group per ModuleList member holding a trainable parameter (ViT block, LLM decoder
+    layer), then the root. Frozen parameters stay whole on every rank: sharding them would add an all-gather."""
     if world_size() == 1:
         return net
     if shard == "ddp":
@@ -256,9 +253,8 @@ def _fsdp_modules(net: torch.nn.Module) -> list:
 
 @contextmanager
 def gathered(net: torch.nn.Module):
-    """Under FSDP, the block runs with every parameter whole on every rank: one all-gather per group on entry for
-    a generation loop that calls the model's parts many times (not one per layer and token), resharded on exit.
-    Nothing otherwise. Call it on every rank."""
+    """Under FSDP, every parameter whole on every rank inside the block (one all-gather per group, not one per layer
+    and token of a generation loop), resharded on exit; nothing otherwise. Call it on every rank."""
     groups = _fsdp_modules(net)
     if not groups:
         yield
@@ -277,9 +273,8 @@ def gathered(net: torch.nn.Module):
 
 
 def train_state(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """{"model", "optimizer"}: the trainable parameters, the buffers and the optimizer state, whole (gathered from the
-    shards under FSDP), on the CPU and keyed by parameter name, so that a checkpoint resumes under one process, DDP
-    or FSDP alike. Call it on every rank (a collective under FSDP); only rank 0's copy is complete."""
+    """{"model", "optimizer"}: trainable parameters, buffers and optimizer state, whole, on the CPU, keyed by name, so
+    a checkpoint resumes under one process, DDP or FSDP alike. A collective under FSDP; only rank 0's is complete."""
     import torch.distributed.checkpoint.state_dict as dsd
     opts = dsd.StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     inner = getattr(net, "module", net)
@@ -324,9 +319,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def optimizer_step(optimizer: torch.optim.Optimizer, params: list, grad_clip: float, nan_policy: str, step: int,
                    *values: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Clip the gradients, then step only if `values` and the gradient norm are finite on every rank, so every rank
-    takes the same branch. Otherwise skip this update on every rank (nan_policy "skip") or stop every rank ("stop").
-    Returns (gradient norm before clipping, whether the update was applied)."""
+    """Clip, then step only if `values` and the gradient norm are finite on every rank; otherwise every rank skips the
+    update (nan_policy "skip") or stops ("stop"). -> (gradient norm before clipping, whether the update was applied)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor, the norm over every rank's shards
         grad_norm = grad_norm.full_tensor()
@@ -344,23 +338,19 @@ def optimizer_step(optimizer: torch.optim.Optimizer, params: list, grad_clip: fl
 
 def _json_safe(value):
     """NaN and infinities as null, so that metrics.jsonl stays valid JSON Lines."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
-    return value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 class Run:
     """A stage's output folder: metrics.jsonl, resumable checkpoints under ckpt/, and stop requests.
 
-    One policy for every stage. A fresh run starts a new metrics.jsonl and removes the checkpoints an earlier run
-    left in the folder. With resume=True the newest complete checkpoint is loaded (`run.state`, or None), this rank's
-    RNG state is restored, and metrics.jsonl keeps the rows up to the step resumed from, so no step appears twice.
-    Create it after the model is built (building consumes RNG) and before the loop.
-    """
+    A fresh run starts a new metrics.jsonl and removes an earlier run's checkpoints. With resume=True the newest
+    complete checkpoint is loaded (`run.state`, or None), this rank's RNG state restored, and metrics.jsonl keeps the
+    rows up to the step resumed from. Create it after the model is built (building consumes RNG), before the loop."""
 
     def __init__(self, out: str | Path, resume: bool, overwrite: bool = False, stop_at: int | None = None,
                  keep: int = 2, curves: tuple[str, ...] = ()):
@@ -405,11 +395,9 @@ class Run:
 
     def save(self, step: int, state: dict) -> None:
         """Save a resumable checkpoint: `state` plus the step and every rank's RNG state. Call it on every rank."""
-        rngs = [None] * self.world
+        rngs = [rng_state()] * self.world
         if self.world > 1:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
+            dist.all_gather_object(rngs, rngs[0])  # every rank's own state in its slot
         if self.rank == 0:
             save_train_state(self.out / "ckpt", step, {**state, "step": step, "rng": rngs, "versions": versions()},
                              keep=self.keep)
@@ -441,8 +429,8 @@ def plot_curves(metrics: str | Path, series: tuple[str, ...], png: str | Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
-    fig, axes = plt.subplots(math.ceil(len(series) / 3), 3, figsize=(12, 2.6 * math.ceil(len(series) / 3)),
-                             squeeze=False)
+    n_rows = math.ceil(len(series) / 3)
+    fig, axes = plt.subplots(n_rows, 3, figsize=(12, 2.6 * n_rows), squeeze=False)
     counts = {}
     for ax, key in zip(axes.flat, series):
         points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
@@ -457,10 +445,7 @@ def plot_curves(metrics: str | Path, series: tuple[str, ...], png: str | Path) -
     plt.close(fig)
 
 
-# =====================================================================================================================
-# Command lines: the paper's defaults on the flags, the phantom world's overrides in one dict per stage
-# =====================================================================================================================
-
+# ==== Command lines: the paper's defaults on the flags, the phantom world's overrides in one dict per stage ========
 def make_parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
     """A stage's parser: the docstring's first line as description, its run lines (from "Run:") as epilog."""
     return argparse.ArgumentParser(prog=prog, description=doc.strip().split("\n")[0], epilog=doc[doc.index("Run:"):],
