@@ -4,9 +4,8 @@
     -> + position embedding -> LN -> (B, N_img, D), spliced into the LLM's input embeddings at each row's placeholders.
 
 Deliberate choices:
-1. ViT3D (patch (16, 16, 8), width 768, depth 12 for the real preset) uses timm parameter names, so a published
-   BrgSA_vision_encoder.pth loads with strict key matching; attention is flash-attn when installed on CUDA in bf16/fp16
-   (autocast included), else SDPA.
+1. ViT3D (real preset: patch (16, 16, 8), width 768, depth 12) has timm parameter names: a published
+   BrgSA_vision_encoder.pth loads strictly. Attention: flash-attn if installed, on CUDA in bf16/fp16, else SDPA.
 2. The anchor of eq. (1), the mean input-embedding row over the real vocabulary, is computed once at build: a frozen,
    saved buffer of the bridge.
 3. Each row finds its own placeholder positions, so left and right padding are both correct; position ids come from
@@ -17,9 +16,8 @@ Deliberate choices:
    masks are built from lengths, never from token values.
 6. A checkpoint is one directory — llm/ (Hugging Face format, tokenizer included), vision.safetensors,
    bridge.safetensors (anchor and input statistics included), config.json — written atomically, rebuilt by VLM.load.
-7. build/load hold the LLM in the dtype asked for (frozen copies: runtime.compute_dtype, bf16 on CUDA), the ViT and the
-   bridge always in fp32 (0.4 GB): every stage then computes the encoder tokens exactly as the bridge's statistics
-   were computed (fp32 weights, autocast), and the statistics are not rounded to bf16.
+7. build/load hold the LLM in the dtype asked for (frozen copies: runtime.compute_dtype), the ViT and bridge in fp32
+   (0.4 GB): every stage computes the encoder tokens as the bridge's statistics were (fp32 weights, autocast).
 """
 from __future__ import annotations
 
@@ -28,6 +26,7 @@ import json
 import math
 import os
 from collections import OrderedDict
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -212,11 +211,6 @@ class Bridge(nn.Module):
 
 
 # ==== The vision-language model ===================================================================================
-def _transformers_version() -> str:
-    from importlib.metadata import version
-    return version("transformers")
-
-
 def rope_theta(config) -> float | None:
     """The LLM's RoPE base, wherever this transformers version keeps it (rope_parameters since 5.x)."""
     return (getattr(config, "rope_parameters", None) or {}).get("rope_theta", getattr(config, "rope_theta", None))
@@ -240,7 +234,7 @@ def load_llm(llm_dir: str | Path, device: str | torch.device = "cpu", dtype: tor
     try:
         tokenizer = AutoTokenizer.from_pretrained(llm_dir, local_files_only=True)
     except Exception as e:  # e.g. a tokenizer.json written by a newer tokenizers / transformers than this one
-        raise RuntimeError(f"{llm_dir}: cannot load its tokenizer with transformers {_transformers_version()} "
+        raise RuntimeError(f"{llm_dir}: cannot load its tokenizer with transformers {version('transformers')} "
                            f"({type(e).__name__}: {e})") from e
     if tokenizer.chat_template is None:
         raise ValueError(f"{llm_dir}: the tokenizer has no chat template; Med3D-R1 builds every prompt with it")
@@ -265,7 +259,6 @@ class VLM(nn.Module):
         self.ckpt_layers: list[nn.Module] = []  # LLM layers to checkpoint (set_grad_checkpointing)
 
     # ---- construction, checkpoints -----------------------------------------------------------------------------
-
     @classmethod
     def build(cls, llm_dir: str | Path, vit_preset: str | dict = "tiny", vit_weights: str | Path | None = None,
               ram: bool = True, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "VLM":
@@ -294,8 +287,7 @@ class VLM(nn.Module):
 
     @classmethod
     def load(cls, ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "VLM":
-        """Rebuild a VLM saved by vlm.save(ckpt_dir, meta), the LLM in `dtype` (choice 7); the meta is in
-        vlm.config["meta"]."""
+        """Rebuild a VLM written by vlm.save(ckpt_dir, meta), the LLM in `dtype` (choice 7); meta: config["meta"]."""
         ckpt_dir = Path(ckpt_dir)
         if not (ckpt_dir / "config.json").is_file():
             raise FileNotFoundError(f"{ckpt_dir} is not a complete VLM checkpoint (no config.json)")
@@ -303,7 +295,7 @@ class VLM(nn.Module):
         llm, tokenizer = load_llm(ckpt_dir / "llm", device, dtype)
         written = config.get("versions", {}).get("transformers")
         if config.get("rope_theta") not in (None, rope_theta(llm.config)):  # e.g. 5.x's rope_parameters read by 4.x
-            raise RuntimeError(f"{ckpt_dir}: written with transformers {written}, read with {_transformers_version()}:"
+            raise RuntimeError(f"{ckpt_dir}: written with transformers {written}, read with {version('transformers')}:"
                                f" the LLM's rope theta reads as {rope_theta(llm.config)}, not {config['rope_theta']}; "
                                f"load it with transformers {str(written).split('.')[0]}.x")
         vit = ViT3D(**config["vit"])
@@ -334,10 +326,9 @@ class VLM(nn.Module):
             module.requires_grad_(flag)
 
     def set_grad_checkpointing(self, on: bool) -> None:
-        """With on: recompute activations in the backward pass instead of keeping them, for each ViT block and each LLM
-        decoder layer (HF's checkpointing, use_reentrant=False). HF checkpoints a layer only in training mode, so
-        forward() sets the layers' own flag (not their submodules', e.g. dropout) while gradients flow; generate()
-        keeps its cache."""
+        """With on: recompute each ViT block's and LLM decoder layer's activations in the backward pass (HF's
+        checkpointing, use_reentrant=False). HF checkpoints a layer only in training mode, so forward() sets the
+        layers' own flag (not their submodules', e.g. dropout) while gradients flow; generate() keeps its cache."""
         if not on:
             return
         from transformers.modeling_layers import GradientCheckpointingLayer
@@ -351,7 +342,6 @@ class VLM(nn.Module):
         return self.bridge.anchor.device
 
     # ---- text ---------------------------------------------------------------------------------------------------
-
     def prompt(self, user_text: str, with_image: bool = True) -> str:
         """One user turn through the tokenizer's chat template, ending with the assistant header."""
         content = f"{VISION_START}{IMAGE_TOKEN * self.n_img}{VISION_END}\n{user_text}" if with_image else user_text
@@ -365,7 +355,6 @@ class VLM(nn.Module):
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
     # ---- forward --------------------------------------------------------------------------------------------------
-
     def image_embeds(self, volumes: torch.Tensor) -> torch.Tensor:
         """(B, 1, X, Y, Z) -> (B, N_img, D)."""
         return self.bridge(self.vit(volumes))
@@ -428,11 +417,10 @@ class VLM(nn.Module):
                  num_samples: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
                  generator: torch.Generator | list[torch.Generator] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sample num_samples completions per left-padded prompt (temperature 0 = greedy), rows prompt-major (prompt 0
-        samples 0..G-1, prompt 1 ...), the caller's image embeddings repeated. `generator`: one for the batch, or one
-        per prompt, whose samples then do not depend on its batch mates (up to float noise from padding).
-        Returns (completion_ids (B*G, T_new) padded with the pad id, lengths (B*G,) counting the EOS when produced,
-        finished (B*G,) True where EOS came)."""
+        """Sample num_samples completions per left-padded prompt (temperature 0 = greedy), rows prompt-major, the image
+        embeddings repeated. `generator`: one for the batch, or one per prompt, whose samples then do not depend on
+        its batch mates (up to float noise from padding). -> (completion_ids (B*G, T_new) padded with the pad id,
+        lengths (B*G,) counting the EOS when produced, finished (B*G,) True where EOS came)."""
         if isinstance(generator, (list, tuple)) and len(generator) != input_ids.shape[0]:
             raise ValueError(f"{len(generator)} generators for {input_ids.shape[0]} prompts")
         ids = input_ids.repeat_interleave(num_samples, dim=0)
@@ -443,8 +431,7 @@ class VLM(nn.Module):
                        use_cache=True, logits_to_keep=1)
         next_pos = mask.long().sum(1, keepdim=True)  # (n, 1) position of each row's first new token
         completion = torch.full((n, max_new_tokens), self.pad_token_id, dtype=torch.long, device=ids.device)
-        lengths = torch.zeros(n, dtype=torch.long, device=ids.device)
-        finished = torch.zeros(n, dtype=torch.bool, device=ids.device)
+        lengths, finished = ids.new_zeros(n), ids.new_zeros(n, dtype=torch.bool)  # ids: long, on the device
         for t in range(max_new_tokens):
             logits = self.block_unsampled(out.logits[:, -1].float())  # (n, V)
             if temperature > 0:
