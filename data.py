@@ -87,7 +87,6 @@ def ctrate_path(split_dir, name: str) -> Path:
 
 
 # ================================================ volumes: readers and preprocessing ============================
-
 class VolumeReadError(ValueError):
     """A volume that cannot be read; the message always names the file."""
 
@@ -300,7 +299,6 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
 
 
 # ================================================ reports and labels =============================================
-
 def read_reports(csv_path) -> dict[str, dict]:
     """{VolumeName: {'findings': str|None, 'impressions': str|None}}; the literal 'Not given.' means absent."""
     def section(text):
@@ -370,8 +368,7 @@ def clinical_stances(text: str) -> dict[str, str]:
     """{abnormality: "affirm" | "deny" | "both"} for each of the 18 abnormalities the text mentions.
 
     A mention is denied when a negation cue precedes it in its clause ("no pleural effusion") or a post-negation
-    follows it ("pleural effusion is not seen"); clauses are split at sentence ends and at but/however/whereas/while.
-    """
+    follows it ("pleural effusion is not seen"); clauses are split at sentence ends and at but/however/whereas/while."""
     stance: dict[str, set] = {}
     for clause in CLAUSE.split(text):
         spans = sorted((m.start(), m.end(), name) for name, rx in TERM_RE.items() for m in rx.finditer(clause))
@@ -386,11 +383,10 @@ def clinical_stances(text: str) -> dict[str, str]:
 
 
 class Chat:
-    """An OpenAI-compatible chat endpoint asked fixed prompts at temperature 0 (the sentence labeller, GRPO's
-    `judge:` consistency scorer, evaluate.py's judge). Transport errors, rate limits (429) and server errors are
-    retried by the client itself with exponential back-off; a reply that `parse` rejects (returns None or raises
-    ValueError) is an error, never retried or cached. Valid replies are cached on disk per (endpoint, model, prompt)
-    when `cache_dir` is given. The key is read from the environment variable `key_env`, never logged or saved."""
+    """An OpenAI-compatible endpoint asked fixed prompts at temperature 0 (sentence labeller, GRPO's `judge:` scorer,
+    evaluate.py's judge). The client retries transport errors, 429 and server errors with back-off; a reply `parse`
+    rejects (None or ValueError) is an error, never retried or cached. Valid replies are cached per (endpoint, model,
+    prompt) under `cache_dir` when given. The key comes from the variable `key_env`, never logged or saved."""
 
     def __init__(self, base_url, model, key_env="OPENAI_API_KEY", cache_dir=None, timeout=60.0, retries=3, workers=4,
                  client=None):
@@ -439,9 +435,8 @@ LABEL_PROMPT = ("You label sentences from chest CT radiology reports. For each n
 
 
 class OpenAILabeller:
-    """Sentence labeller through an OpenAI-compatible endpoint (the paper used DeepSeek-V3): one request per report,
-    the reply a JSON list of 0/1, cached per (model, sentence) in cache_dir/labels.jsonl. Failures raise RuntimeError.
-    """
+    """Sentence labeller via an OpenAI-compatible endpoint (the paper used DeepSeek-V3): one request per report, the
+    reply a JSON list of 0/1, cached per (model, sentence) in cache_dir/labels.jsonl; failures raise RuntimeError."""
 
     def __init__(self, base_url=None, model=None, key_env="OPENAI_API_KEY", cache_dir="runs/label_cache",
                  timeout=60.0, retries=3):
@@ -522,7 +517,6 @@ def read_radchestct_labels(csv_path) -> dict[str, np.ndarray]:
 
 
 # ================================================ questions and every stage's prompts ==========================
-
 REPORT_INSTRUCTION = ("Write the radiology report of this chest CT scan: the findings inside <finding></finding>, "
                       "then the impression inside <impression></impression>.")
 MMVQA_QUESTION = "What abnormality is present in this CT scan?"
@@ -688,8 +682,7 @@ def parse_answer(completion: str, letters: str = "ABCD", options: dict | None = 
     Reads the single <answer> block (several blocks -> None); without any answer tag, what is left outside a <think>
     block. Accepts case, spaces, brackets ("c", " (C) ", "[C]", "C)") and a trailing option text ("C) Pleural
     effusion"), which must match options[letter] when `options` is given and may never name another option letter
-    ("A or B", "B, C" -> None). The letters are the item's own (the keys of `options`) when `options` is given.
-    """
+    ("A or B", "B, C" -> None). The letters are the item's own (the keys of `options`) when `options` is given."""
     letters = "".join(options) if options else letters
     if "<answer>" in completion or "</answer>" in completion:
         blocks = re.findall(r"<answer>(.*?)</answer>", completion, re.DOTALL)
@@ -718,7 +711,6 @@ def think_text(completion: str) -> str:
 
 
 # ================================================ the data root and the command line ============================
-
 def paths(root, preset: str = "real") -> dict[str, Path]:
     """Where every stage finds its inputs under a data root: the downloads under dataset/, what this file's CLI writes,
     clip3d.py's local text encoder. With preset "phantom" the phantom world is built there when missing."""

@@ -421,7 +421,8 @@ class VLM(nn.Module):
         embeddings repeated. `generator`: one for the batch, or one per prompt, whose samples then do not depend on
         its batch mates (up to float noise from padding). -> (completion_ids (B*G, T_new) padded with the pad id,
         lengths (B*G,) counting the EOS when produced, finished (B*G,) True where EOS came)."""
-        if isinstance(generator, (list, tuple)) and len(generator) != input_ids.shape[0]:
+        per_prompt = isinstance(generator, (list, tuple))
+        if per_prompt and len(generator) != input_ids.shape[0]:
             raise ValueError(f"{len(generator)} generators for {input_ids.shape[0]} prompts")
         ids = input_ids.repeat_interleave(num_samples, dim=0)
         mask = attention_mask.repeat_interleave(num_samples, dim=0)
@@ -431,16 +432,14 @@ class VLM(nn.Module):
                        use_cache=True, logits_to_keep=1)
         next_pos = mask.long().sum(1, keepdim=True)  # (n, 1) position of each row's first new token
         completion = torch.full((n, max_new_tokens), self.pad_token_id, dtype=torch.long, device=ids.device)
-        lengths, finished = ids.new_zeros(n), ids.new_zeros(n, dtype=torch.bool)  # ids: long, on the device
+        lengths, finished = ids.new_zeros(n, dtype=torch.long), ids.new_zeros(n, dtype=torch.bool)
         for t in range(max_new_tokens):
             logits = self.block_unsampled(out.logits[:, -1].float())  # (n, V)
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, dim=-1)
-                if isinstance(generator, (list, tuple)):  # prompt j's rows draw from generator j, in row order
-                    token = torch.cat([torch.multinomial(p, 1, generator=g).squeeze(1)
-                                       for p, g in zip(probs.split(num_samples), generator)])
-                else:
-                    token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                # per prompt: prompt j's rows draw from generator j, in row order; else all rows from `generator`
+                draws = zip(probs.split(num_samples), generator) if per_prompt else [(probs, generator)]
+                token = torch.cat([torch.multinomial(p, 1, generator=g).squeeze(1) for p, g in draws])
             else:
                 token = logits.argmax(-1)
             token = torch.where(finished, self.pad_token_id, token)
