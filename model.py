@@ -16,8 +16,8 @@ Deliberate choices:
    masks are built from lengths, never from token values.
 6. A checkpoint is one directory — llm/ (Hugging Face format, tokenizer included), vision.safetensors,
    bridge.safetensors (anchor and input statistics included), config.json — written atomically, rebuilt by VLM.load.
-7. build/load hold the LLM in the dtype asked for (frozen copies: runtime.compute_dtype), the ViT and bridge in fp32
-   (0.4 GB): every stage computes the encoder tokens as the bridge's statistics were (fp32 weights, autocast).
+7. build/load hold the LLM in the dtype asked for (frozen copies: runtime.compute_dtype, bf16 on CUDA), the ViT and the
+   bridge in fp32 (0.4 GB): encoder tokens are computed as the bridge's statistics were (fp32 weights, autocast).
 """
 from __future__ import annotations
 
