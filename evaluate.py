@@ -239,9 +239,8 @@ def reasoning_scores(judge: data.Chat, questions: list[str], thinks: list[str], 
 
 # ============================================ positional bias (figure 1) ============================================
 def positional_bias(reports: str | Path, out_png: str | Path | None = None, bins: int = 10) -> dict:
-    """Normalised position (i + 0.5) / n of each sentence i of an n-sentence report (findings, then impressions),
-    normal vs abnormal: densities per bin, means and a KDE plot. `reports`: a reports CSV (sentences rule-labelled
-    by data.py) or a labelled-sentences JSONL (e.g. from an LLM labeller)."""
+    """Position (i + 0.5) / n of sentence i of an n-sentence report (findings, then impressions), normal vs abnormal:
+    densities per bin, means, a KDE plot. `reports`: a CSV (rule-labelled by data.py) or a labelled-sentences JSONL."""
     if str(reports).endswith(".jsonl"):
         labelled = [sum((r[sec] or [] for sec in ("findings", "impressions")), [])
                     for r in data.read_sentence_labels(reports).values()]
@@ -286,8 +285,7 @@ LABEL_FILES = {"CT-RATE": (data.read_labels, "valid_labels"), "RAD-ChestCT": (da
 
 def case_sheets(runs: dict, questions: dict, caches: dict, paths: dict, n: int, out_dir: Path) -> list[dict]:
     """Per question set, n evaluated questions whose scan has labels (first those with a new correct option on a new
-    scan, in file order): one PNG each, drawn from the records evaluate_mmvqa kept. [{set, index, VolumeName, answer,
-    png}]."""
+    scan): one PNG each, from the records evaluate_mmvqa kept. [{set, index, VolumeName, answer, png}]."""
     sheets, order = [], sorted(runs, key=lambda k: {"sft": 0, "grpo": 1}.get(k, 2))   # S1 next to S2, then the rest
     for qset, items in questions.items():
         read, key = LABEL_FILES[qset]
@@ -406,8 +404,7 @@ def encoder_embedder(model_dir: str, device: str = "cpu"):
 
 
 def follows_format(output: str, think: bool) -> bool:
-    """The prompt's format: <think>…</think><answer>…</answer> (grpo.format_reward), or one answer block alone
-    (grpo.answer_only_reward)."""
+    """The prompt's format: <think>…</think><answer>…</answer>, or one answer block alone (no-think prompt)."""
     return (format_reward(output) if think else answer_only_reward(output)) == 1.0
 
 
@@ -510,9 +507,8 @@ def evaluate_reasoning(judge, mmvqa: dict, questions: list[dict], reports: dict)
 
 # ====================================== significance, provenance, tables ======================================
 def significance(runs: dict, reference: str) -> dict:
-    """Every run against the reference, and the PAIRS against each other: paired t-tests on per-report scores and on
-    the offline grades of the rationales, exact McNemar on per-question correctness (the same question files, so
-    questions pair by position)."""
+    """Every run against the reference, and the PAIRS against each other: paired t-tests on per-report scores and
+    rationale grades, exact McNemar on per-question correctness (same question files: questions pair by position)."""
     out, ref = {}, runs[reference]
     for a, b in PAIRS:
         if a in runs and b in runs and reference not in (a, b):
@@ -570,66 +566,65 @@ def provenance(args) -> dict:
 def markdown(results: dict) -> str:
     runs, ref = results["runs"], results.get("reference")
     tests = {label: results["significance"].get(f"{label} vs {ref}", {}) for label in runs}
+    pval = lambda p: "—" if p is None else f"{p:.2g}"
+    row = lambda *cells: "| " + " | ".join(map(str, cells)) + " |"
 
     def cell(x: float | None, test: dict | None) -> str:   # a percentage, * for p < 0.05, † for p < 0.005
         p = (test or {}).get("p")
         mark = "" if p is None else "†" if p < 0.005 else "*" if p < 0.05 else ""
         return ("—" if x is None else f"{100 * x:.2f}") + mark
 
+    def table(title: str | None, note: str | None, columns: list[str]) -> list[str]:   # blank lines between blocks
+        blocks = [f"## {title}"] * bool(title) + [note] * bool(note) + [row(*columns)]
+        return [line for block in blocks for line in ("", block)] + ["|---" * len(columns) + "|"]
+
     lines = ["# Med3D-R1 evaluation", "", f"Provenance: `results.json` (commit {results['provenance']['git_commit']})."]
     if any("mmvqa" in run for run in runs.values()):
-        lines += ["", "## MMVQA accuracy (%), paper table 1", "", f"\\* p < 0.05, † p < 0.005 vs. `{ref}` (exact "
-                  "McNemar).", "", "| Method | CT-RATE w think | CT-RATE w/o think | RAD-ChestCT w think | "
-                  "RAD-ChestCT w/o think | answers parsed / similarity / none |", "|---" * 6 + "|"]
-    for label, run in runs.items():
-        if "mmvqa" in run:
-            summaries = {f"{q}/{p}": run["mmvqa"].get(q, {}).get(p) for q in QSETS for p in ("think", "no_think")}
-            cells = ["no items" if s and not s["n"] else cell(s and s["accuracy"], tests[label].get(f"mmvqa/{k}"))
-                     for k, s in summaries.items()]
-            paths = ["/".join(str(s["paths"][k]) for k in ("parsed", "similarity", "none"))
-                     for s in summaries.values() if s]
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {', '.join(paths)} |")
-    if any("mmvqa" in run for run in runs.values()):
-        lines += ["", f"p-values: one-sided binomial against guessing · exact McNemar against `{ref}`.", "",
-                  "| Method | CT-RATE w think | CT-RATE w/o think | RAD-ChestCT w think | RAD-ChestCT w/o think |",
-                  "|---" * 5 + "|"]
-    for label, run in runs.items():
-        if "mmvqa" in run:
-            cells = [" · ".join(f"{p:.2g}" if p is not None else "—" for p in (
-                (s or {}).get("p_above_chance"), tests[label].get(f"mmvqa/{q}/{k}", {}).get("p")))
-                for q in QSETS for k in ("think", "no_think") for s in [run["mmvqa"].get(q, {}).get(k)]]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        columns = ["Method"] + [f"{q} {w} think" for q in QSETS for w in ("w", "w/o")]
+        accuracy = table("MMVQA accuracy (%), paper table 1", f"\\* p < 0.05, † p < 0.005 vs. `{ref}` (exact "
+                         "McNemar).", columns + ["answers parsed / similarity / none"])
+        pvalues = table(None, f"p-values: one-sided binomial against guessing · exact McNemar against `{ref}`.",
+                        columns)
+        for label, run in runs.items():
+            if "mmvqa" in run:
+                summaries = {f"{q}/{p}": run["mmvqa"].get(q, {}).get(p) for q in QSETS for p in ("think", "no_think")}
+                t = {k: tests[label].get(f"mmvqa/{k}", {}) for k in summaries}
+                acc = ["no items" if s and not s["n"] else cell(s and s["accuracy"], t[k])
+                       for k, s in summaries.items()]
+                ps = [f"{pval((s or {}).get('p_above_chance'))} · {pval(t[k].get('p'))}" for k, s in summaries.items()]
+                paths = ["/".join(str(s["paths"][k]) for k in ("parsed", "similarity", "none"))
+                         for s in summaries.values() if s]
+                accuracy.append(row(label, *acc, ", ".join(paths)))
+                pvalues.append(row(label, *ps))
+        lines += accuracy + pvalues
     names = ["B-1", "B-2", "B-3", "B-4", "METEOR", "R-1", "R-2", "R-L", "CIDEr", "BERT_F1", "LLM_Score", "Mean"]
     if any("reports" in run for run in runs.values()):
-        lines += ["", "## Report generation (%), paper table 2", "", f"\\* p < 0.05, † p < 0.005 vs. `{ref}` (paired "
-                  "t-test); — = not computed (reason in results.json `missing`).", "",
-                  "| Run | RAM | ARW λ | " + " | ".join(names) + " |", "|---" * (len(names) + 3) + "|"]
+        lines += table("Report generation (%), paper table 2", f"\\* p < 0.05, † p < 0.005 vs. `{ref}` (paired t-test);"
+                       " — = not computed (reason in results.json `missing`).", ["Run", "RAM", "ARW λ", *names])
     for label, run in runs.items():
         if run.get("reports"):
             scores = run["reports"]["scores"]
-            cells = [cell(scores[m], tests[label].get(f"reports/{m}")) for m in TEXT_METRICS + ["Mean"]]
-            lines.append(f"| {label} | {'✓' if run['ram'] else '✗'} | {run['arw_lambda']} | {' | '.join(cells)} |")
+            lines.append(row(label, "✓" if run["ram"] else "✗", run["arw_lambda"],
+                             *[cell(scores[m], tests[label].get(f"reports/{m}")) for m in TEXT_METRICS + ["Mean"]]))
     graded = {k: r["reasoning"]["offline"] for k, r in runs.items() if "offline" in r.get("reasoning", {})}
     if graded:
-        lines += ["", "## Rationales against the scan's report (offline clinical-term consistency, 0-1), paper "
-                  "table 4", "", f"p: paired t-test against `{ref}`.", "", "| Run | consistency | n | p |",
-                  "|---|---|---|---|"]
+        lines += table("Rationales against the scan's report (offline clinical-term consistency, 0-1), paper table 4",
+                       f"p: paired t-test against `{ref}`.", ["Run", "consistency", "n", "p"])
         for label, g in graded.items():
             p = tests[label].get("reasoning/offline", {}).get("p")
-            lines.append(f"| {label} | {g['mean']:.3f} | {len(g['per_item'])} | {'—' if p is None else f'{p:.2g}'} |")
+            lines.append(row(label, f"{g['mean']:.3f}", len(g["per_item"]), pval(p)))
         for a, b in PAIRS:
             t = results["significance"].get(f"{a} vs {b}", {}).get("reasoning/offline")
             if t and t["n"]:
-                p = "—" if t["p"] is None else f"{t['p']:.2g}"
                 lines.append(f"\n`{a}` − `{b}`: {t['mean_a'] - t['mean_b']:+.3f} over {t['n']} questions, paired "
-                             f"t-test p = {p}.")
+                             f"t-test p = {pval(t['p'])}.")
     judged = {k: r["reasoning"] for k, r in runs.items() if r.get("reasoning", {}).get("means")}
     if judged:
-        lines += ["", "## Reasoning quality (0-5, LLM judge), paper table 4", "",
-                  "| Run | Clinical | Clarity | Diff. Dx | Concis | judged |", "|---|---|---|---|---|---|"]
+        lines += table("Reasoning quality (0-5, LLM judge), paper table 4", None,
+                       ["Run", "Clinical", "Clarity", "Diff. Dx", "Concis", "judged"])
         for label, r in judged.items():
             cells = ["—" if r["means"][k] is None else f"{r['means'][k]:.2f}" for k in JUDGE_CRITERIA]
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {r['n_valid']}/{r['n']} |")
+            lines.append(row(label, *cells, f"{r['n_valid']}/{r['n']}"))
     if "positional_bias" in results:
         b = results["positional_bias"]
         means = [f"{k} {b[k]['mean_position'] or float('nan'):.3f} (n={b[k]['n_sentences']})"
@@ -657,8 +652,7 @@ def parse_args(argv=None):
     g.add_argument("--mmvqa-radchestct", default=None, help="MCQ JSON; unset = <root>/mmvqa/radchestct.json")
     g.add_argument("--n-mmvqa", type=int, default=0, help="questions per set, first N of the file (0 = all)")
     g.add_argument("--n-reports", type=int, default=32, help="valid reports to generate (0 = all)")
-    g.add_argument("--bias-reports", default=None,
-                   help="figure 1 input: reports CSV or labelled-sentences JSONL; unset = the train reports CSV")
+    g.add_argument("--bias-reports", help="figure 1: a reports CSV or labelled-sentences JSONL; unset = train CSV")
     g = p.add_argument_group("generation")
     g.add_argument("--batch-size", type=int, default=32, help="per rank")
     g.add_argument("--max-new-tokens", type=int, default=128, help="MMVQA completions")
@@ -681,10 +675,9 @@ def parse_args(argv=None):
 
 
 def eval_paths(args) -> dict:
-    paths = dict(data.paths(args.data_root, args.preset))
-    paths["mmvqa_valid"] = args.mmvqa_ctrate or paths["mmvqa_valid"]
-    paths["mmvqa_radchestct"] = args.mmvqa_radchestct or paths["mmvqa_radchestct"]
-    return paths
+    paths = data.paths(args.data_root, args.preset)
+    return {**paths, "mmvqa_valid": args.mmvqa_ctrate or paths["mmvqa_valid"],
+            "mmvqa_radchestct": args.mmvqa_radchestct or paths["mmvqa_radchestct"]}
 
 
 def find_checkpoints(args) -> tuple[list[tuple[str, Path]], dict]:
