@@ -1,12 +1,9 @@
-"""The whole method on the phantom world in one command: every stage as its own process, then the time table and the
-results tables.
-
-It runs exactly the stage commands README lists, under runs/, two at a time where one does not read the other's
-output, each on one CPU thread (the tiny models keep one core busy, not two, and one thread makes the numbers the
-same on any number of cores); each stage's output goes to runs/logs/<stage>.log. Run it again after an interruption
-and it goes on: stages that finished are skipped, a stage with a resumable checkpoint continues with --resume, any
-other stage starts afresh. Ctrl-C (or SIGTERM) stops the running stages after their current step, with resumable
-checkpoints.
+"""The whole method on the phantom world in one command: every stage as its own process, then the time and results
+tables. It runs the stage commands README lists, under runs/, two at a time where neither reads the other's output,
+each on one CPU thread (the tiny models keep one core busy, and one thread gives the same numbers on any number of
+cores); each stage writes its output to runs/logs/<stage>.log. Run again after an interruption, it goes on: finished
+stages are skipped, one with a checkpoint resumes, any other starts afresh. Ctrl-C or SIGTERM stops the running
+stages after their current step, with resumable checkpoints.
 
 Run:
   python -m phantom quickstart              # about 12 minutes on 2 idle CPU cores
@@ -15,7 +12,6 @@ Run:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -27,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-# (name, command after `python`, its output folder or None). A stage reads the output of every stage before it,
-# except those NEEDS names: they read only what it lists.
+import runtime
+
+# (name, command after `python`, its output folder or None). A stage reads every stage before it, or what NEEDS lists.
 # The quick recipe scores the first 100 questions of each MMVQA set: its GRPO gain is within their noise.
 STAGES = [
     ("world", ["-m", "phantom", "world"], None),
@@ -44,8 +41,7 @@ STAGES = [
 NEEDS = {"clip3d": ["world"], "grpo": ["sft"], "grpo_nocon": ["sft"],
          **{name: ["warmup", "clip3d"] for name in ("sft_noram", "sft_noarw", "sft_lora")}}
 LANES = 2  # stages running at once
-# --long: GRPO at lr 2e-5 for 160 steps with half of its questions asked without <think>, the same without the
-# consistency reward (table 4), and every validation question (about 320 per set)
+# --long: GRPO at lr 2e-5, 160 steps, half its questions without <think>; the same without r_con (table 4); all items
 LONG_GRPO = ["--lr", "2e-5", "--steps", "160", "--no-think-frac", "0.5"]
 LONG_STAGES = [*STAGES[:4], ("grpo", ["grpo.py", *LONG_GRPO], "runs/grpo"),
                ("grpo_nocon", ["grpo.py", *LONG_GRPO, "--consistency", "none", "--out", "runs/grpo_nocon"],
@@ -55,11 +51,9 @@ RECORD = Path("runs/quickstart.json")
 
 def cpu_name() -> str:
     """The CPU model and the vector instructions torch uses on it: float results are reproducible per CPU type."""
-    name = platform.processor() or platform.machine()
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
+                platform.processor() or platform.machine())
     return f"{name}, {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}"
 
 
@@ -73,9 +67,7 @@ def launch(name: str, full: list[str]) -> subprocess.Popen:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m phantom quickstart", description=__doc__.split("\n")[0],
-                                 epilog=__doc__[__doc__.index("Run:"):],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = runtime.make_parser(__doc__, "python -m phantom quickstart")
     ap.add_argument("--fresh", action="store_true", help="redo every stage, replacing earlier runs")
     ap.add_argument("--long", action="store_true", help="the longer recipe; the stages it shares are kept")
     args = ap.parse_args(argv)
@@ -90,8 +82,7 @@ def main(argv=None) -> int:
     try:
         while todo or running:
             for name, cmd, out in list(todo):        # start what is ready, in order, LANES at a time
-                waiting = needs[name] & ({n for n, _, _ in todo} | set(running))
-                if failed or len(running) == LANES or waiting or not all(record[d]["done"] for d in needs[name]):
+                if failed or len(running) == LANES or needs[name] & ({n for n, _, _ in todo} | set(running)):
                     continue
                 todo.remove((name, cmd, out))
                 same = record.get(name, {}).get("stage", cmd) == cmd     # the same command as the recorded run
@@ -104,8 +95,9 @@ def main(argv=None) -> int:
                 running[name] = (launch(name, full), time.time())
                 record[name] = {"command": "python " + " ".join(full), "stage": cmd, "done": False,
                                 "seconds": record.get(name, {}).get("seconds", 0) if resume else 0}
-            if not running:
-                break                                # a stage failed: nothing more starts
+                RECORD.write_text(json.dumps({**record, "cpu": cpu_name()}, indent=1))
+            if not running:   # a stage failed: nothing more starts
+                break
             time.sleep(0.2)
             for name, (proc, t0) in list(running.items()):
                 if proc.poll() is not None:
@@ -115,7 +107,6 @@ def main(argv=None) -> int:
                     failed = failed or proc.returncode
                     print(f"== {name}: {'done' if proc.returncode == 0 else f'stopped (exit {proc.returncode})'} "
                           f"after {seconds:.0f} s", flush=True)
-                    RECORD.parent.mkdir(parents=True, exist_ok=True)
                     RECORD.write_text(json.dumps({**record, "cpu": cpu_name()}, indent=1))
     finally:
         for sig, handler in handlers.items():
@@ -125,8 +116,7 @@ def main(argv=None) -> int:
               "runs/logs/)")
         return failed or 1
     print(f"\n## Time per stage ({cpu_name()}; {LANES} stages at a time, one thread each; total = wall clock)\n\n"
-          "| stage | seconds |\n|---|---|")
-    print("\n".join(f"| {name} | {record[name]['seconds']:.0f} |" for name in names))
-    print(f"| total | {time.time() - t_start:.0f} |\n")
+          "| stage | seconds |\n|---|---|\n" + "\n".join(f"| {n} | {record[n]['seconds']:.0f} |" for n in names)
+          + f"\n| total | {time.time() - t_start:.0f} |\n")
     print(Path("runs/eval/results.md").read_text())
     return 0
