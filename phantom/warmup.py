@@ -1,11 +1,10 @@
 """The phantom world's LLM warm-up: it stands in for the pretraining that Qwen2.5 brings and the tiny LLM lacks.
 
-The freshly initialised tiny LLM learns, in one run of sft.py's training loop (sft.train), its language (the
-training reports and VQA answers), the MMVQA answer format with and without <think>, and to read findings from the
-image positions: each text's scan reaches it as image embeddings made by a label code (FindingCode: one learned
-vector per abnormality, no volume), so bridge-only SFT later finds an LLM that reads what a bridge writes there.
-The MMVQA questions are about drawn label vectors, so their answers cannot be memorised per scan, and list-copy
-exercises stand in for the in-context copying the rationale needs. The code is discarded afterwards.
+In one run of sft.py's training loop (sft.train) the fresh tiny LLM learns its language (training reports, VQA
+answers), the MMVQA answer format with and without <think>, and to read findings from the image positions: a label
+code (FindingCode: a learned vector per abnormality, no volume) writes each scan there, so that bridge-only SFT later
+finds an LLM that reads what a bridge writes. MMVQA questions are about drawn label vectors (their answers cannot be
+memorised per scan) and list-copy exercises stand in for the in-context copying the rationale needs.
 
 Run:
   python -m phantom warmup                  # -> runs/warmup, an HF directory (sft.py's default --llm)

@@ -1,10 +1,8 @@
 """The phantom world's generator: synthetic chest CTs in the exact CT-RATE v2 / RAD-ChestCT on-disk formats.
 
-Each of the 18 CT-RATE abnormalities is drawn big and contrasty enough to survive the phantom preprocessing preset
-(5, 5, 10) mm; size, place and intensity vary per patient. Volumes, reports, labels and VQA are generated from one
-patient description, so they agree. `ensure_world` builds whatever part of a world is missing: the raw dataset,
-the int16 caches, sentence labels and MMVQA files (with data.py's own code, as for real data), the tiny LLM and the
-tiny text encoder.
+The 18 CT-RATE abnormalities are drawn big and contrasty enough to survive the (5, 5, 10) mm preset, varying per
+patient; volumes, reports, labels and VQA come from one patient description, so they agree. `ensure_world` builds
+what is missing: raw dataset, caches, sentence labels and MMVQA (with data.py's code), tiny LLM and text encoder.
 """
 from __future__ import annotations
 
@@ -462,9 +460,7 @@ def _phantom_patient_job(job) -> list[dict]:
 def _write_csv(path, header, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(rows)
+        csv.writer(f, lineterminator="\n").writerows([header, *rows])
 
 
 def make_phantom(out, n_train=400, n_valid=340, n_rad=340, seed=0, workers=None, progress=True) -> None:
@@ -518,8 +514,7 @@ def make_phantom(out, n_train=400, n_valid=340, n_rad=340, seed=0, workers=None,
     _write_csv(out / "radchestct" / "imgtest_abnormality_labels_84.csv", ["NoteAcc_DEID"] + RAD_ABNORMALITIES, rad84)
 
 
-# 340 validation and 340 RAD-ChestCT-format volumes give about 320 MMVQA questions per set: enough to tell an 8-point
-# gain from noise (one standard error about 2.7 points).
+# 340 validation and RAD-ChestCT-format volumes: about 320 MMVQA questions per set (standard error ~2.7 points)
 PHANTOM_DEFAULTS = {"n_train": 400, "n_valid": 340, "n_rad": 340, "seed": 0, "rl_frac": 0.25}
 
 
@@ -539,11 +534,10 @@ def ensure_world(root="runs/phantom", n_train=None, n_valid=None, n_rad=None, se
         built = json.loads((root / "phantom.json").read_text()) if (root / "phantom.json").exists() else {}
         params = {k: v if v is not None else built.get(k, PHANTOM_DEFAULTS[k]) for k, v in asked.items()}
         n_train, n_valid, n_rad, seed, rl_frac = params.values()
-        if (root / "phantom.json").exists() and json.loads((root / "phantom.json").read_text()) != params:
-            raise ValueError(f"{root} holds a phantom world built with {(root / 'phantom.json').read_text()}, "
-                             f"not {params}: delete it or pass another root")
-        if not (root / "phantom.json").exists():
-            (root / "phantom.json").write_text(json.dumps(params))
+        if built and built != params:
+            raise ValueError(f"{root} holds a phantom world built with {built}, not {params}: delete it or pass "
+                             "another root")
+        (root / "phantom.json").write_text(json.dumps(params))
         if (ds / ".done").exists() and (ds / ".done").read_text() != PHANTOM_VERSION:
             raise RuntimeError(f"{root} was built by an older phantom generator; delete it (rm -rf {root}) and rerun")
         if not (ds / ".done").exists():
