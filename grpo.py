@@ -53,7 +53,8 @@ from runtime import HIDDEN, all_reduce, autocast, get_rank, print0, world_size
 # ==== Rewards: pure functions of (completion text, example) ===========================================================
 
 def format_reward(completion: str) -> float:
-    """r_fmt: 1.0 iff one non-empty <think> block, then one non-empty <answer> block, nothing else (data.well_formed)."""
+    """r_fmt: 1.0 iff exactly one non-empty <think> block, then exactly one non-empty <answer> block, no other tags,
+    nothing but white space outside them (data.well_formed)."""
     return float(data.well_formed(completion))
 
 
@@ -428,8 +429,9 @@ def main(argv=None) -> dict:
     val_questions = [q for q in val_items if q["VolumeName"] in val_volumes][:args.eval_n]
     eval_every = args.eval_every if val_questions else 0
     if args.eval_every and not val_questions:
+        cached = sum(q["VolumeName"] in val_volumes for q in val_items)
         print0(f"no validation: no question selected from {paths['mmvqa_valid']} ({len(val_items)} questions, "
-               f"{sum(q['VolumeName'] in val_volumes for q in val_items)} with a cached volume, --eval-n {args.eval_n})")
+               f"{cached} with a cached volume, --eval-n {args.eval_n})")
     reports = {name: " ".join(s for s in (r["findings"], r["impressions"]) if s)
                for name, r in data.read_reports(paths["train_reports"]).items()}
     consistency = make_consistency_scorer(args.consistency, args.con_thresholds, args.con_levels, device,
