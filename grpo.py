@@ -15,10 +15,9 @@ Deliberate choices:
    With one policy iteration (mu = 1) the ratio is 1 and the loss hovers near 0: watch the rewards.
 5. The reference is the SFT checkpoint, frozen. The paper trains the whole policy (ViT, bridge, LLM; the RAM anchor
    stays a frozen buffer); the phantom preset freezes the ViT (--freeze-encoder).
-6. r_con: the <think> text against the scan's report, discretised into levels, by `offline` (a deterministic
-   clinical-term scorer, the default), `rm:PATH` (a local reward model such as RM-Mistral-7B, the paper's) or
-   `judge:MODEL` (an OpenAI-compatible endpoint; a failed call fails the step, or with --judge-failures exclude
-   leaves its group out of the loss, counted).
+6. r_con: the <think> text against the scan's report, in levels, by `offline` (a deterministic clinical-term scorer, the
+   default), `rm:PATH` (a local reward model, the paper's RM-Mistral-7B) or `judge:MODEL` (an OpenAI-compatible
+   endpoint; a failed call fails the step, or with --judge-failures exclude leaves its group out of the loss, counted).
 7. CUDA: bf16 autocast, the reference LLM and an rm: model held in bf16, fp32 master weights for the policy (AdamW's
    updates at lr 1e-6 would round away in bf16); CPU: fp32. --micro-batch N: the policy, reference and old-policy
    passes N rows at a time, losses weighted by their share of choice 4's mean (one pass's update); --grad-ckpt.
@@ -74,9 +73,8 @@ def accuracy_reward(completion: str, answer: str, options: dict | None = None) -
 # ---- Consistency reward (paper §3.3): does the <think> rationale agree with the scan's radiology report? -------------
 
 def offline_consistency(think: str, report: str) -> float:
-    """Raw consistency in [0, 1]: mentioned-and-agreeing abnormalities / (abnormalities the rationale mentions plus
-    those the report affirms). Agreeing = the rationale affirms what the report affirms or denies what it does not.
-    A rationale with no clinical terms scores 0."""
+    """Raw consistency in [0, 1]: mentioned-and-agreeing abnormalities / (those the rationale mentions plus those the
+    report affirms); agreeing = affirming what the report affirms or denying what it does not. No clinical term: 0."""
     said = data.clinical_stances(think)
     if not said:
         return 0.0
@@ -106,10 +104,9 @@ JUDGE_PROMPT = ("You grade a model's diagnostic reasoning about a chest CT again
 def make_consistency_scorer(spec: str, thresholds: list[float] | None = None, levels: list[float] | None = None,
                             device: str | torch.device = "cpu", judge_failures: str = "fail",
                             client=None) -> Callable[[list[str], list[str]], list[float]]:
-    """Build `score(thinks, reports) -> levels` for --consistency offline | rm:PATH | judge:MODEL.
-
-    A completion without a <think> text scores 0 without consulting any model. A judge call that fails or does not
-    return an integer raises (judge_failures="fail") or yields NaN (="exclude"; the trainer drops that group)."""
+    """Build `score(thinks, reports) -> levels` for --consistency offline | rm:PATH | judge:MODEL | none. A completion
+    without a <think> text scores 0 without consulting any model; a judge call that fails or does not return an
+    integer raises (judge_failures="fail") or yields NaN (="exclude"; the trainer drops that group)."""
     if spec == "none":                                   # r_con = 0: the ablation without the consistency reward
         return lambda thinks, reports: [0.0] * len(thinks)
     kind, _, arg = spec.partition(":")
@@ -171,11 +168,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
               mask: torch.Tensor, clip_eps: float = 0.2, kl_beta: float = 0.04,
               reduction: str = "sequence") -> tuple[torch.Tensor, dict]:
     """PPO-clipped GRPO objective with the k3 KL penalty. logp/old_logp/ref_logp/mask: (B, T); advantages: (B,).
-
-    Per token: -min(ratio * A, clip(ratio, 1-eps, 1+eps) * A) + beta * (exp(ref - logp) - (ref - logp) - 1).
-    Masked, averaged over each sequence's tokens then over the batch ("sequence", the official choice) or over all
-    tokens ("token").
-    """
+    Per token: -min(ratio * A, clip(ratio, 1-eps, 1+eps) * A) + beta * (exp(ref - logp) - (ref - logp) - 1), masked,
+    averaged over each sequence's tokens then over the batch ("sequence", the official choice) or over all tokens."""
     mask = mask.to(logp.dtype)
     adv = advantages.unsqueeze(1)                                      # (B, 1)
     ratio = torch.exp(logp - old_logp)                                 # (B, T)
@@ -275,8 +269,7 @@ def train_step(net, ref: model.VLM, optimizer, qs: list[dict], x: torch.Tensor |
     """One GRPO step on this rank's questions `qs` (their volumes x: (Q, 1, X, Y, Z), or None for text-only
     prompts). `net` is PolicyLogprobs, DDP-wrapped under torchrun. Returns the step's logging sums (all ranks),
     the gradient norm, whether the update was applied, the decoded completions and the phases' seconds."""
-    vlm, G = getattr(net, "module", net).vlm, args.group_size
-    t0 = time.perf_counter()
+    vlm, G, t0 = getattr(net, "module", net).vlm, args.group_size, time.perf_counter()
     thinks = [asks_think(args.seed, step, i, args.no_think_frac) for i in question_ids]
     prompt_ids, prompt_mask = vlm.tokenize([vlm.prompt(data.mmvqa_prompt(q, think=t), with_image=x is not None)
                                             for q, t in zip(qs, thinks)])   # (Q, P), left-padded

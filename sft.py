@@ -263,15 +263,13 @@ def train_step(net: nn.Module, optimizer, micro_batches: list[tuple], params: li
     """One optimizer step over this rank's micro-batches of (input_ids, attention_mask, weights, image_input):
     loss = Σ w·CE / Σ w with Σ w all-reduced over every micro-batch of every rank before the backward (eq. 4,
     choice 3). Returns (loss, gradient norm, whether the update was applied)."""
-    world = world_size()
     weight_total = all_reduce(sum(w[:, 1:].sum() for _, _, w, _ in micro_batches).to(device).double(), "sum").float()
     loss_sum = torch.zeros((), device=device)
     for j, (input_ids, mask, weights, image_input) in enumerate(micro_batches):
-        last = j == len(micro_batches) - 1
-        with (net.no_sync() if hasattr(net, "no_sync") and not last else nullcontext()):
+        with net.no_sync() if hasattr(net, "no_sync") and j < len(micro_batches) - 1 else nullcontext():
             with autocast(device):
                 s = net(input_ids.to(device), mask.to(device), weights.to(device), image_input)
-            (s * world / weight_total).backward()  # DDP averages over ranks -> Σ_all w·CE / Σ_all w
+            (s * world_size() / weight_total).backward()  # DDP averages over ranks -> Σ_all w·CE / Σ_all w
         loss_sum += s.detach()
     loss = all_reduce(loss_sum.clone(), "sum") / weight_total
     grad_norm, applied = runtime.optimizer_step(optimizer, params, args.grad_clip, args.nan_policy, step, loss_sum)
@@ -293,8 +291,7 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
         raise SystemExit(f"{len(examples)} examples < one global batch of {global_batch}")
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or 10**12)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at,
-                      curves=("loss", "lr", "grad_norm"))
+    run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at, curves=("loss", "lr", "grad_norm"))
     if run.state is not None:
         runtime.load_train_state(forward, optimizer, run.state)
     lengths = [len(ids) for ids, _ in encoded]
