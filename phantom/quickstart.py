@@ -82,11 +82,14 @@ def main(argv=None) -> int:
     try:
         while todo or running:
             for name, cmd, out in list(todo):        # start what is ready, in order, LANES at a time
-                if failed or len(running) == LANES or needs[name] & ({n for n, _, _ in todo} | set(running)):
+                if failed or needs[name] & ({n for n, _, _ in todo} | set(running)):
+                    continue
+                same = record.get(name, {}).get("stage", cmd) == cmd     # the same command as the recorded run
+                skip = record.get(name, {}).get("done") and same and not ran & needs[name]
+                if not skip and len(running) == LANES:
                     continue
                 todo.remove((name, cmd, out))
-                same = record.get(name, {}).get("stage", cmd) == cmd     # the same command as the recorded run
-                if record.get(name, {}).get("done") and same and not ran & needs[name]:
+                if skip:
                     print(f"== {name}: done before ({record[name]['seconds']:.0f} s), skipped")
                     continue
                 ran.add(name)                        # every stage that reads this one runs again too
@@ -112,8 +115,7 @@ def main(argv=None) -> int:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     if todo or failed:
-        print(f"== stopped: run `python -m phantom quickstart{' --long' * args.long}` again to go on (logs in "
-              "runs/logs/)")
+        print(f"== stopped: run `python -m phantom quickstart{' --long' * args.long}` again to go on (logs: runs/logs)")
         return failed or 1
     print(f"\n## Time per stage ({cpu_name()}; {LANES} stages at a time, one thread each; total = wall clock)\n\n"
           "| stage | seconds |\n|---|---|\n" + "\n".join(f"| {n} | {record[n]['seconds']:.0f} |" for n in names)

@@ -32,9 +32,8 @@ BLANK = "blank"  # the label vector of the copy exercises: no finding
 
 
 class FindingCode(nn.Module):
-    """Stand-in for encoder + bridge: a scan's 18 labels -> N_img image embeddings, one learned vector per abnormality
-    summed over the findings present (plus a learned vector per image position), layer-normed like the bridge's
-    output."""
+    """Stand-in for encoder + bridge: a scan's 18 labels -> N_img image embeddings, the sum of a learned vector per
+    finding present plus one per image position, layer-normed like the bridge's output."""
 
     def __init__(self, n_img: int, dim: int, n_labels: int = len(data.ABNORMALITIES)):
         super().__init__()
