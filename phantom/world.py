@@ -535,9 +535,9 @@ def ensure_world(root="runs/phantom", n_train=None, n_valid=None, n_rad=None, se
         params = {k: v if v is not None else built.get(k, PHANTOM_DEFAULTS[k]) for k, v in asked.items()}
         n_train, n_valid, n_rad, seed, rl_frac = params.values()
         if built and built != params:
-            raise ValueError(f"{root} holds a phantom world built with {built}, not {params}: delete it or pass "
-                             "another root")
-        (root / "phantom.json").write_text(json.dumps(params))
+            raise ValueError(f"{root} holds a phantom world built with {built}, not {params}: use another root")
+        if not built:
+            (root / "phantom.json").write_text(json.dumps(params))
         if (ds / ".done").exists() and (ds / ".done").read_text() != PHANTOM_VERSION:
             raise RuntimeError(f"{root} was built by an older phantom generator; delete it (rm -rf {root}) and rerun")
         if not (ds / ".done").exists():
