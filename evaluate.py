@@ -36,7 +36,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 import warnings
@@ -59,7 +58,7 @@ import data
 import model
 from grpo import answer_only_reward, format_reward, offline_consistency, parse_answer, think_text
 from runtime import autocast, cleanup_distributed, compute_dtype, get_rank, make_parser, parse_with_preset, print0
-from runtime import setup_distributed, world_size
+from runtime import setup_distributed, versions, world_size
 
 TEXT_METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-1", "ROUGE-2", "ROUGE-L", "CIDEr",
                 "BERT-F1", "LLM-score"]
@@ -549,13 +548,11 @@ def sha256(path) -> str | None:
 
 
 def provenance(args) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    code = versions()   # the commit of this code, wherever evaluate.py is run from
     pkgs = ["torch", "transformers", "pycocoevalcap", "rouge-score", "bert-score", "scipy", "openai", "numpy"]
-    return {"argv": sys.argv, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": commit,
-            "python": sys.version.split()[0], "versions": {p: _version(p) for p in pkgs}, "world_size": world_size(),
+    return {"argv": sys.argv, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "git_commit": code["git_commit"], "python": code["python"], "versions": {p: _version(p) for p in pkgs},
+            "world_size": world_size(),
             "java": shutil.which("java") is not None, "data_root": args.data_root, "preset": args.preset,
             "question_files": {},
             "judge_prompts_sha256": hashlib.sha256((LLM_SCORE_PROMPT + REASONING_PROMPT).encode()).hexdigest(),
