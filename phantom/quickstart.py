@@ -25,8 +25,8 @@ import torch
 
 import runtime
 
-# (name, command after `python`, its output folder or None). A stage reads every stage before it, or what NEEDS lists.
-# The quick recipe scores the first 100 questions of each MMVQA set: its GRPO gain is within their noise.
+# (name, command after `python`, output folder or None); a stage reads every stage before it, or what NEEDS lists.
+# The quick recipe scores the first 100 questions of each set. LANES: stages running at once.
 STAGES = [
     ("world", ["-m", "phantom", "world"], None),
     ("warmup", ["-m", "phantom", "warmup"], "runs/warmup"),
@@ -40,7 +40,7 @@ STAGES = [
 ]
 NEEDS = {"clip3d": ["world"], "grpo": ["sft"], "grpo_nocon": ["sft"],
          **{name: ["warmup", "clip3d"] for name in ("sft_noram", "sft_noarw", "sft_lora")}}
-LANES = 2  # stages running at once
+LANES = 2
 # --long: GRPO at lr 2e-5, 160 steps, half its questions without <think>; the same without r_con (table 4); all items
 LONG_GRPO = ["--lr", "2e-5", "--steps", "160", "--no-think-frac", "0.5"]
 LONG_STAGES = [*STAGES[:4], ("grpo", ["grpo.py", *LONG_GRPO], "runs/grpo"),
@@ -62,8 +62,9 @@ def launch(name: str, full: list[str]) -> subprocess.Popen:
     log = Path("runs/logs", f"{name}.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"== {name}: python {' '.join(full)}   (output: {log})", flush=True)
-    return subprocess.Popen([sys.executable, *full], stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={"OMP_NUM_THREADS": "1", **os.environ})
+    with log.open("w") as out:   # the stage holds its own copy of the file
+        return subprocess.Popen([sys.executable, *full], stdout=out, stderr=subprocess.STDOUT,
+                                env={"OMP_NUM_THREADS": "1", **os.environ})
 
 
 def main(argv=None) -> int:
@@ -75,12 +76,12 @@ def main(argv=None) -> int:
     stages = LONG_STAGES if args.long else STAGES
     names = [name for name, _, _ in stages]
     needs = {name: set(NEEDS.get(name, names[:i])) for i, name in enumerate(names)}
-    todo, ran, running, failed, t_start = list(stages), set(), {}, 0, time.time()
+    todo, ran, running, failed, t_start, cpu = list(stages), set(), {}, 0, time.time(), cpu_name()
     handlers = {signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None),  # Ctrl-C reaches the stages directly
                 signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, _: [  # a SIGTERM is passed on to them
                     proc.send_signal(signum) for proc, _ in running.values()])}
     try:
-        while todo or running:
+        while running or todo and not failed:   # after a failure, only the running stages finish
             for name, cmd, out in list(todo):        # start what is ready, in order, LANES at a time
                 if failed or needs[name] & ({n for n, _, _ in todo} | set(running)):
                     continue
@@ -98,9 +99,7 @@ def main(argv=None) -> int:
                 running[name] = (launch(name, full), time.time())
                 record[name] = {"command": "python " + " ".join(full), "stage": cmd, "done": False,
                                 "seconds": record.get(name, {}).get("seconds", 0) if resume else 0}
-                RECORD.write_text(json.dumps({**record, "cpu": cpu_name()}, indent=1))
-            if not running:   # a stage failed: nothing more starts
-                break
+                RECORD.write_text(json.dumps({**record, "cpu": cpu}, indent=1))
             time.sleep(0.2)
             for name, (proc, t0) in list(running.items()):
                 if proc.poll() is not None:
@@ -110,14 +109,14 @@ def main(argv=None) -> int:
                     failed = failed or proc.returncode
                     print(f"== {name}: {'done' if proc.returncode == 0 else f'stopped (exit {proc.returncode})'} "
                           f"after {seconds:.0f} s", flush=True)
-                    RECORD.write_text(json.dumps({**record, "cpu": cpu_name()}, indent=1))
+                    RECORD.write_text(json.dumps({**record, "cpu": cpu}, indent=1))
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     if todo or failed:
         print(f"== stopped: run `python -m phantom quickstart{' --long' * args.long}` again to go on (logs: runs/logs)")
         return failed or 1
-    print(f"\n## Time per stage ({cpu_name()}; {LANES} stages at a time, one thread each; total = wall clock)\n\n"
+    print(f"\n## Time per stage ({cpu}; {LANES} stages at a time, one thread each; total = wall clock)\n\n"
           "| stage | seconds |\n|---|---|\n" + "\n".join(f"| {n} | {record[n]['seconds']:.0f} |" for n in names)
           + f"\n| total | {time.time() - t_start:.0f} |\n")
     print(Path("runs/eval/results.md").read_text())
