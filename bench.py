@@ -320,7 +320,7 @@ def bench_sft(args, paths: dict, llm_dir) -> dict:
                      "cached_sec_per_step": cached["sec"], "cached_steps_per_s": 1 / cached["sec"],
                      "cached_sec_all": cached["sec_all"], "speedup": plain["sec"] / cached["sec"],
                      "vit_params_m": sum(p.numel() for p in vlm.vit.parameters()) / 1e6}
-        del vlm, opt, feats
+        vlm = opt = feats = None   # freed before the next preset's model is built
         gc.collect()
     return res
 

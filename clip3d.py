@@ -53,9 +53,7 @@ PHANTOM = dict(vit="tiny", lr=1e-3, batch_size=16, micro_batch=None, epochs=12, 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = runtime.make_parser(__doc__)
-    g = p.add_argument_group("data")
-    g.add_argument("--preset", default="phantom", choices=["phantom", "real"], help="phantom world or the paper's run")
-    g.add_argument("--data-root", default="runs/phantom", help="data root (data.paths); a phantom one is built")
+    g = runtime.data_flags(p)
     g.add_argument("--max-text-len", type=int, default=512, help="text tokens (findings + impressions) per report")
     g.add_argument("--workers", type=int, default=8, help="DataLoader workers per rank")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True, help="random training crops")
@@ -72,14 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--epochs", type=int, default=39)
     g.add_argument("--warmup-frac", type=float, default=0.03)
     g.add_argument("--grad-clip", type=float, default=1.0)
-    g = p.add_argument_group("run-time")
-    g.add_argument("--out", default="runs/clip3d", help="vision_encoder.safetensors, ckpt/, metrics.jsonl")
+    g = runtime.run_flags(p, "runs/clip3d", "vision_encoder.safetensors, ckpt/, metrics.jsonl", 1000, shard=False)
     g.add_argument("--eval-every", type=int, default=1000)
-    g.add_argument("--save-every", type=int, default=1000)
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under <out>/ckpt")
-    g.add_argument("--overwrite", action="store_true", help="start afresh over an earlier run in <out>")
-    g.add_argument("--nan-policy", default="skip", choices=["skip", "stop"], help="on a non-finite loss, on all ranks")
-    g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-steps", type=int, default=0, help=HIDDEN)     # stop after this many steps (0: all epochs)
     return runtime.parse_with_preset(p, argv, PHANTOM)
 
@@ -304,7 +296,7 @@ def main(argv=None) -> dict:
     no_decay = [p for p in net.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-    run = runtime.Run(args.out, args.resume, args.overwrite,
+    run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at,
                       curves=("loss", "lr", "zs_auc_mean", "v2r_R@1", "v2r_R@5", "r2v_R@5"))
     if run.state is not None:
         net.load_state_dict(run.state["model"])
@@ -316,6 +308,12 @@ def main(argv=None) -> dict:
 
     batches = iter(DataLoader(train, batch_sampler=micro_batches(len(train), run.start, total_steps, args, rank, world),
                               num_workers=args.workers, collate_fn=collate, pin_memory=device.type == "cuda"))
+    def snapshot() -> dict:   # a resumable state, and the encoder alone beside it (atomic, BrgSA names)
+        if rank == 0:
+            M.save_vision_weights(net.vit, Path(args.out) / "vision_encoder.safetensors")
+        return {"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": (step + 1) // steps_per_epoch,
+                "args": vars(args)}
+
     metrics, t0 = {}, time.time()
     for step in tqdm(range(run.start, total_steps), initial=run.start, total=total_steps, disable=rank != 0):
         lr = runtime.cosine_lr(step, total_steps, int(args.warmup_frac * total_steps), args.lr)
@@ -329,14 +327,7 @@ def main(argv=None) -> dict:
             print0(f"step {step + 1}: zero-shot AUC {metrics.get('zs_auc_mean', float('nan')):.3f}, R@1/5/10 v->r "
                    + "/".join(f"{metrics.get(f'v2r_R@{k}', 0):.3f}" for k in (1, 5, 10)))
         run.log(record)
-        stop = run.should_stop(step + 1, device)
-        if (step + 1) % args.save_every == 0 or done or stop:
-            run.save(step + 1, {"model": net.state_dict(), "optimizer": opt.state_dict(),
-                                "epoch": (step + 1) // steps_per_epoch, "args": vars(args)})
-            if rank == 0:
-                M.save_vision_weights(net.vit, Path(args.out) / "vision_encoder.safetensors")   # atomic, BrgSA names
-        if stop:
-            run.stopped(step + 1)
+        if run.end_step(step + 1, (step + 1) % args.save_every == 0 or done, snapshot, device):
             break
     else:
         print0(f"done in {time.time() - t0:.0f}s; vision encoder: {Path(args.out) / 'vision_encoder.safetensors'}")

@@ -58,7 +58,7 @@ import data
 import model
 from grpo import answer_only_reward, format_reward, offline_consistency, parse_answer, think_text
 from runtime import autocast, cleanup_distributed, compute_dtype, get_rank, make_parser, parse_with_preset, print0
-from runtime import setup_distributed, versions, world_size
+from runtime import data_flags, setup_distributed, versions, world_size
 
 TEXT_METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-1", "ROUGE-2", "ROUGE-L", "CIDEr",
                 "BERT-F1", "LLM-score"]
@@ -642,9 +642,7 @@ def parse_args(argv=None):
     g.add_argument("--reference", default=None, help="run label the others are tested against; unset = sft, or first")
     g.add_argument("--tasks", default="mmvqa,reports,reasoning,bias", help="comma list of mmvqa,reports,reasoning,bias")
     g.add_argument("--compare", nargs=2, metavar="RESULTS_JSON[:LABEL]", help="only paired tests between two results")
-    g = p.add_argument_group("data")
-    g.add_argument("--preset", choices=["phantom", "real"], default="phantom", help="phantom world or CT-RATE layout")
-    g.add_argument("--data-root", default="runs/phantom", help="phantom root (built if absent) or real data root")
+    g = data_flags(p)
     g.add_argument("--mmvqa-ctrate", default=None, help="MCQ JSON, official format; unset = <root>/mmvqa/valid.json")
     g.add_argument("--mmvqa-radchestct", default=None, help="MCQ JSON; unset = <root>/mmvqa/radchestct.json")
     g.add_argument("--n-mmvqa", type=int, default=0, help="questions per set, first N of the file (0 = all)")

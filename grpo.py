@@ -48,7 +48,7 @@ import data
 import model
 import runtime
 from data import parse_answer, think_text
-from runtime import HIDDEN, all_reduce, autocast, get_rank, print0, world_size
+from runtime import all_reduce, autocast, get_rank, print0, world_size
 
 # ==== Rewards: pure functions of (completion text, example) ===========================================================
 
@@ -358,9 +358,7 @@ PHANTOM = dict(lr=1e-5, steps=120, batch_size=4, max_new_tokens=96, temperature=
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = runtime.make_parser(__doc__)
-    g = p.add_argument_group("data")
-    g.add_argument("--preset", default="phantom", choices=["phantom", "real"], help="phantom world or the paper's run")
-    g.add_argument("--data-root", default="runs/phantom", help="data root (data.paths); a phantom one is built")
+    g = runtime.data_flags(p)
     g.add_argument("--sft", default="runs/sft/vlm", help="SFT checkpoint: the initial policy and the reference")
     g.add_argument("--eval-n", type=int, default=500, help="validation questions (the first n of the file)")
     g = p.add_argument_group("rewards")
@@ -389,19 +387,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--grad-clip", type=float, default=1.0, help="0 = off")
     g.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the ViT frozen (the paper trains the whole model)")
-    g = p.add_argument_group("run-time")
+    g = runtime.run_flags(p, "runs/grpo", "vlm/, ckpt/, metrics.jsonl", save_every=20)
     g.add_argument("--micro-batch", type=int, default=0, help="rows per policy/reference pass; 0 = all (choice 7)")
     g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True, help="less memory (choice 7)")
-    g.add_argument("--out", default="runs/grpo", help="vlm/, ckpt/, metrics.jsonl")
     g.add_argument("--eval-every", type=int, default=10, help="steps between validation accuracies; 0 = off")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under <out>/ckpt")
-    g.add_argument("--overwrite", action="store_true", help="start afresh over an earlier run in <out>")
-    g.add_argument("--save-every", type=int, default=20, help="steps between resumable checkpoints")
-    g.add_argument("--nan-policy", default="skip", choices=["skip", "stop"], help="on a non-finite loss, on all ranks")
-    g.add_argument("--shard", default="ddp", choices=["ddp", "fsdp"],
-                   help="under torchrun: replicate the policy (DDP) or shard it, its gradients and AdamW state (FSDP2)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--stop-at", type=int, default=None, help=HIDDEN)     # save and exit after this step
     args = runtime.parse_with_preset(p, argv, PHANTOM)
     if args.group_size < 2:
         p.error("--group-size must be at least 2: advantages compare the samples of a group")
@@ -487,11 +476,8 @@ def main(argv=None) -> dict:
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['r_acc']:.2f}", fmt=f"{row['r_fmt']:.2f}",
                         kl=f"{row['kl']:.3f}")
-        stop = run.should_stop(done, device)
-        if stop or (args.save_every and done % args.save_every == 0 and done < args.steps):
-            run.save(done, {**runtime.train_state(net, optimizer), "args": vars(args)})
-        if stop:
-            run.stopped(done)
+        if run.end_step(done, args.save_every and done % args.save_every == 0 and done < args.steps,
+                        lambda: {**runtime.train_state(net, optimizer), "args": vars(args)}, device):
             break
     bar.close()
     run.close()

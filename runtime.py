@@ -402,6 +402,16 @@ class Run:
             save_train_state(self.out / "ckpt", step, {**state, "step": step, "rng": rngs, "versions": versions()},
                              keep=self.keep)
 
+    def end_step(self, step: int, save_due: bool, state, device: torch.device | str = "cpu") -> bool:
+        """After optimizer step `step`, on every rank: save a resumable checkpoint of `state()` (a collective under
+        FSDP) when `save_due` or a stop was requested; True when the run stops here (its message printed)."""
+        stop = self.should_stop(step, device)
+        if stop or save_due:
+            self.save(step, state())
+        if stop:
+            self.stopped(step)
+        return stop
+
     def should_stop(self, step: int, device: torch.device | str = "cpu") -> bool:
         """True on every rank once any rank received SIGINT or SIGTERM, or at --stop-at."""
         return any_rank(_stop_signal is not None, device) or step == self.stop_at
@@ -446,10 +456,39 @@ def plot_curves(metrics: str | Path, series: tuple[str, ...], png: str | Path) -
 
 
 # ==== Command lines: the paper's defaults on the flags, the phantom world's overrides in one dict per stage ========
+HIDDEN = argparse.SUPPRESS  # help text of flags only the tests use (--stop-at, --max-steps, --inject-nan)
+
+
 def make_parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
     """A stage's parser: the docstring's first line as description, its run lines (from "Run:") as epilog."""
     return argparse.ArgumentParser(prog=prog, description=doc.strip().split("\n")[0], epilog=doc[doc.index("Run:"):],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def data_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The "data" group with the flags every stage shares; the stage adds its own to the group returned."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--preset", default="phantom", choices=["phantom", "real"], help="phantom world or the paper's run")
+    g.add_argument("--data-root", default="runs/phantom", help="data root (data.paths); a phantom one is built")
+    return g
+
+
+def run_flags(parser: argparse.ArgumentParser, out: str, outputs: str, save_every: int,
+              shard: bool = True) -> argparse._ArgumentGroup:
+    """The "run-time" group with the flags of `Run` and the loop every training stage shares; the stage adds its own
+    to the group returned."""
+    g = parser.add_argument_group("run-time")
+    g.add_argument("--out", default=out, help=outputs)
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under <out>/ckpt")
+    g.add_argument("--overwrite", action="store_true", help="start afresh over an earlier run in <out>")
+    g.add_argument("--save-every", type=int, default=save_every, help="optimizer steps between resumable checkpoints")
+    g.add_argument("--nan-policy", default="skip", choices=["skip", "stop"], help="on a non-finite loss, on all ranks")
+    if shard:
+        g.add_argument("--shard", default="ddp", choices=["ddp", "fsdp"], help="under torchrun: replicate what "
+                       "trains (DDP) or shard it, its gradients and AdamW state (FSDP2)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop-at", type=int, default=None, help=HIDDEN)   # save and exit after this step
+    return g
 
 
 def parse_with_preset(parser: argparse.ArgumentParser, argv, phantom: dict) -> argparse.Namespace:
@@ -465,4 +504,3 @@ def parse_with_preset(parser: argparse.ArgumentParser, argv, phantom: dict) -> a
     return parser.parse_args(argv)
 
 
-HIDDEN = argparse.SUPPRESS  # help text of flags only the tests use (--stop-at, --max-steps, --inject-nan)

@@ -59,9 +59,7 @@ def parse_args(argv=None, phantom: dict = PHANTOM, doc: str = __doc__, prog: str
     """The flags with the paper's defaults, `phantom` overriding them under --preset phantom (the warm-up reuses
     this parser with its own overrides, docstring and program name)."""
     p = runtime.make_parser(doc, prog)
-    g = p.add_argument_group("data")
-    g.add_argument("--preset", default="phantom", choices=["phantom", "real"], help="phantom world or the paper's run")
-    g.add_argument("--data-root", default="runs/phantom", help="data root (data.paths); a phantom one is built")
+    g = runtime.data_flags(p)
     g.add_argument("--vqa", action=argparse.BooleanOptionalAction, default=True, help="VQA items besides reports")
     g.add_argument("--max-len", type=int, default=2048, help="tokens per example")
     g = p.add_argument_group("model")
@@ -84,19 +82,10 @@ def parse_args(argv=None, phantom: dict = PHANTOM, doc: str = __doc__, prog: str
     g.add_argument("--grad-clip", type=float, default=1.0, help="0 = off")
     g.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=False,
                    help="encode each volume once and reuse its encoder tokens")
-    g = p.add_argument_group("run-time")
+    g = runtime.run_flags(p, "runs/sft", "vlm/, ckpt/, metrics.jsonl", save_every=100)
     g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute the LLM's activations in the backward pass (less memory, one more forward)")
-    g.add_argument("--out", default="runs/sft", help="vlm/, ckpt/, metrics.jsonl")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under <out>/ckpt")
-    g.add_argument("--overwrite", action="store_true", help="start afresh over an earlier run in <out>")
-    g.add_argument("--save-every", type=int, default=100, help="optimizer steps between resumable checkpoints")
     g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--nan-policy", default="skip", choices=["skip", "stop"], help="on a non-finite loss, on all ranks")
-    g.add_argument("--shard", default="ddp", choices=["ddp", "fsdp"],
-                   help="under torchrun: replicate what trains (DDP) or shard it, its gradients, AdamW state (FSDP2)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--stop-at", type=int, default=None, help=HIDDEN)     # save and exit after this step
     g.add_argument("--max-steps", type=int, default=None, help=HIDDEN)   # cap the schedule
     g.add_argument("--inject-nan", default=None, help=HIDDEN)            # STEP:RANK, poison that rank's input
     return runtime.parse_with_preset(p, argv, phantom)
@@ -323,11 +312,8 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
             run.log(row)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         done = step + 1
-        stop = run.should_stop(done, device)
-        if stop or (args.save_every and done % args.save_every == 0 and done < total_steps):
-            run.save(done, {**runtime.train_state(forward, optimizer), "args": vars(args)})
-        if stop:
-            run.stopped(done)
+        if run.end_step(done, args.save_every and done % args.save_every == 0 and done < total_steps,
+                        lambda: {**runtime.train_state(forward, optimizer), "args": vars(args)}, device):
             break
     bar.close()
     run.close()

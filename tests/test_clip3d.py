@@ -117,7 +117,7 @@ def test_two_ranks_equal_one_rank_with_same_global_batch(phantom_world, tmp_path
     # LayerNorm's bias. Its gradient is zero in exact arithmetic (the test below), so Adam turns float noise into steps
     # of up to lr (|m/sqrt(v)| <= 1.005 in the first 3 steps) with a random sign in each run: two runs may differ by up
     # to 2 x steps x lr (measured: 2.8e-3 on AMD EPYC, 3.1e-3 on Intel Xeon with AMX).
-    a, b = load_file(tmp_path / "one" / "vision_encoder.safetensors"), load_file(tmp_path / "two" / "vision_encoder.safetensors")
+    a, b = (load_file(tmp_path / run / "vision_encoder.safetensors") for run in ("one", "two"))
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=0, atol=2 * 3 * 1e-3 * 1.005 if k == "norm.bias" else 1e-3), k
 
@@ -154,3 +154,17 @@ def test_resume_continues_exactly(phantom_world, tmp_path):
     vit = M.ViT3D.from_preset("tiny")                     # the output loads in the BrgSA layout, strictly
     M.load_vision_weights(vit, resumed / "vision_encoder.safetensors")
     assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight"} <= a.keys()
+
+
+def test_stop_request_saves_then_resume_replays_the_uninterrupted_run(phantom_world, tmp_path):
+    """--stop-at stands in for SIGTERM (the same Run.end_step path): the run saves its step and the encoder, stops;
+    --resume then gives the uninterrupted run's losses and weights."""
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    clip3d.main([str(a) for a in run_args(phantom_world, full, "--max-steps", 3)])
+    clip3d.main([str(a) for a in run_args(phantom_world, stopped, "--max-steps", 3, "--stop-at", 1)])
+    assert [p.name for p in (stopped / "ckpt").iterdir()] == ["step_00000001"]   # saved although --save-every 2
+    assert len(losses(stopped)) == 1 and (stopped / "vision_encoder.safetensors").is_file()
+    clip3d.main([str(a) for a in run_args(phantom_world, stopped, "--max-steps", 3, "--resume")])
+    assert losses(stopped) == losses(full)
+    a, b = load_file(full / "vision_encoder.safetensors"), load_file(stopped / "vision_encoder.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -106,3 +106,24 @@ def test_a_checkpoint_records_the_code_and_package_versions(tmp_path):
     run.close()
     saved = runtime.latest_train_state(tmp_path / "ckpt")["versions"]
     assert saved["torch"] == str(torch.__version__) and saved["transformers"] and len(saved["git_commit"]) == 40
+
+
+def test_end_step_saves_when_due_and_on_a_stop_request(tmp_path, capsys):
+    """The loop tail every stage shares: save when due, and on a stop request save, say how to resume, stop."""
+    run, built = runtime.Run(tmp_path, resume=False, stop_at=3), []
+    state = lambda: built.append(1) or {"w": torch.ones(1)}            # built on every rank only when a save is due
+    assert not run.end_step(1, False, state) and not built and not (tmp_path / "ckpt").exists()
+    assert not run.end_step(2, True, state) and len(built) == 1
+    assert run.end_step(3, False, state) and len(built) == 2               # --stop-at 3: saved although not due
+    run.close()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_00000002", "step_00000003"]
+    assert f"stopped after step 3: saved a resumable checkpoint in {tmp_path / 'ckpt'}" in capsys.readouterr().out
+
+
+def test_every_training_stage_has_the_shared_run_time_flags():
+    shared = {"preset", "data_root", "out", "resume", "overwrite", "save_every", "nan_policy", "seed", "stop_at"}
+    for stage in (clip3d, sft, grpo):
+        args = vars(stage.parse_args(["--stop-at", "2", "--save-every", "5"]))
+        assert shared <= set(args) and (args["stop_at"], args["save_every"]) == (2, 5), stage.__name__
+    assert (sft.parse_args([]).out, grpo.parse_args([]).out, clip3d.parse_args([]).out) == \
+        ("runs/sft", "runs/grpo", "runs/clip3d")

@@ -174,7 +174,8 @@ def test_phantom_sft_trains_on_reports_unless_vqa_is_asked(phantom_world, tiny_l
     plain = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "a", "--max-steps", 1))
     with_vqa = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "b", "--max-steps", 1, "--vqa"))
     assert plain["examples"] == reports
-    assert with_vqa["examples"] == reports + sum(v["kind"] != "report" for v in data.read_vqa(phantom_world["train_vqa"]))
+    vqa = sum(v["kind"] != "report" for v in data.read_vqa(phantom_world["train_vqa"]))
+    assert with_vqa["examples"] == reports + vqa
     assert sft.parse_args(["--preset", "real"]).vqa and not sft.parse_args(["--preset", "real"]).cache_features
 
 
@@ -245,7 +246,8 @@ def test_two_processes_equal_one(phantom_world, tiny_llm, vision_weights, tmp_pa
     run = torchrun(2, sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "two"), log_dir=tmp_path / "logs")
     assert run.returncode == 0, run.stderr[-3000:]
     assert losses(tmp_path / "two") == pytest.approx(one["losses"], rel=1e-5)
-    out = {rank: "".join(p.read_text() for p in (tmp_path / "logs").rglob(f"attempt_0/{rank}/std*.log")) for rank in "01"}
+    out = {rank: "".join(p.read_text() for p in (tmp_path / "logs").rglob(f"attempt_0/{rank}/std*.log"))
+           for rank in "01"}
     assert "Loading weights" in out["0"] and "sft: " in out["0"]           # rank 0: transformers' bars and ours
     assert "%|" not in out["1"] and "Loading weights" not in out["1"]      # rank 1: no progress output at all
     two = model.VLM.load(tmp_path / "two" / "vlm")
