@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--warmup-frac", type=float, default=0.03)
     g.add_argument("--grad-clip", type=float, default=1.0)
     g = runtime.run_flags(p, "runs/clip3d", "vision_encoder.safetensors, ckpt/, metrics.jsonl", 1000, shard=False)
-    g.add_argument("--eval-every", type=int, default=1000)
+    g.add_argument("--eval-every", type=int, default=1000, help="steps between validations; 0 = at the end only")
     g.add_argument("--max-steps", type=int, default=0, help=HIDDEN)     # stop after this many steps (0: all epochs)
     return runtime.parse_with_preset(p, argv, PHANTOM)
 
@@ -308,26 +308,27 @@ def main(argv=None) -> dict:
 
     batches = iter(DataLoader(train, batch_sampler=micro_batches(len(train), run.start, total_steps, args, rank, world),
                               num_workers=args.workers, collate_fn=collate, pin_memory=device.type == "cuda"))
+
     def snapshot() -> dict:   # a resumable state, and the encoder alone beside it (atomic, BrgSA names)
         if rank == 0:
             M.save_vision_weights(net.vit, Path(args.out) / "vision_encoder.safetensors")
-        return {"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": (step + 1) // steps_per_epoch,
+        return {"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": n // steps_per_epoch,
                 "args": vars(args)}
 
     metrics, t0 = {}, time.time()
     for step in tqdm(range(run.start, total_steps), initial=run.start, total=total_steps, disable=rank != 0):
         lr = runtime.cosine_lr(step, total_steps, int(args.warmup_frac * total_steps), args.lr)
         runtime.set_lr(opt, lr)
-        record = {"step": step + 1, **train_step(ddp, net, opt, [next(batches) for _ in range(args.accum)], tokenizer,
-                                                 args, step, device), "lr": lr, "time_s": round(time.time() - t0, 2)}
-        done = step + 1 == total_steps
-        if (step + 1) % args.eval_every == 0 or done:
+        n, last = step + 1, step + 1 == total_steps   # n steps done; --eval-every / --save-every 0: at the end only
+        record = {"step": n, **train_step(ddp, net, opt, [next(batches) for _ in range(args.accum)], tokenizer,
+                                          args, step, device), "lr": lr, "time_s": round(time.time() - t0, 2)}
+        if last or args.eval_every and n % args.eval_every == 0:
             metrics = validate(net, tokenizer, val, labels, args, device)
             record.update(metrics)
-            print0(f"step {step + 1}: zero-shot AUC {metrics.get('zs_auc_mean', float('nan')):.3f}, R@1/5/10 v->r "
+            print0(f"step {n}: zero-shot AUC {metrics.get('zs_auc_mean', float('nan')):.3f}, R@1/5/10 v->r "
                    + "/".join(f"{metrics.get(f'v2r_R@{k}', 0):.3f}" for k in (1, 5, 10)))
         run.log(record)
-        if run.end_step(step + 1, (step + 1) % args.save_every == 0 or done, snapshot, device):
+        if run.end_step(n, last or bool(args.save_every and n % args.save_every == 0), snapshot, device):
             break
     else:
         print0(f"done in {time.time() - t0:.0f}s; vision encoder: {Path(args.out) / 'vision_encoder.safetensors'}")

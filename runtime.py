@@ -481,7 +481,8 @@ def run_flags(parser: argparse.ArgumentParser, out: str, outputs: str, save_ever
     g.add_argument("--out", default=out, help=outputs)
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under <out>/ckpt")
     g.add_argument("--overwrite", action="store_true", help="start afresh over an earlier run in <out>")
-    g.add_argument("--save-every", type=int, default=save_every, help="optimizer steps between resumable checkpoints")
+    g.add_argument("--save-every", type=int, default=save_every,
+                   help="optimizer steps between resumable checkpoints; 0 = none in between")
     g.add_argument("--nan-policy", default="skip", choices=["skip", "stop"], help="on a non-finite loss, on all ranks")
     if shard:
         g.add_argument("--shard", default="ddp", choices=["ddp", "fsdp"], help="under torchrun: replicate what "

@@ -168,3 +168,11 @@ def test_stop_request_saves_then_resume_replays_the_uninterrupted_run(phantom_wo
     assert losses(stopped) == losses(full)
     a, b = load_file(full / "vision_encoder.safetensors"), load_file(stopped / "vision_encoder.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_zero_eval_and_save_intervals_mean_at_the_end_only(phantom_world, tmp_path):
+    clip3d.main([str(a) for a in run_args(phantom_world, tmp_path, "--max-steps", 2, "--eval-every", 0,
+                                          "--save-every", 0)])
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert ["zs_auc_mean" in r for r in rows] == [False, True]                   # validated at the last step only
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step_00000002"]
