@@ -151,7 +151,15 @@ def load_vision_weights(vit: ViT3D, path: str | Path) -> ViT3D:
     for key in ("state_dict", "model"):
         if isinstance(state.get(key), dict):
             state = state[key]
-    vit.load_state_dict(state, strict=True)
+    try:
+        vit.load_state_dict(state, strict=True)
+    except RuntimeError as e:   # name the file and, for another width, the preset it fits; then torch's first lines
+        width = state["norm.weight"].shape[0] if "norm.weight" in state else None
+        fits = [n for n, p in VIT_PRESETS.items() if p["width"] == width != vit.width]
+        hint = f"; it holds a width-{width} encoder, the {fits[0]!r} ViT preset" if fits else ""
+        lines = str(e).splitlines()
+        raise RuntimeError(f"{path} does not fit this ViT3D (width {vit.width}, depth {len(vit.blocks)}){hint}:\n"
+                           + "\n".join(lines[:6] + [f"... ({len(lines) - 6} more lines)"] * (len(lines) > 6))) from e
     return vit
 
 

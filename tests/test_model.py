@@ -99,6 +99,11 @@ def test_brgsa_pth_loads_strictly(tmp_path):
     torch.save({k: v for k, v in fake.items() if k != "norm.bias"}, tmp_path / "missing.pth")
     with pytest.raises(RuntimeError, match="norm.bias"):
         M.load_vision_weights(M.ViT3D.from_preset("tiny"), tmp_path / "missing.pth")
+    # another preset's weights: the error names the file and the preset they fit, not 100 lines of shapes
+    with pytest.raises(RuntimeError, match=r"BrgSA_vision_encoder.pth does not fit this ViT3D \(width 768, depth 12\); "
+                       r"it holds a width-128 encoder, the 'tiny' ViT preset") as err:
+        M.load_vision_weights(M.ViT3D.from_preset("base"), tmp_path / "BrgSA_vision_encoder.pth")
+    assert len(str(err.value).splitlines()) <= 8
 
 
 def test_encoder_and_bridge_shapes():
