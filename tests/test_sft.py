@@ -129,10 +129,10 @@ def test_bridge_standardises_encoder_tokens_over_training_volumes(phantom_world,
     with torch.no_grad():  # the first 5 training volumes by name, centre crop, frozen encoder
         t = vlm.vit(torch.stack([data.online_transform(volumes.load(v), volumes.preset) for v in names])).double()
     assert torch.allclose(vlm.bridge.feat_mean, t.mean(0).float(), atol=1e-5)
-    spread, floor = t.std(0, unbiased=False).float(), 0.1 * t.std(0, unbiased=False).median().float()
+    spread, floor = t.std(0, unbiased=False).float(), 0.2 * t.std(0, unbiased=False).median().float()
     assert 0 < (spread < floor).sum() < spread.numel() // 2       # this encoder has near-constant channels
     assert torch.allclose(vlm.bridge.feat_std[spread >= floor], spread[spread >= floor], rtol=1e-4)
-    assert torch.allclose(vlm.bridge.feat_std[spread < floor], floor, rtol=1e-4)     # raised to a tenth of the median
+    assert torch.allclose(vlm.bridge.feat_std[spread < floor], floor, rtol=1e-4)     # raised to a fifth of the median
     loaded = model.VLM.load(tmp_path / "vlm")  # the statistics travel with the checkpoint
     assert torch.equal(loaded.bridge.feat_mean, vlm.bridge.feat_mean)
     assert torch.equal(loaded.bridge.feat_std, vlm.bridge.feat_std)
