@@ -6,7 +6,7 @@ stages are skipped, one with a checkpoint resumes, any other starts afresh. Ctrl
 stages after their current step, with resumable checkpoints.
 
 Run:
-  python -m phantom quickstart              # about 12 minutes on 2 idle CPU cores
+  python -m phantom quickstart              # about 11 minutes on 2 idle CPU cores
   python -m phantom quickstart --fresh      # forget earlier runs and redo every stage
   python -m phantom quickstart --long       # every validation question and table 4's GRPO run
 """
