@@ -670,6 +670,8 @@ def parse_args(argv=None):
 
 
 def eval_paths(args) -> dict:
+    if args.preset == "real" and not Path(args.data_root).is_dir():
+        raise SystemExit(f"--data-root {args.data_root} is not a directory (CT-RATE's layout, see data.paths)")
     paths = data.paths(args.data_root, args.preset)
     return {**paths, "mmvqa_valid": args.mmvqa_ctrate or paths["mmvqa_valid"],
             "mmvqa_radchestct": args.mmvqa_radchestct or paths["mmvqa_radchestct"]}

@@ -430,6 +430,8 @@ def test_run_selection(phantom_world, tmp_path, capsys):
         E.main(["sft", "sft_noram"] + argv)
     with pytest.raises(SystemExit, match="none of the runs sft, sft_noram, sft_noarw, sft_lora, grpo, grpo_nocon has"):
         E.main(argv[:2] + ["--runs", str(tmp_path / "empty")] + argv[4:])
+    with pytest.raises(SystemExit, match=f"--data-root {tmp_path / 'nowhere'} is not a directory"):
+        E.main(["--preset", "real", "--data-root", str(tmp_path / "nowhere")])          # before any traceback
 
 
 def test_case_sheets(eval_setup, tmp_path, monkeypatch):
