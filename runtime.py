@@ -503,5 +503,3 @@ def parse_with_preset(parser: argparse.ArgumentParser, argv, phantom: dict) -> a
     if known.preset == "phantom":
         parser.set_defaults(**phantom)
     return parser.parse_args(argv)
-
-
