@@ -297,7 +297,8 @@ def main(argv=None) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at,
-                      curves=("loss", "lr", "zs_auc_mean", "v2r_R@1", "v2r_R@5", "r2v_R@5"))
+                      curves=("loss", "lr", "zs_auc_mean", "v2r_R@1", "v2r_R@5", "r2v_R@5"),
+                      save_every=args.save_every, save_last=True)   # the encoder file is written with each save
     if run.state is not None:
         net.load_state_dict(run.state["model"])
         opt.load_state_dict(run.state["optimizer"])
@@ -319,16 +320,16 @@ def main(argv=None) -> dict:
     for step in tqdm(range(run.start, total_steps), initial=run.start, total=total_steps, disable=rank != 0):
         lr = runtime.cosine_lr(step, total_steps, int(args.warmup_frac * total_steps), args.lr)
         runtime.set_lr(opt, lr)
-        n, last = step + 1, step + 1 == total_steps   # n steps done; --eval-every / --save-every 0: at the end only
+        n = step + 1   # steps done; --eval-every 0: validate at the end only
         record = {"step": n, **train_step(ddp, net, opt, [next(batches) for _ in range(args.accum)], tokenizer,
                                           args, step, device), "lr": lr, "time_s": round(time.time() - t0, 2)}
-        if last or args.eval_every and n % args.eval_every == 0:
+        if n == total_steps or args.eval_every and n % args.eval_every == 0:
             metrics = validate(net, tokenizer, val, labels, args, device)
             record.update(metrics)
             print0(f"step {n}: zero-shot AUC {metrics.get('zs_auc_mean', float('nan')):.3f}, R@1/5/10 v->r "
                    + "/".join(f"{metrics.get(f'v2r_R@{k}', 0):.3f}" for k in (1, 5, 10)))
         run.log(record)
-        if run.end_step(n, last or bool(args.save_every and n % args.save_every == 0), snapshot, device):
+        if run.end_step(n, total_steps, snapshot, device):
             break
     else:
         print0(f"done in {time.time() - t0:.0f}s; vision encoder: {Path(args.out) / 'vision_encoder.safetensors'}")

@@ -443,7 +443,7 @@ def main(argv=None) -> dict:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at,
                       curves=("reward", "r_fmt", "r_acc", "r_con", "reward_std", "kl", "completion_len", "truncated",
-                              "val_acc"))
+                              "val_acc"), save_every=args.save_every)
     if run.state is not None:
         runtime.load_train_state(net, optimizer, run.state)
     history, skipped, t0 = [], 0, time.time()
@@ -476,8 +476,8 @@ def main(argv=None) -> dict:
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['r_acc']:.2f}", fmt=f"{row['r_fmt']:.2f}",
                         kl=f"{row['kl']:.3f}")
-        if run.end_step(done, args.save_every and done % args.save_every == 0 and done < args.steps,
-                        lambda: {**runtime.train_state(net, optimizer), "args": vars(args)}, device):
+        if run.end_step(done, args.steps, lambda: {**runtime.train_state(net, optimizer), "args": vars(args)},
+                        device):
             break
     bar.close()
     run.close()

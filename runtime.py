@@ -353,9 +353,10 @@ class Run:
     rows up to the step resumed from. Create it after the model is built (building consumes RNG), before the loop."""
 
     def __init__(self, out: str | Path, resume: bool, overwrite: bool = False, stop_at: int | None = None,
-                 keep: int = 2, curves: tuple[str, ...] = ()):
+                 keep: int = 2, curves: tuple[str, ...] = (), save_every: int = 0, save_last: bool = False):
         global _stop_signal
         self.out, self.stop_at, self.keep, self.curves = Path(out), stop_at, keep, curves
+        self.save_every, self.save_last = save_every, save_last
         self.rank, self.world = get_rank(), world_size()
         earlier = [p.name for p in (self.out / "metrics.jsonl", self.out / "ckpt") if p.exists()]
         if earlier and not resume and not overwrite:
@@ -402,11 +403,13 @@ class Run:
             save_train_state(self.out / "ckpt", step, {**state, "step": step, "rng": rngs, "versions": versions()},
                              keep=self.keep)
 
-    def end_step(self, step: int, save_due: bool, state, device: torch.device | str = "cpu") -> bool:
-        """After optimizer step `step`, on every rank: save a resumable checkpoint of `state()` (a collective under
-        FSDP) when `save_due` or a stop was requested; True when the run stops here (its message printed)."""
+    def end_step(self, step: int, total: int, state, device: torch.device | str = "cpu") -> bool:
+        """After optimizer step `step` of `total`, on every rank: save a resumable checkpoint of `state()` (a collective
+        under FSDP) every `save_every` steps before the last (0: none), at the last with `save_last`, and when a stop
+        was requested; True when the run stops here (its message printed)."""
         stop = self.should_stop(step, device)
-        if stop or save_due:
+        due = step < total and self.save_every and step % self.save_every == 0
+        if stop or due or (self.save_last and step == total):
             self.save(step, state())
         if stop:
             self.stopped(step)

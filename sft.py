@@ -281,7 +281,8 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
         raise SystemExit(f"{len(examples)} examples < one global batch of {global_batch}")
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or 10**12)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at, curves=("loss", "lr", "grad_norm"))
+    run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at, curves=("loss", "lr", "grad_norm"),
+                      save_every=args.save_every)
     if run.state is not None:
         runtime.load_train_state(forward, optimizer, run.state)
     lengths = [len(ids) for ids, _ in encoded]
@@ -313,8 +314,8 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
             run.log(row)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         done = step + 1
-        if run.end_step(done, args.save_every and done % args.save_every == 0 and done < total_steps,
-                        lambda: {**runtime.train_state(forward, optimizer), "args": vars(args)}, device):
+        if run.end_step(done, total_steps, lambda: {**runtime.train_state(forward, optimizer), "args": vars(args)},
+                        device):
             break
     bar.close()
     run.close()

@@ -110,14 +110,20 @@ def test_a_checkpoint_records_the_code_and_package_versions(tmp_path):
 
 def test_end_step_saves_when_due_and_on_a_stop_request(tmp_path, capsys):
     """The loop tail every stage shares: save when due, and on a stop request save, say how to resume, stop."""
-    run, built = runtime.Run(tmp_path, resume=False, stop_at=3), []
+    run, built = runtime.Run(tmp_path, resume=False, stop_at=3, save_every=2), []
     state = lambda: built.append(1) or {"w": torch.ones(1)}            # built on every rank only when a save is due
-    assert not run.end_step(1, False, state) and not built and not (tmp_path / "ckpt").exists()
-    assert not run.end_step(2, True, state) and len(built) == 1
-    assert run.end_step(3, False, state) and len(built) == 2               # --stop-at 3: saved although not due
+    assert not run.end_step(1, 4, state) and not built and not (tmp_path / "ckpt").exists()
+    assert not run.end_step(2, 4, state) and len(built) == 1
+    assert run.end_step(3, 4, state) and len(built) == 2                   # --stop-at 3: saved although not due
     run.close()
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_00000002", "step_00000003"]
     assert f"stopped after step 3: saved a resumable checkpoint in {tmp_path / 'ckpt'}" in capsys.readouterr().out
+    # the last step: no periodic save (sft and grpo write vlm/ instead), unless save_last (clip3d)
+    for save_last, expected in ((False, []), (True, ["step_00000004"])):
+        last = runtime.Run(tmp_path / str(save_last), resume=False, save_every=2, save_last=save_last)
+        assert not last.end_step(4, 4, state)
+        last.close()
+        assert sorted(p.name for p in (tmp_path / str(save_last)).glob("ckpt/*")) == expected
 
 
 def test_every_training_stage_has_the_shared_run_time_flags():
