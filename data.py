@@ -2,8 +2,10 @@
 
 Every stage reads its inputs through this file, from where `paths(root)` says they lie; the phantom world (phantom/)
 is written in the real datasets' on-disk formats, so one code path serves both. Deliberate choices:
-1. Axes (X, Y, Z) = (right->left, anterior->posterior, inferior->superior), from the NIfTI affine.
-2. A file holding air below -100 is already HU (CT-RATE v2) and is never rescaled; v1 raw values are rescaled once.
+1. Axes (X, Y, Z) = (right->left, anterior->posterior, inferior->superior): a v2 file is turned so by its NIfTI
+   affine; a v1 file (placeholder header) is stored so and used as stored.
+2. A file holding air below -100 is already HU (CT-RATE v2) and is never rescaled; v1 raw values are rescaled once,
+   and must then look like HU. The manifest records both decisions per file.
 3. Spacing comes from the metadata CSV (the v1 headers are placeholders); NaN spacing is an error, never a guess.
 4. A file that cannot be read is listed with its reason in bad_files.jsonl and skipped, never replaced by another.
 
@@ -51,6 +53,7 @@ RAD_TO_CTRATE = {
     "Consolidation": ["consolidation"], "Bronchiectasis": ["bronchiectasis"],
     "Interlobular septal thickening": ["septal_thickening"]}
 ABNORMALITIES = list(RAD_TO_CTRATE)
+MAPPED = {s for sources in RAD_TO_CTRATE.values() for s in sources}
 KNOWN_BAD = {"train_1267_a_4", "train_11755_a_3", "train_11755_a_4", "train_14384_a_2", "valid_251_a_2"}
 HU_MIN, HU_MAX, PAD_HU = -1000, 1000, -1024
 NORM_MEAN, NORM_STD = 0.4978, 0.2449  # the published encoder's normalisation
@@ -91,9 +94,24 @@ class VolumeReadError(ValueError):
     """A volume that cannot be read; the message always names the file."""
 
 
+def read_csv_rows(csv_path, key: str = "VolumeName") -> dict[str, dict]:
+    """{row[key]: row} of a CSV with a header (a UTF-8 byte-order mark is ignored); a missing key column, a row of
+    another length than the header, or a key listed twice with other values is an error naming the file and line."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader, out = csv.DictReader(f), {}
+        if key not in (reader.fieldnames or []):
+            raise ValueError(f"{csv_path}: no {key} column (header starts {(reader.fieldnames or [])[:3]})")
+        for row in reader:
+            if None in row.values() or None in row:
+                raise ValueError(f"{csv_path} line {reader.line_num}: not the header's {len(reader.fieldnames)} fields")
+            if out.get(row[key], row) != row:
+                raise ValueError(f"{csv_path} line {reader.line_num}: {row[key]} is listed twice, with other values")
+            out[row[key]] = row
+        return out
+
+
 def read_metadata(csv_path) -> dict[str, dict]:
-    with open(csv_path, newline="") as f:
-        return {row["VolumeName"]: row for row in csv.DictReader(f)}
+    return read_csv_rows(csv_path)
 
 
 def metadata_spacing(row: dict) -> tuple[float, float, float]:
@@ -121,8 +139,9 @@ def check_finite(hu: np.ndarray, path) -> np.ndarray:
     raise VolumeReadError(f"{path}: {', '.join(f'{v} {k} voxels' for k, v in n.items() if v)} (of {hu.size})")
 
 
-def read_ctrate_volume(path, meta_row: dict) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """float32 HU array (X, Y, Z) in (R->L, A->P, I->S) order, and its spacing (x, y, z) mm from the metadata row."""
+def read_ctrate_volume(path, meta_row: dict, how: dict | None = None) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """float32 HU array (X, Y, Z) in (R->L, A->P, I->S) order, and its spacing (x, y, z) mm from the metadata row.
+    `how`, if given, receives what was decided for this file: {"values": ..., "orientation": ...}."""
     path = Path(path)
     spacing = metadata_spacing(meta_row)
     try:
@@ -144,14 +163,22 @@ def read_ctrate_volume(path, meta_row: dict) -> tuple[np.ndarray, tuple[float, f
     hu = raw.astype(np.float32)
     if (slope, inter) != (1.0, 0.0):
         hu = hu * slope + inter
-    if not is_hu(hu):  # v1: raw values -> HU, exactly once
-        rescale = {k: float(meta_row[k]) for k in ("RescaleSlope", "RescaleIntercept")}
-        if bad := [f"{k} is {v}" for k, v in rescale.items() if not np.isfinite(v)]:
-            raise VolumeReadError(f"{path}: {', '.join(bad)} in the metadata CSV (v1 raw values cannot become HU)")
-        hu = hu * rescale["RescaleSlope"] + rescale["RescaleIntercept"]
-    ornt = nib.orientations
-    to_lps = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(("L", "P", "S")))
-    return check_finite(ornt.apply_orientation(hu, to_lps), path), spacing  # a view: preprocess_volume avoids the copy
+    how = {} if how is None else how
+    if is_hu(hu):  # v2: HU as stored, turned to (L, P, S) by its affine (a view: preprocess_volume avoids the copy)
+        ornt = nib.orientations
+        to_lps = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(("L", "P", "S")))
+        hu = ornt.apply_orientation(hu, to_lps)
+        how.update(values="HU as stored (v2)", orientation="".join(nib.aff2axcodes(affine)) + " -> LPS by the affine")
+        return check_finite(hu, path), spacing
+    rescale = {k: float(meta_row[k]) for k in ("RescaleSlope", "RescaleIntercept")}  # v1: raw values -> HU, once
+    if bad := [f"{k} is {v}" for k, v in rescale.items() if not np.isfinite(v)]:
+        raise VolumeReadError(f"{path}: {', '.join(bad)} in the metadata CSV (v1 raw values cannot become HU)")
+    hu = check_finite(hu * rescale["RescaleSlope"] + rescale["RescaleIntercept"], path)
+    if not ((hu > -1200) & (hu < -100)).any():  # e.g. an HU file without air, rescaled by mistake
+        raise VolumeReadError(f"{path}: neither HU (no voxel below -100) nor raw values (no air, (-1200, -100) HU, "
+                              f"after the metadata CSV's rescale {rescale}; values {hu.min():.0f} to {hu.max():.0f})")
+    how.update(values=f"raw, rescaled by the metadata CSV {rescale} (v1)", orientation="LPS as stored (v1 header)")
+    return hu, spacing
 
 
 def read_radchestct_volume(path, spacing=(0.8, 0.8, 0.8)) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -245,7 +272,8 @@ def _preprocess_one(job) -> dict:
     try:
         if fmt == "ctrate" and meta_row is None:
             raise VolumeReadError(f"{src}: no row for {name} in the metadata CSV")
-        hu, sp = read_ctrate_volume(src, meta_row) if fmt == "ctrate" else read_radchestct_volume(src, spacing)
+        how = {"values": "HU as stored", "orientation": "(Z, Y, X) superior first -> (X, Y, Z) inferior first"}
+        hu, sp = read_ctrate_volume(src, meta_row, how) if fmt == "ctrate" else read_radchestct_volume(src, spacing)
         vol = preprocess_volume(hu, sp, preset)
         np.save(tmp, vol)
     except Exception as e:  # whatever fails, fails for this file only: listed with its reason, and the run goes on
@@ -253,7 +281,7 @@ def _preprocess_one(job) -> dict:
         error = str(e) if isinstance(e, VolumeReadError) else f"{src}: {type(e).__name__}: {e}"
         return {"VolumeName": name, "path": str(src), "error": error}
     return {"VolumeName": name, "file": f"{volume_key(name)}.npy", "source": str(src), "spacing": list(sp),
-            "shape": list(vol.shape)}
+            "shape": list(vol.shape), **how}
 
 
 def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL, workers=1,
@@ -303,9 +331,11 @@ def read_reports(csv_path) -> dict[str, dict]:
     """{VolumeName: {'findings': str|None, 'impressions': str|None}}; the literal 'Not given.' means absent."""
     def section(text):
         return None if (text or "").strip() in ("", "Not given.") else text.strip()
-    with open(csv_path, newline="") as f:
-        return {r["VolumeName"]: {"findings": section(r["Findings_EN"]), "impressions": section(r["Impressions_EN"])}
-                for r in csv.DictReader(f)}
+    rows = read_csv_rows(csv_path)
+    if rows and (missing := {"Findings_EN", "Impressions_EN"} - set(next(iter(rows.values())))):
+        raise ValueError(f"{csv_path}: no {' or '.join(sorted(missing))} column (CT-RATE's reports: {REPORT_COLUMNS})")
+    return {k: {"findings": section(r["Findings_EN"]), "impressions": section(r["Impressions_EN"])}
+            for k, r in rows.items()}
 
 
 def split_sentences(text: str | None) -> list[str]:
@@ -494,26 +524,33 @@ def read_sentence_labels(jsonl) -> dict[str, dict]:
 
 def read_labels(csv_path) -> dict[str, np.ndarray]:
     """CT-RATE multi-abnormality CSV -> {VolumeName: int64 (18,)} in ABNORMALITIES order (column order checked)."""
-    with open(csv_path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader)
-        if header[1:] != ABNORMALITIES:
-            raise ValueError(f"{csv_path}: label columns differ from CT-RATE's 18: {header[1:]}")
-        return {row[0]: np.array([int(float(v)) for v in row[1:]], dtype=np.int64) for row in reader if row}
+    rows = read_csv_rows(csv_path)
+    if rows and list(next(iter(rows.values())))[1:] != ABNORMALITIES:
+        raise ValueError(f"{csv_path}: label columns differ from CT-RATE's 18: {list(next(iter(rows.values())))[1:]}")
+    return {k: np.array([_label(csv_path, k, a, r[a], {"0", "1", "0.0", "1.0"}) for a in ABNORMALITIES], np.int64)
+            for k, r in rows.items()}
+
+
+def _label(csv_path, key: str, column: str, value: str, allowed: set) -> float:
+    if value.strip() not in allowed:
+        raise ValueError(f"{csv_path}: {key}, column {column}: {value!r} is not a label (one of {sorted(allowed)})")
+    return float(value)
 
 
 def read_radchestct_labels(csv_path) -> dict[str, np.ndarray]:
     """RAD-ChestCT labels (84 collapsed columns, or the 84x52 'abnormality*location' file) -> {NoteAcc_DEID:
     float (18,)} in ABNORMALITIES order: the max over the mapped columns; NaN where the mapping has none."""
-    with open(csv_path, newline="") as f:
-        reader = csv.reader(f)
-        sources = [h.split("*")[0] for h in next(reader)[1:]]
-        cols = [[i for i, s in enumerate(sources) if s in RAD_TO_CTRATE[name]] for name in ABNORMALITIES]
-        out = {}
-        for row in filter(None, reader):
-            vals = np.array([float(v) for v in row[1:]])
-            out[row[0]] = np.array([float(vals[c].max() > 0) if c else np.nan for c in cols])
-        return out
+    rows = read_csv_rows(csv_path, "NoteAcc_DEID")
+    header = list(next(iter(rows.values())))[1:] if rows else []
+    sources = [h.split("*")[0] for h in header]
+    if rows and (missing := sorted(MAPPED - set(sources))):
+        raise ValueError(f"{csv_path}: no RAD-ChestCT label column for {missing}")
+    cols = [[i for i, s in enumerate(sources) if s in RAD_TO_CTRATE[name]] for name in ABNORMALITIES]
+    out, allowed = {}, {"0", "1", "0.0", "1.0"}
+    for k, r in rows.items():
+        vals = np.array([_label(csv_path, k, h, r[h], allowed) if s in MAPPED else 0 for h, s in zip(header, sources)])
+        out[k] = np.array([float(vals[c].max() > 0) if c else np.nan for c in cols])
+    return out
 
 
 # ================================================ questions and every stage's prompts ==========================
@@ -528,10 +565,11 @@ _TASKS = {"report_generation": "report", "long_answer": "open", "short_answer": 
 _TAGS = re.compile(r"<image>|<(?:report_generation|long_answer|short_answer|multiple_choice)>")
 
 
-def read_vqa(json_path) -> list[dict]:
+def read_vqa(json_path, skipped: Counter | None = None) -> list[dict]:
     """CT-CHAT VQA JSON (LLaVA style) or Med3D-R1 VQA JSON -> [{VolumeName, question, answer, kind}], one per
-    question/answer turn; text-only items (no image) are skipped; <image> and task tokens are stripped."""
-    out = []
+    question/answer turn; <image> and task tokens are stripped. Text-only items (no image) and a last question
+    without an answer are skipped, and counted in `skipped` if given."""
+    out, skipped = [], Counter() if skipped is None else skipped
     for i, item in enumerate(json.load(open(json_path))):
         where = f"{json_path} item {i}"
         check_fields(where, item, {})
@@ -540,6 +578,8 @@ def read_vqa(json_path) -> list[dict]:
             turns = item["conversations"] if item.get("image") else []
             for j, turn in enumerate(turns):
                 check_fields(f"{where} turn {j}", turn, {"value": str})
+            skipped["text-only items"] += not item.get("image")
+            skipped["questions without an answer"] += len(turns) % 2
             for q, a in zip(turns[0::2], turns[1::2]):
                 task = next((t for t in _TASKS if f"<{t}>" in q["value"]), item.get("id", "").rsplit("_", 1)[0])
                 kind, answer = _TASKS.get(task, "open"), a["value"].strip()

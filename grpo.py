@@ -413,7 +413,10 @@ def main(argv=None) -> dict:
     rank, _, world, device = runtime.setup_distributed()
     paths = data.paths(args.data_root, args.preset)
     volumes, val_volumes = data.VolumeCache(paths["train_cache"]), data.VolumeCache(paths["valid_cache"])
-    questions = [q for q in data.read_questions(paths["mmvqa_rl"]) if q["VolumeName"] in volumes]
+    questions = data.read_questions(paths["mmvqa_rl"])
+    if uncached := sum(q["VolumeName"] not in volumes for q in questions):
+        print0(f"left out {uncached} of {len(questions)} RL questions: their volume is not in {volumes.dir}")
+    questions = [q for q in questions if q["VolumeName"] in volumes]
     val_items = data.read_questions(paths["mmvqa_valid"])
     val_questions = [q for q in val_items if q["VolumeName"] in val_volumes][:args.eval_n]
     eval_every = args.eval_every if val_questions else 0

@@ -37,6 +37,7 @@ import json
 import math
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -127,10 +128,13 @@ def sft_examples(paths: dict, with_vqa: bool = True) -> list[dict]:
     examples = [{"volume": name, "user": data.report_instruction(s), "segments": data.report_target(s)}
                 for name, s in sorted(sentences.items())]
     if with_vqa:
-        for item in data.read_vqa(paths["train_vqa"]):
+        skipped = Counter()
+        for item in data.read_vqa(paths["train_vqa"], skipped):
             if item["kind"] != "report":  # reports come from the sentence labels above, with ARW weights
                 examples.append({"volume": item["VolumeName"], "user": item["question"],
                                  "segments": [(item["answer"], False)]})
+        if +skipped:
+            print0(f"{paths['train_vqa']}: left out {', '.join(f'{n} {k}' for k, n in skipped.items() if n)}")
     return examples
 
 
@@ -350,7 +354,10 @@ def main(argv=None) -> dict:
     vlm.bridge.train()
     vlm.set_grad_checkpointing(args.grad_ckpt)
     volumes = data.VolumeCache(paths["train_cache"])
-    examples = [e for e in sft_examples(paths, args.vqa) if e["volume"] in volumes]
+    examples = sft_examples(paths, args.vqa)
+    if uncached := sum(e["volume"] not in volumes for e in examples):
+        print0(f"left out {uncached} of {len(examples)} training examples: their volume is not in {volumes.dir}")
+    examples = [e for e in examples if e["volume"] in volumes]
     tokens = EncoderTokens(vlm.vit, volumes, device, args.cache_features)
     set_feature_statistics(vlm.bridge, tokens, sorted({e["volume"] for e in examples})[:args.feature_stats])
 

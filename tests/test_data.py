@@ -101,7 +101,10 @@ def test_real_radchestct_labels_map_84_to_18():
 
 def test_radchestct_location_file_collapses_by_max(tmp_path):
     cols = ["NoteAcc_DEID", "nodule*right_lung", "nodule*left_lung", "stent*heart", "emphysema*left_lung"]
-    (tmp_path / "loc.csv").write_text(",".join(cols) + "\ntrn1,0.0,1.0,0.0,0.0\ntrn2,0.0,0.0,1.0,1.0\n")
+    rest = sorted(data.MAPPED - {"nodule", "stent", "emphysema"})  # every mapped label has a column, all 0 here
+    zeros = "".join(",0.0" for _ in rest)
+    (tmp_path / "loc.csv").write_text(",".join(cols + [f"{r}*lung" for r in rest]) + f"\ntrn1,0.0,1.0,0.0,0.0{zeros}"
+                                      f"\ntrn2,0.0,0.0,1.0,1.0{zeros}\n")
     lab = data.read_radchestct_labels(tmp_path / "loc.csv")
     i = data.ABNORMALITIES.index
     assert lab["trn1"][i("Lung nodule")] == 1 and lab["trn1"][i("Medical material")] == 0
@@ -205,6 +208,65 @@ def test_reoriented_views_preprocess_like_contiguous_arrays(tmp_path):
         assert np.array_equal(hu, target)
         got = data.preprocess_volume(hu, spacing, SMALL)
         assert np.abs(got.astype(int) - expected).max() <= 1 and (got != expected).mean() < 1e-3, name
+
+
+def test_bad_label_csvs_raise_errors_naming_file_and_row(tmp_path):
+    """A label that is not 0/1, a short row, a renamed column or a volume listed twice with other labels would
+    become wrong labels or a late, nameless error: each is an error naming the file and the volume or line."""
+    header = "VolumeName," + ",".join(data.ABNORMALITIES)
+    row = lambda name, v: f"{name}," + ",".join([v] + ["0"] * 17)
+    cases = {"nan": [row("valid_1_a_1.nii.gz", "nan")], "two": [row("valid_1_a_1.nii.gz", "2")],
+             "frac": [row("valid_1_a_1.nii.gz", "0.7")], "short": ["valid_1_a_1.nii.gz,0,1"],
+             "dup": [row("valid_1_a_1.nii.gz", "0"), row("valid_1_a_1.nii.gz", "1")]}
+    for name, rows in cases.items():
+        (tmp_path / f"{name}.csv").write_text("\n".join([header] + rows) + "\n")
+        with pytest.raises(ValueError, match=f"{name}.csv.*(valid_1_a_1|line)"):
+            data.read_labels(tmp_path / f"{name}.csv")
+    (tmp_path / "bom.csv").write_text("\ufeff" + header + "\n" + row("valid_1_a_1.nii.gz", "1.0") + "\n",
+                                      encoding="utf-8")   # re-saved by a spreadsheet program
+    assert data.read_labels(tmp_path / "bom.csv")["valid_1_a_1.nii.gz"].tolist() == [1] + [0] * 17
+    (tmp_path / "meta.csv").write_text("\ufeffVolumeName,ZSpacing\nvalid_1_a_1.nii.gz,1.5\n", encoding="utf-8")
+    assert data.read_metadata(tmp_path / "meta.csv")["valid_1_a_1.nii.gz"]["ZSpacing"] == "1.5"
+    (tmp_path / "nokey.csv").write_text("Volume,ZSpacing\nvalid_1_a_1.nii.gz,1.5\n")
+    with pytest.raises(ValueError, match="nokey.csv: no VolumeName column"):
+        data.read_metadata(tmp_path / "nokey.csv")
+    rad = ["NoteAcc_DEID"] + sorted(data.MAPPED) + ["air_trapping"]
+    body = lambda first, last: f"trn1,{first}," + ",".join(["0.0"] * (len(rad) - 3)) + f",{last}"
+    (tmp_path / "rad_ok.csv").write_text(",".join(rad) + "\n" + body("1.0", "n/a") + "\n")  # unmapped: not read
+    assert data.read_radchestct_labels(tmp_path / "rad_ok.csv")["trn1"].shape == (18,)
+    (tmp_path / "rad_nan.csv").write_text(",".join(rad) + "\n" + body("nan", "0.0") + "\n")
+    with pytest.raises(ValueError, match="rad_nan.csv: trn1, column atelectasis: 'nan' is not a label"):
+        data.read_radchestct_labels(tmp_path / "rad_nan.csv")
+    (tmp_path / "rad_renamed.csv").write_text(",".join(r.replace("cardiomegaly", "cardiomeg") for r in rad) + "\n"
+                                              + body("0.0", "0.0") + "\n")
+    with pytest.raises(ValueError, match=r"rad_renamed.csv: no RAD-ChestCT label column for \['cardiomegaly'\]"):
+        data.read_radchestct_labels(tmp_path / "rad_renamed.csv")
+
+
+def test_v1_files_are_used_as_stored_and_the_manifest_says_how(tmp_path):
+    """v1 headers are placeholders (often an identity affine, which nibabel reads as R, A, S): a v1 array is stored
+    in CT-RATE's (L, P, S) order and must not be flipped by it; a v2 file is turned by its affine. An HU file
+    without air, rescaled as if it were v1, would be cached thousands of HU too low: it is an error."""
+    rng = np.random.default_rng(2)
+    hu = rng.integers(-1024, 1000, (6, 7, 5)).astype(np.int16)  # (L, P, S) order
+    v1 = write_nifti(tmp_path / "v1.nii.gz", (hu + 1024).astype(np.int16), np.eye(4))  # raw values, placeholder
+    how = {}
+    assert np.array_equal(data.read_ctrate_volume(v1, meta_row(intercept=-1024), how)[0], hu)
+    assert "v1" in how["values"] and "as stored" in how["orientation"]
+    v2 = write_nifti(tmp_path / "v2.nii.gz", np.ascontiguousarray(hu[::-1, ::-1, :]), np.eye(4))  # stored R, A, S
+    how = {}
+    assert np.array_equal(data.read_ctrate_volume(v2, meta_row(), how)[0], hu)
+    assert how == {"values": "HU as stored (v2)", "orientation": "RAS -> LPS by the affine"}
+    no_air = write_nifti(tmp_path / "no_air.nii.gz", np.full((4, 4, 4), 40, np.int16))
+    with pytest.raises(data.VolumeReadError, match="no_air.nii.gz: neither HU .* values -8152 to -8152"):
+        data.read_ctrate_volume(no_air, meta_row(intercept=-8192))
+    src = tmp_path / "src"
+    write_nifti(data.ctrate_path(src, "valid_1_a_1"), (hu + 1024).astype(np.int16), np.eye(4))
+    with open(tmp_path / "meta.csv", "w", newline="") as f:
+        csv.DictWriter(f, list(meta_row())).writerows([dict(zip(meta_row(), meta_row())), meta_row()])
+    data.preprocess_dir(src, tmp_path / "out", metadata=tmp_path / "meta.csv", preset=SMALL, progress=False)
+    record = json.loads((tmp_path / "out" / "manifest.jsonl").read_text())
+    assert "v1" in record["values"] and "as stored" in record["orientation"]
 
 
 def test_double_rescale_guard(tmp_path):
@@ -589,13 +651,16 @@ def test_read_vqa_both_formats(tmp_path):
         {"id": "multiple_choice_3", "image": "train_2_a_1.nii.gz", "conversations": [
             {"from": "human", "value": "<image>\nWhich? (a) A (b) B <multiple_choice>"},
             {"from": "gpt", "value": "(b) B"}]}]
+    ctchat[2]["conversations"].append({"from": "human", "value": "And the size?"})   # a question left unanswered
     (tmp_path / "c.json").write_text(json.dumps(ctchat))
-    assert data.read_vqa(tmp_path / "c.json") == [
+    skipped = Counter()
+    assert data.read_vqa(tmp_path / "c.json", skipped) == [
         {"VolumeName": "train_1_a_1.nii.gz", "question": "Is there an effusion?", "answer": "No.", "kind": "yes_no"},
         {"VolumeName": "train_1_a_1.nii.gz", "question": "How large is the heart?", "answer": "Enlarged.",
          "kind": "open"},
         {"VolumeName": "train_2_a_1.nii.gz", "question": "Which? (a) A (b) B", "answer": "(b) B",
          "kind": "multiple_choice"}]
+    assert skipped == {"text-only items": 1, "questions without an answer": 1}
     med3d = [{"Image Path": "/d/valid_1_a_1.nii.gz", "Question": "Is the heart enlarged?", "Answer": "Yes",
               "Answer Choice": "A", "Question Type": "Closed", "Choice A": "Yes", "Choice B": "No"},
              {"Image Path": "/d/valid_1_a_1.nii.gz", "Question": "Where is the nodule?", "Answer": "Right lung",
