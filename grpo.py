@@ -60,7 +60,7 @@ def format_reward(completion: str) -> float:
 
 def answer_only_reward(completion: str) -> float:
     """r_fmt of a prompt asked without <think>: 1.0 iff the completion is one non-empty <answer> block alone."""
-    return float(re.fullmatch(r"\s*<answer>[^<>]+</answer>\s*", completion) is not None)
+    return float(re.fullmatch(r"\s*<answer>[^<>]*[^<>\s][^<>]*</answer>\s*", completion) is not None)
 
 
 def accuracy_reward(completion: str, answer: str, options: dict | None = None) -> float:
@@ -131,7 +131,8 @@ def make_consistency_scorer(spec: str, thresholds: list[float] | None = None, le
             texts = [tok.apply_chat_template([{"role": "user", "content": RM_QUESTION.format(report=r)},
                                               {"role": "assistant", "content": t}], tokenize=False)
                      if tok.chat_template else RM_QUESTION.format(report=r) + "\n" + t for t, r in zip(thinks, reports)]
-            batch = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=4096).to(device)
+            batch = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=4096,  # the template
+                        add_special_tokens=not tok.chat_template).to(device)                  # holds BOS already
             return rm(**batch).logits[:, 0].float().tolist()
     else:
         chat = data.Chat(os.environ.get("OPENAI_BASE_URL"), arg, client=client)
@@ -172,9 +173,10 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     averaged over each sequence's tokens then over the batch ("sequence", the official choice) or over all tokens."""
     mask = mask.to(logp.dtype)
     adv = advantages.unsqueeze(1)                                      # (B, 1)
-    ratio = torch.exp(logp - old_logp)                                 # (B, T)
+    on = mask.bool()                                                   # masked positions (pad targets) never
+    ratio = torch.exp(torch.where(on, logp - old_logp, 0))             # reach exp(): (B, T)
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
-    log_ratio_ref = ref_logp - logp
+    log_ratio_ref = torch.where(on, ref_logp - logp, 0)
     kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1                  # k3 estimator of KL(pi || pi_ref), >= 0
     per_token = -surrogate + kl_beta * kl                              # (B, T)
 
@@ -306,8 +308,12 @@ def train_step(net, ref: model.VLM, optimizer, qs: list[dict], x: torch.Tensor |
     # 4. loss and update, in micro-batches (choice 7): old = the rollout policy, ref = the SFT model, both no-grad
     n = input_ids.shape[0]
     chunks = [slice(i, min(i + (args.micro_batch or n), n)) for i in range(0, n, args.micro_batch or n)]
-    share = [(c.stop - c.start) / n if args.loss_reduction == "sequence"
-             else float(mask[c].sum().clamp(min=1) / mask.sum().clamp(min=1)) for c in chunks]
+    weight = 1.0   # this rank's share of a mean over all ranks' rows or tokens, relative to the ranks' average
+    if args.loss_reduction == "token":   # the mean over every rank's tokens: DDP averages the ranks' gradients
+        tokens = all_reduce(mask.sum().float(), "sum").clamp(min=1) / world_size()
+        share, weight = [float(mask[c].sum().clamp(min=1) / tokens) for c in chunks], float(mask.sum() / tokens)
+    else:
+        share = [(c.stop - c.start) / n for c in chunks]
     with torch.no_grad(), autocast(vlm.device):
         ref_logp = torch.cat([row_logprobs(ref, x, input_ids, attention_mask, c, T, args) for c in chunks])
     t_rollout = time.perf_counter() - t0
@@ -333,7 +339,8 @@ def train_step(net, ref: model.VLM, optimizer, qs: list[dict], x: torch.Tensor |
     sums = all_reduce(torch.tensor([
         r_fmt.sum(), r_acc.sum(), torch.nan_to_num(r_con).sum(), groups.sum(), groups.std(1).sum(),
         (groups == groups[:, :1]).all(1).sum(), lengths.sum(), (~finished).sum(), excluded.sum(), len(texts),
-        len(groups), stats["kl"], stats["clip_frac"], loss.item()], dtype=torch.float64, device=vlm.device), "sum")
+        len(groups), *(weight * v for v in (stats["kl"], stats["clip_frac"], loss.item()))], dtype=torch.float64,
+        device=vlm.device), "sum")
     return {"sums": dict(zip(LOGGED, sums.tolist())), "grad_norm": grad_norm.item(), "applied": applied,
             "texts": texts, "tokens": int(lengths.sum()), "generate_sec": t_generate, "rollout_sec": t_rollout,
             "update_sec": time.perf_counter() - t0 - t_rollout}

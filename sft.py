@@ -212,8 +212,9 @@ class LoRALinear(nn.Module):
         return self.base(x) + (x @ self.lora_a.T.to(x.dtype)) @ self.lora_b.T.to(x.dtype) * self.scale
 
     def merged(self) -> nn.Linear:
+        """W + (α / r) B A, added in fp32 and rounded once to W's dtype (bf16 on CUDA)."""
         with torch.no_grad():
-            self.base.weight += (self.lora_b @ self.lora_a * self.scale).to(self.base.weight.dtype)
+            self.base.weight.copy_(self.base.weight.float() + self.lora_b.float() @ self.lora_a.float() * self.scale)
         return self.base
 
 

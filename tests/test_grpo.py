@@ -62,7 +62,8 @@ def test_reward_battery(completion, fmt, acc):
 def test_answer_only_format_reward():
     """Asked without <think>, the format is one non-empty answer block alone."""
     assert grpo.answer_only_reward("<answer>C</answer>") == grpo.answer_only_reward(" <answer> C </answer>\n") == 1.0
-    for bad in (GOOD, "C", "<answer></answer>", "<answer>C</answer> because", "<answer>C</answer><answer>C</answer>"):
+    for bad in (GOOD, "C", "<answer></answer>", "<answer> </answer>", "<answer>\n</answer>",
+                "<answer>C</answer> because", "<answer>C</answer><answer>C</answer>"):
         assert grpo.answer_only_reward(bad) == 0.0
 
 
@@ -139,6 +140,28 @@ def test_rm_scorer_tiny_model(tmp_path):
     score = make_consistency_scorer(f"rm:{tmp_path}", thresholds=th, levels=lv)
     expected = [discretise(float(r), th, lv) for r in raw] + [0.0]     # no think: 0 without calling the model
     assert score(thinks, [REPORT] * 3) == expected and sorted(expected[:2]) == [0.5, 1.0]
+
+
+def test_rm_scorer_reads_the_chat_template_with_one_bos(tmp_path):
+    """A reward model with a chat template (RM-Mistral-7B's starts with the BOS token) must see the templated text as
+    it was trained on it: the template's own BOS, not a second one added by the tokenizer."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(REPORT.lower().replace(".", " ").split()))
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab))
+    tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"), bos_token="[CLS]")
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    torch.manual_seed(0)
+    rm = BertForSequenceClassification(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1,
+                                                  num_attention_heads=2, intermediate_size=32, num_labels=1)).eval()
+    rm.save_pretrained(tmp_path), tok.save_pretrained(tmp_path)
+    text = tok.apply_chat_template([{"role": "user", "content": grpo.RM_QUESTION.format(report=REPORT)},
+                                    {"role": "assistant", "content": "emphysema"}], tokenize=False)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)
+    assert ids["input_ids"][0, 0] == 2 and (ids["input_ids"] == 2).sum() == 1     # the template's one [CLS]
+    with torch.no_grad():
+        raw = float(rm(**ids).logits[0, 0])
+    score = make_consistency_scorer(f"rm:{tmp_path}", thresholds=[raw - 1e-4, raw + 1e-4], levels=[0.0, 0.5, 1.0])
+    assert score(["emphysema"], [REPORT]) == [0.5]                       # the raw score of exactly that input
 
 
 class FakeJudge:
@@ -231,6 +254,25 @@ def test_grpo_loss_on_policy_value_and_token_mean():
     mask[0, 2:] = 0
     loss_tok, _ = grpo_loss(logp, logp, logp, torch.tensor([1.0, 0.0, 0.0, 0.0]), mask, reduction="token")
     assert loss_tok.item() == pytest.approx(-2 / 17)                        # 2 of 17 masked-in tokens carry A = 1
+
+
+def test_grpo_loss_ignores_what_lies_under_the_mask():
+    """Past EOS the targets are padding, blocked at -1e9: policy and reference log-probs there may differ by more
+    than exp() can take. The loss and its gradient depend on the masked-in tokens only."""
+    torch.manual_seed(1)
+    logp, old, ref = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64), torch.randn(
+        3, 6, dtype=torch.float64)
+    mask, adv = torch.ones(3, 6), torch.tensor([1.0, -0.5, 0.2], dtype=torch.float64)
+    mask[:, 4:] = 0
+    wild_logp, wild_ref = logp.clone(), ref.clone()
+    wild_logp[:, 4:], wild_ref[:, 4:] = -1e9, 0.0                           # exp(ref - logp) = inf there
+    for reduction in ("sequence", "token"):
+        a, b = logp.clone().requires_grad_(), wild_logp.clone().requires_grad_()
+        loss_a, stats_a = grpo_loss(a, old, ref, adv, mask, reduction=reduction)
+        loss_b, stats_b = grpo_loss(b, old, wild_ref, adv, mask, reduction=reduction)
+        loss_a.backward(), loss_b.backward()
+        assert loss_b.item() == loss_a.item() and stats_b == stats_a
+        assert torch.equal(a.grad, b.grad)
 
 
 def test_completion_mask_through_first_eos_and_placeholder_cut():
@@ -389,14 +431,17 @@ def test_micro_batches_and_grad_checkpointing_give_the_one_pass_update(phantom_w
 
 
 @pytest.mark.slow
-def test_one_and_two_processes_agree(phantom_world, sft_ckpt, tmp_path):
+@pytest.mark.parametrize("reduction", ["sequence", "token"])
+def test_one_and_two_processes_agree(phantom_world, sft_ckpt, tmp_path, reduction):
     """2 ranks x 1 question (gloo) = 1 rank x 2 questions: same samples, rewards and weights; the 2 ranks run their 4
-    rows in micro-batches of 3 and 1 (DDP accumulates the first without synchronising)."""
+    rows in micro-batches of 3 and 1 (DDP accumulates the first without synchronising). With the token mean, the
+    ranks' completions differ in length: each token weighs the same on 1 and on 2 ranks."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = run_args(phantom_world, sft_ckpt, tmp_path / "one", "--steps", 2)
-    two = run_args(phantom_world, sft_ckpt, tmp_path / "two", "--steps", 2, "--batch-size", 1, "--micro-batch", 3)
+    one = run_args(phantom_world, sft_ckpt, tmp_path / "one", "--steps", 2, "--loss-reduction", reduction)
+    two = run_args(phantom_world, sft_ckpt, tmp_path / "two", "--steps", 2, "--batch-size", 1, "--micro-batch", 3,
+                   "--loss-reduction", reduction)
     subprocess.run([sys.executable, str(driver), *one], check=True, env=env, capture_output=True)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     str(driver), *two], check=True, env=env, capture_output=True)

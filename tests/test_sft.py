@@ -81,6 +81,21 @@ def test_lora_starts_at_the_base_model_and_merges_exactly():
     assert not isinstance(net.mlp, sft.LoRALinear)  # only the named projections get adapters
 
 
+def test_lora_merges_into_bf16_weights_with_one_rounding():
+    """On CUDA the frozen LLM is bf16: the small update B A must be added in fp32 and rounded once, not rounded to
+    bf16 on its own first (which loses most of an update far below W's bf16 step)."""
+    torch.manual_seed(0)
+    net = torch.nn.Module()
+    net.q_proj = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    weight = net.q_proj.weight.detach().float().clone()
+    sft.add_lora(net, rank=4, alpha=8.0)
+    with torch.no_grad():
+        net.q_proj.lora_b.normal_(std=1e-4)
+    delta = (net.q_proj.lora_b @ net.q_proj.lora_a * net.q_proj.scale).detach()
+    sft.merge_lora(net)
+    assert torch.equal(net.q_proj.weight, (weight + delta).to(torch.bfloat16))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # runs of sft.main on the small phantom world with the untrained tiny LLM and a random encoder
 # ---------------------------------------------------------------------------------------------------------------------
