@@ -58,7 +58,7 @@ import data
 import model
 from grpo import answer_only_reward, format_reward, offline_consistency, parse_answer, think_text
 from runtime import autocast, cleanup_distributed, compute_dtype, get_rank, make_parser, parse_with_preset, print0
-from runtime import data_flags, setup_distributed, versions, world_size
+from runtime import json_safe, data_flags, setup_distributed, versions, world_size
 
 TEXT_METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-1", "ROUGE-2", "ROUGE-L", "CIDEr",
                 "BERT-F1", "LLM-score"]
@@ -126,6 +126,9 @@ def report_metrics(hyps: list[str], refs: list[str], bert_model: str | None = No
     """{"scores": {metric: corpus value | None}, "per_item": {metric: [value | None]}, "missing": {metric: reason},
     "implementations": {metric: what ran}, "mean_over": [the metrics in "Mean"]}."""
     assert len(hyps) == len(refs) and hyps, "need as many hypotheses as references (at least one)"
+    empty = [i for i, r in enumerate(refs) if not r.strip()]
+    if empty:
+        raise ValueError(f"references {empty[:5]} have no text: nothing to score them against")
     tokens, tokenizer = tokenize_all(hyps + refs)                                 # one Java start for both
     res, gts = ({i: [t] for i, t in enumerate(part)} for part in (tokens[:len(hyps)], tokens[len(hyps):]))
     missing, coco = {}, f"pycocoevalcap {_version('pycocoevalcap')}"
@@ -135,7 +138,11 @@ def report_metrics(hyps: list[str], refs: list[str], bert_model: str | None = No
     bleu, bleu_items = Bleu(4).compute_score(gts, res, verbose=0)        # corpus BLEU; per item: sentence BLEU
     scores = {f"BLEU-{n + 1}": bleu[n] for n in range(4)}
     per_item = {f"BLEU-{n + 1}": [float(x) for x in bleu_items[n]] for n in range(4)}
-    scorers = [("ROUGE-L", Rouge(), res), ("CIDEr", Cider(), res)]
+    scorers = [("ROUGE-L", Rouge(), res)]
+    if len(hyps) >= 2:
+        scorers.append(("CIDEr", Cider(), res))
+    else:   # its IDF over a single document is 0 for every n-gram, so CIDEr-D would always be 0
+        missing["CIDEr"] = f"CIDEr-D needs at least 2 reports (IDF over the scored set); {len(hyps)} scored"
     if shutil.which("java"):   # an empty hypothesis would stall METEOR's stdin protocol, so it gets one token
         scorers.insert(0, ("METEOR", _meteor(), {i: [h[0] or "empty"] for i, h in res.items()}))
     else:
@@ -175,7 +182,9 @@ def paired_test(a: dict, b: dict) -> dict:
     x, y = np.array([a[k] for k in ids], float), np.array([b[k] for k in ids], float)
     out = {"n": len(ids), "mean_a": float(x.mean()) if ids else None, "mean_b": float(y.mean()) if ids else None,
            "t": None, "p": None}
-    if len(ids) >= 2 and np.any(x != y):   # identical scores: no test rather than NaN
+    d = x - y
+    # a constant difference (identical scores included, up to rounding) has no spread: no test, not NaN or inf
+    if len(ids) >= 2 and not np.allclose(d, d[0], rtol=1e-12, atol=1e-12):
         t, p = stats.ttest_rel(x, y)
         out.update(t=float(t), p=float(p))
     return out
@@ -486,20 +495,23 @@ def evaluate_reports(vlm, cache, reports: dict, names: list[str], args, judge, d
 
 
 def evaluate_reasoning(judge, mmvqa: dict, questions: list[dict], reports: dict) -> dict:
-    """Table 4: the think outputs of CT-RATE questions whose scan has a report, graded against that report offline
-    (grpo.offline_consistency, 0-1, per question index) and, when an endpoint is configured, by the judge."""
+    """Table 4: the think outputs of CT-RATE questions whose scan has a report text, graded against it offline
+    (grpo.offline_consistency, 0-1, per question index) and, when an endpoint is configured, by the judge. Record i
+    answers questions[i]; scans match reports by data.volume_key (an MCQ item's VolumeName may be a path)."""
+    by_key = {data.volume_key(k): v for k, v in reports.items()}
     recs = [(i, r) for i, r in enumerate(mmvqa.get("CT-RATE", {}).get("think", {}).get("records", []))
-            if r["VolumeName"] in reports]
+            if any(by_key.get(data.volume_key(r["VolumeName"]), {}).values())]   # a report with text
     if not recs:
         return {"means": None, "missing": "needs think outputs (task mmvqa) of CT-RATE questions with reports"}
     thinks = [think_text(r["output"]) for _, r in recs]
-    texts = [" ".join(s for s in reports[r["VolumeName"]].values() if s) for _, r in recs]
+    texts = [" ".join(s for s in by_key[data.volume_key(r["VolumeName"])].values() if s) for _, r in recs]
     offline = {str(i): offline_consistency(t, text) for (i, _), t, text in zip(recs, thinks, texts)}
     out = {"offline": {"scorer": "grpo.offline_consistency", "mean": float(np.mean(list(offline.values()))),
                        "per_item": offline}, "means": None, "missing": "no judge endpoint configured"}
     if judge is not None:
-        question = {q["VolumeName"]: q["question"] for q in questions}
-        out = {**out, **reasoning_scores(judge, [question[r["VolumeName"]] for _, r in recs], thinks, texts)}
+        asked = [questions[i] for i, _ in recs]
+        assert all(q["VolumeName"] == r["VolumeName"] for q, (_, r) in zip(asked, recs)), "records != questions"
+        out = {**out, **reasoning_scores(judge, [q["question"] for q in asked], thinks, texts)}
         out.pop("missing")
     return out
 
@@ -507,7 +519,8 @@ def evaluate_reasoning(judge, mmvqa: dict, questions: list[dict], reports: dict)
 # ====================================== significance, provenance, tables ======================================
 def significance(runs: dict, reference: str) -> dict:
     """Every run against the reference, and the PAIRS against each other: paired t-tests on per-report scores and
-    rationale grades, exact McNemar on per-question correctness (same question files: questions pair by position)."""
+    rationale grades, exact McNemar on per-question correctness (only when both runs answered the same questions, in
+    the same order: {"skipped": reason} otherwise)."""
     out, ref = {}, runs[reference]
     for a, b in PAIRS:
         if a in runs and b in runs and reference not in (a, b):
@@ -524,20 +537,37 @@ def significance(runs: dict, reference: str) -> dict:
         for qset, prompts in run.get("mmvqa", {}).items():
             for prompt, summary in prompts.items():
                 other = ref.get("mmvqa", {}).get(qset, {}).get(prompt)
-                if other and summary["records"] and len(other["records"]) == len(summary["records"]):
-                    tests[f"mmvqa/{qset}/{prompt}"] = mcnemar([r["correct"] for r in summary["records"]],
-                                                              [r["correct"] for r in other["records"]])
+                if not (other and summary["records"]):
+                    continue
+                asked = [[(r.get("VolumeName"), r.get("answer")) for r in s["records"]] for s in (summary, other)]
+                if asked[0] != asked[1]:   # pairing by position needs the same questions
+                    tests[f"mmvqa/{qset}/{prompt}"] = {"skipped": f"no paired test: the runs answered other questions "
+                                                                  f"({len(asked[0])} vs {len(asked[1])} items, their "
+                                                                  "(VolumeName, answer) lists differ)"}
+                    continue
+                tests[f"mmvqa/{qset}/{prompt}"] = mcnemar([r["correct"] for r in summary["records"]],
+                                                          [r["correct"] for r in other["records"]])
         out[f"{label} vs {reference}"] = tests
     return out
 
 
 def compare(specs: list[str]) -> dict:
-    """--compare A.json[:label] B.json[:label]: paired tests of run A against run B (a file's first run by default)."""
+    """--compare A.json[:label] B.json[:label]: paired tests of run A against run B (a file's first run by default).
+    The file is the whole spec if that is a file, else its shortest ':'-prefix that is (labels may hold ':')."""
+    if specs[0] == specs[1]:
+        raise SystemExit(f"--compare names the same run twice ({specs[0]}): nothing to compare")
     runs = {}
     for spec in specs:
-        path, _, label = (spec, "", "") if Path(spec).is_file() else spec.rpartition(":")
+        cuts = [len(spec)] + [i for i, c in enumerate(spec) if c == ":"]
+        path = next((spec[:i] for i in cuts if Path(spec[:i]).is_file()), None)
+        if path is None:
+            raise SystemExit(f"--compare {spec}: no results file (RESULTS_JSON[:LABEL])")
         loaded = json.loads(Path(path).read_text())["runs"]
-        runs[spec] = loaded[label or next(iter(loaded))]
+        label = spec[len(path) + 1:] or next(iter(loaded), None)
+        if label not in loaded:
+            raise SystemExit(f"--compare {spec}: {path} has no run {label!r} "
+                             f"(its runs: {', '.join(loaded) or 'none'})")
+        runs[spec] = loaded[label]
     tests = significance(runs, specs[1])
     print0(json.dumps(tests, indent=1))
     return tests
@@ -547,10 +577,12 @@ def sha256(path) -> str | None:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path and Path(path).is_file() else None
 
 
-def provenance(args) -> dict:
+def provenance(args, argv: list[str]) -> dict:
+    """`argv`: the arguments main parsed into `args`; both are recorded."""
     code = versions()   # the commit of this code, wherever evaluate.py is run from
     pkgs = ["torch", "transformers", "pycocoevalcap", "rouge-score", "bert-score", "scipy", "openai", "numpy"]
-    return {"argv": sys.argv, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    return {"argv": list(argv), "args": dict(vars(args)),
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "git_commit": code["git_commit"], "python": code["python"], "versions": {p: _version(p) for p in pkgs},
             "world_size": world_size(),
             "java": shutil.which("java") is not None, "data_root": args.data_root, "preset": args.preset,
@@ -692,6 +724,12 @@ def find_checkpoints(args) -> tuple[list[tuple[str, Path]], dict]:
                          "checkpoint dir: --ckpt DIR)")
     found = [(n, d) for n, d in where.items() if n not in missing]
     found += [(Path(c).parent.name if Path(c).name == "vlm" else Path(c).name, Path(c)) for c in args.ckpt or []]
+    first = {}
+    for label, d in found:   # results.json keys runs by label: one would overwrite the other
+        if label in first:
+            raise SystemExit(f"two checkpoints would both be labelled {label!r}: {first[label]} and {d}; evaluate them "
+                             "in separate runs (--out) or rename one's folder")
+        first[label] = d
     if found:
         print0(f"evaluating {', '.join(f'{label} ({d})' for label, d in found)}"
                + (f"; not found: {', '.join(f'{n} ({d})' for n, d in missing.items())}" if missing else ""))
@@ -701,8 +739,8 @@ def find_checkpoints(args) -> tuple[list[tuple[str, Path]], dict]:
 
 def load_inputs(args, tasks: set, paths: dict, prov: dict) -> tuple[dict, dict, dict, list]:
     """The volume caches (a missing one, e.g. no RAD-ChestCT, drops its set), the question sets (the first --n-mmvqa
-    items whose volume is cached), the reports and the report subset (the first --n-reports volumes, distinct scans
-    first: reconstructions of one scan share their report)."""
+    items whose volume is cached), the reports and the report subset (the first --n-reports volumes whose report has
+    findings or impressions, distinct scans first: reconstructions of one scan share their report)."""
     caches = {q: data.VolumeCache(paths[c]) for q, (c, _) in QSETS.items() if Path(paths[c], "preset.json").is_file()}
     prov["missing_caches"] = {q: str(paths[c]) for q, (c, _) in QSETS.items() if q not in caches}
     questions = {}
@@ -717,15 +755,22 @@ def load_inputs(args, tasks: set, paths: dict, prov: dict) -> tuple[dict, dict, 
             prov["question_files"][qset] = {"path": str(paths[qkey]), "sha256": sha256(paths[qkey]),
                                             "n_items": len(items), "n_with_volume": len(usable),
                                             "n_evaluated": len(questions[qset])}
-    reports = data.read_reports(paths["valid_reports"]) if tasks & {"reports", "reasoning"} else {}
+    reports = {}
+    if tasks & {"reports", "reasoning"}:
+        reports = data.read_reports(paths["valid_reports"])
+        prov["reports_file"] = {"path": str(paths["valid_reports"]), "sha256": sha256(paths["valid_reports"])}
+    cached = [n for n in sorted(reports) if "CT-RATE" in caches and n in caches["CT-RATE"]]
+    has_text = [n for n in cached if reports[n]["findings"] or reports[n]["impressions"]]
+    prov["reports_without_text"] = len(cached) - len(has_text)   # nothing to score a generated report against
     nth, order = Counter(), []
-    for n in sorted(n for n in reports if "CT-RATE" in caches and n in caches["CT-RATE"]):
+    for n in has_text:
         order.append((nth[scan_id(n)], n))
         nth[scan_id(n)] += 1
     return caches, questions, reports, [n for _, n in sorted(order)][:args.n_reports or None]
 
 
 def main(argv=None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.compare:
         return compare(args.compare)
@@ -733,7 +778,7 @@ def main(argv=None) -> dict | None:
     rank, _, _, device = setup_distributed()   # cuda:LOCAL_RANK when there is a GPU, else cpu
     model_tasks = tasks & {"mmvqa", "reports", "reasoning"}
     paths = eval_paths(args) if model_tasks or not args.bias_reports else {}
-    results = {"provenance": provenance(args), "runs": {}}
+    results = {"provenance": provenance(args, argv), "runs": {}}
     if "bias" in tasks and rank == 0:
         results["positional_bias"] = positional_bias(args.bias_reports or paths["train_reports"],
                                                      out_dir / "positional_bias.png")
@@ -777,7 +822,8 @@ def main(argv=None) -> dict | None:
             results["case_sheets"] = case_sheets(results["runs"], questions, caches, paths, args.case_sheets,
                                                  out_dir / "cases")
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        # NaN / inf as null: results.json stays standard JSON
+        (out_dir / "results.json").write_text(json.dumps(json_safe(results), indent=1, default=str, allow_nan=False))
         (out_dir / "results.md").write_text(markdown(results))
         print0(markdown(results))
         sheets = f", {len(results['case_sheets'])} case sheets in {out_dir}/cases" if results.get("case_sheets") else ""

@@ -139,14 +139,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _clean_after_kill(final: Path) -> None:
-    """What a process killed inside atomic_dir left beside `final`: its half-written temporary (a checkpoint can be
-    gigabytes) is deleted; the previous version, if the kill fell between the two renames, is put back."""
+def _clean_after_kill(parent: Path, name: str = "*") -> None:
+    """What a process killed inside atomic_dir left in `parent` beside the final dir `name` (a glob; "*": beside any):
+    its half-written temporary (a checkpoint can be gigabytes) is deleted; the previous version, if the kill fell
+    between the two renames, is put back when its final is missing, else deleted."""
     for kind in ("old", "tmp"):
-        for path in sorted(final.parent.glob(f".{glob.escape(final.name)}.{kind}-*")):
-            pid = path.name.rpartition("-")[2]
+        for path in sorted(parent.glob(f".{name}.{kind}-*")):
+            hidden, _, pid = path.name.rpartition(f".{kind}-")
             if not pid.isdigit() or _pid_alive(int(pid)):
                 continue
+            final = parent / hidden[1:]
             if kind == "old" and not final.exists():
                 os.replace(path, final)
             else:
@@ -159,7 +161,7 @@ def atomic_dir(final: str | Path):
     leaves `final` as it was (the previous complete version, or absent)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _clean_after_kill(final)
+    _clean_after_kill(final.parent, glob.escape(final.name))
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -181,6 +183,7 @@ def save_train_state(ckpt_root: str | Path, step: int, state: dict, keep: int = 
     strings and dicts / lists of them, so that it loads with weights_only=True."""
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"step_{step:08d}"
+    _clean_after_kill(ckpt_root)   # also a killed save of a step that is never saved again
     with atomic_dir(final) as tmp:
         torch.save(state, tmp / "state.pt")
     for old in sorted(ckpt_root.glob("step_*"))[:-keep]:
@@ -336,12 +339,12 @@ def optimizer_step(optimizer: torch.optim.Optimizer, params: list, grad_clip: fl
     return grad_norm, finite
 
 
-def _json_safe(value):
+def json_safe(value):
     """NaN and infinities as null, so that metrics.jsonl stays valid JSON Lines."""
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
@@ -355,6 +358,8 @@ class Run:
     def __init__(self, out: str | Path, resume: bool, overwrite: bool = False, stop_at: int | None = None,
                  keep: int = 2, curves: tuple[str, ...] = (), save_every: int = 0, save_last: bool = False):
         global _stop_signal
+        if resume and overwrite:
+            raise SystemExit("--resume and --overwrite exclude each other: continue the earlier run or start afresh")
         self.out, self.stop_at, self.keep, self.curves = Path(out), stop_at, keep, curves
         self.save_every, self.save_last = save_every, save_last
         self.rank, self.world = get_rank(), world_size()
@@ -383,15 +388,22 @@ class Run:
                 shutil.rmtree(self.out / "ckpt", ignore_errors=True)
                 metrics.unlink(missing_ok=True)
             elif metrics.exists():
-                rows = [line for line in metrics.read_text().splitlines() if line.strip()]
-                kept = [line for line in rows if json.loads(line).get("step", 0) <= self.start]
+                rows, torn = [], 0
+                for line in filter(str.strip, metrics.read_text().splitlines()):
+                    try:
+                        rows.append((line, json.loads(line)))
+                    except json.JSONDecodeError:   # a line cut short by a kill or a full disk
+                        torn += 1
+                if torn:
+                    print0(f"{metrics}: dropped {torn} line(s) that are not valid JSON")
+                kept = [line for line, row in rows if row.get("step", 0) <= self.start]
                 metrics.write_text("".join(line + "\n" for line in kept))
             self._log = open(metrics, "a")
 
     def log(self, row: dict) -> None:
         """Append one row to metrics.jsonl (rank 0)."""
         if self._log is not None:
-            self._log.write(json.dumps(_json_safe(row)) + "\n")
+            self._log.write(json.dumps(json_safe(row)) + "\n")
             self._log.flush()
 
     def save(self, step: int, state: dict) -> None:
@@ -501,7 +513,8 @@ def parse_with_preset(parser: argparse.ArgumentParser, argv, phantom: dict) -> a
     for a in parser._actions:
         if a.option_strings and a.help is not argparse.SUPPRESS and a.dest != "help":
             shown = f"default: {a.default}" + (f"; phantom: {phantom[a.dest]}" if a.dest in phantom else "")
-            a.help = f"{a.help or ''} ({shown})".replace("%", "%%").strip()
+            own = (a.help or "").removesuffix(" (default: %(default)s)")   # BooleanOptionalAction's on Python 3.10
+            a.help = f"{own} ({shown.replace('%', '%%')})".strip()   # the help is a %-format; only `shown` is escaped
     known, _ = parser.parse_known_args(argv)
     if known.preset == "phantom":
         parser.set_defaults(**phantom)

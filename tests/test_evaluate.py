@@ -117,6 +117,16 @@ def test_meteor_without_java_is_null_with_reason(monkeypatch, tmp_path):
     assert "METEOR" not in out["mean_over"] and out["scores"]["BLEU-1"] is not None
 
 
+def test_single_report_has_no_cider_and_an_empty_reference_is_an_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))            # no java on PATH
+    out = E.report_metrics(HYPS[:1], REFS[:1])           # CIDEr-D's IDF over one report is 0 for every n-gram
+    assert out["scores"]["CIDEr"] is None and "at least 2 reports" in out["missing"]["CIDEr"]
+    assert "CIDEr" not in out["mean_over"] and "CIDEr" not in out["per_item"]
+    assert out["scores"]["Mean"] == pytest.approx(sum(out["scores"][k] for k in out["mean_over"]) / 7)   # BLEU, ROUGE
+    with pytest.raises(ValueError, match=r"references \[1\] have no text"):
+        E.report_metrics(HYPS[:2], [REFS[0], "  "])
+
+
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     """A random 2-layer BERT with a word-level vocabulary, saved as a local HF directory."""
@@ -156,6 +166,14 @@ def test_paired_test_matches_scipy():
     assert E.paired_test(a, a)["p"] is None                   # identical runs: no test, not NaN
 
 
+def test_paired_test_skips_a_constant_difference():
+    a = {"v1": 0.5, "v2": 0.7, "v3": 0.6}
+    for b in ({"v1": 0.4, "v2": 0.6, "v3": 0.5}, {k: v - 0.25 for k, v in a.items()}):   # rounded, exact shift
+        out = E.paired_test(a, b)
+        assert out["n"] == 3 and out["t"] is None and out["p"] is None              # not t = inf, p = 0
+        assert out["mean_a"] - out["mean_b"] == pytest.approx(a["v1"] - b["v1"])
+
+
 def test_mcnemar_and_compare(tmp_path):
     from scipy import stats
     t = E.mcnemar([True, True, True, False, True], [False, False, False, False, True])
@@ -169,6 +187,41 @@ def test_mcnemar_and_compare(tmp_path):
     (pair,) = tests.values()
     assert pair["reports/BLEU-1"]["n"] == 2 and pair["reports/BLEU-1"]["mean_a"] == pytest.approx(0.6)
     assert pair["mmvqa/CT-RATE/think"]["a_only"] == 1
+
+
+def test_compare_specs(tmp_path):
+    """RESULTS_JSON[:LABEL]: the file is the whole spec or its first ':'-prefix that is a file; labels may hold ':'."""
+    recs = lambda flags: {"records": [{"VolumeName": "valid_1_a_1.nii.gz", "answer": "A", "correct": f}
+                                      for f in flags]}
+    run = lambda flags: {"mmvqa": {"CT-RATE": {"think": recs(flags)}}}
+    (tmp_path / "x:y").mkdir()
+    (tmp_path / "a.json").write_text(json.dumps({"runs": {"grpo:lr=1e-5": run([1, 1, 0]), "sft": run([0, 0, 0])}}))
+    (tmp_path / "x:y/b.json").write_text(json.dumps({"runs": {"sft": run([0, 1, 0])}}))
+    a, b = str(tmp_path / "a.json"), str(tmp_path / "x:y/b.json")
+    tests = E.compare([f"{a}:grpo:lr=1e-5", f"{b}:sft"])
+    assert tests[f"{a}:grpo:lr=1e-5 vs {b}:sft"]["mmvqa/CT-RATE/think"]["a_only"] == 1
+    assert E.compare([f"{a}:sft", b])[f"{a}:sft vs {b}"]["mmvqa/CT-RATE/think"]["b_only"] == 1
+    with pytest.raises(SystemExit, match=r"a.json has no run 'nosuch' \(its runs: grpo:lr=1e-5, sft\)"):
+        E.compare([f"{a}:nosuch", b])
+    with pytest.raises(SystemExit, match="names the same run twice"):
+        E.compare([b, b])
+    with pytest.raises(SystemExit, match="no results file"):
+        E.compare([str(tmp_path / "none.json:sft"), b])
+
+
+def test_mcnemar_only_pairs_the_same_questions():
+    def run(names, flags):
+        records = [{"VolumeName": n, "answer": "A", "correct": f, "key_option": "Emphysema", "path": "parsed",
+                    "output": "<answer>A</answer>", "n_options": 4} for n, f in zip(names, flags)]
+        return {"mmvqa": {"CT-RATE": {"think": E.summarize_mmvqa(records, think=True)}}}
+    same, other = [f"valid_{i}_a_1.nii.gz" for i in range(6)], [f"valid_{i}_a_1.nii.gz" for i in range(10, 16)]
+    runs = {"sft": run(same, [False] * 6), "grpo": run(same, [True] * 6), "grpo_nocon": run(other, [True] * 6)}
+    tests = E.significance(runs, "sft")
+    assert tests["grpo vs sft"]["mmvqa/CT-RATE/think"]["a_only"] == 6
+    skipped = tests["grpo_nocon vs sft"]["mmvqa/CT-RATE/think"]
+    assert set(skipped) == {"skipped"} and "other questions" in skipped["skipped"]     # not a bogus paired p
+    md = E.markdown({"runs": runs, "reference": "sft", "significance": tests, "provenance": {"git_commit": "x"}})
+    assert "| grpo_nocon | 100.00 | — | — | — |" in md
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -350,6 +403,26 @@ def test_positional_bias_normal_first(tmp_path):
     assert "Positional bias" in (tmp_path / "o/results.md").read_text() and res["runs"] == {}
 
 
+def test_results_json_is_strict_json_and_records_the_parsed_argv(tmp_path, monkeypatch):
+    import sys
+    (tmp_path / "reports.csv").write_text("VolumeName,Findings_EN,Impressions_EN\n"
+                                          "valid_1_a_1.nii.gz,Heart size is normal. Emphysema.,Emphysema.\n")
+    bias = E.positional_bias
+    monkeypatch.setattr(E, "positional_bias", lambda *a: {**bias(*a), "spread": float("inf"), "x": float("nan")})
+    argv = ["--tasks", "bias", "--bias-reports", str(tmp_path / "reports.csv"), "--out", str(tmp_path / "o")]
+
+    def strict(c):
+        raise ValueError(f"non-standard JSON token {c}")
+    E.main(argv)
+    saved = json.loads((tmp_path / "o/results.json").read_text(), parse_constant=strict)
+    assert saved["positional_bias"]["spread"] is None and saved["positional_bias"]["x"] is None
+    assert saved["provenance"]["argv"] == argv                                   # what main parsed, not sys.argv
+    assert saved["provenance"]["args"]["tasks"] == "bias" and saved["provenance"]["args"]["n_reports"] == 32
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *argv[:-1], str(tmp_path / "p")])
+    E.main()
+    assert json.loads((tmp_path / "p/results.json").read_text())["provenance"]["argv"] == sys.argv[1:]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Model-driven evaluation on the small phantom world with an untrained tiny VLM
 # ---------------------------------------------------------------------------------------------------------------------
@@ -434,6 +507,37 @@ def test_run_selection(phantom_world, tmp_path, capsys):
         E.main(["--preset", "real", "--data-root", str(tmp_path / "nowhere")])          # before any traceback
 
 
+def test_two_checkpoints_with_one_label_are_an_error(tmp_path):
+    for d in ("runs/sft/vlm", "other/sft/vlm"):
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "config.json").write_text("{}")
+    args = E.parse_args(["sft", "--runs", str(tmp_path / "runs"), "--ckpt", str(tmp_path / "other/sft/vlm")])
+    with pytest.raises(SystemExit, match=f"both be labelled 'sft': {tmp_path / 'runs/sft/vlm'} and "
+                                         f"{tmp_path / 'other/sft/vlm'}"):
+        E.find_checkpoints(args)
+
+
+def test_report_subset_leaves_out_reports_without_text(phantom_world, tmp_path):
+    import csv
+    import hashlib
+    args = E.parse_args(["--data-root", str(phantom_world["root"]), "--n-reports", "0", "--tasks", "reports"])
+    paths = E.eval_paths(args)
+    _, _, _, names = E.load_inputs(args, {"reports"}, paths, {"question_files": {}})
+    with open(paths["valid_reports"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:                                           # one scored volume's report: no findings, no impressions
+        if r["VolumeName"] == names[0]:
+            r["Findings_EN"], r["Impressions_EN"] = "", "Not given."
+    with open(tmp_path / "reports.csv", "w", newline="") as f:
+        csv.DictWriter(f, fieldnames=list(rows[0])).writeheader()
+        csv.DictWriter(f, fieldnames=list(rows[0])).writerows(rows)
+    prov = {"question_files": {}}
+    _, _, _, kept = E.load_inputs(args, {"reports"}, {**paths, "valid_reports": tmp_path / "reports.csv"}, prov)
+    assert sorted(kept) == sorted(names[1:]) and prov["reports_without_text"] == 1
+    assert prov["reports_file"] == {"path": str(tmp_path / "reports.csv"),
+                                    "sha256": hashlib.sha256((tmp_path / "reports.csv").read_bytes()).hexdigest()}
+
+
 def test_case_sheets(eval_setup, tmp_path, monkeypatch):
     """Default selection on a runs folder with sft, grpo and a stray run: the stray is not evaluated; one PNG per
     chosen question of each set, showing the scan's labelled findings and each run's answer."""
@@ -510,6 +614,32 @@ def test_p_values_against_guessing_and_the_consistency_ablation_pair():
         assert "mmvqa/CT-RATE/think" in tests[f"{label} vs sft"] and "reasoning/offline" in tests[f"{label} vs sft"]
     md = E.markdown({"runs": runs, "reference": "sft", "significance": tests, "provenance": {"git_commit": "x"}})
     assert "| grpo | 0.800 | 10 |" in md and "`grpo` − `grpo_nocon`: +0.600 over 10 questions" in md
+
+
+def test_reasoning_grades_each_record_against_its_own_question_and_the_scans_report():
+    """Two questions on one scan, named by path as official MCQ items may be; the reports CSV is keyed by file name.
+    A third question's scan has a report without text: there is nothing to grade its rationale against."""
+    path = "dataset/valid_fixed/valid_1/valid_1_a/valid_1_a_1.nii.gz"
+    questions = [{"VolumeName": path, "question": f"Q{i}: which is present?"} for i in range(2)]
+    records = [{"VolumeName": path, "output": f"<think>pleural effusion, question {i}</think><answer>A</answer>"}
+               for i in range(2)]
+    questions.append({"VolumeName": "valid_2_a_1.nii.gz", "question": "Q2: which is present?"})
+    records.append({"VolumeName": "valid_2_a_1.nii.gz", "output": "<think>nothing</think><answer>A</answer>"})
+    reports = {"valid_1_a_1.nii.gz": {"findings": "Pleural effusion is seen.", "impressions": None},
+               "valid_2_a_1.nii.gz": {"findings": None, "impressions": None}}
+    seen = []
+
+    class Judge:
+        model = "stub"
+
+        def ask_all(self, prompts, parse):
+            seen.extend(p.split("Question:\n")[1].split("\n")[0] + " | " + p.split("reasoning:\n")[1].split("\n")[0]
+                        for p in prompts)
+            return [{k: 3 for k in E.JUDGE_CRITERIA} for _ in prompts], []
+    out = E.evaluate_reasoning(Judge(), {"CT-RATE": {"think": {"records": records}}}, questions, reports)
+    assert seen == ["Q0: which is present? | pleural effusion, question 0",
+                    "Q1: which is present? | pleural effusion, question 1"]
+    assert out["offline"]["per_item"] == {"0": 1.0, "1": 1.0} and out["n_valid"] == 2
 
 
 def test_scan_id_groups_reconstructions():

@@ -3,6 +3,7 @@ rule that the method never reaches into the phantom package except to build a mi
 import ast
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,21 @@ def test_paper_defaults_on_the_flags_phantom_overrides_in_one_dict():
     assert (c.lr, c.batch_size, c.epochs, c.vit) == (5e-5, 64, 39, "base")
 
 
+def test_help_keeps_the_flags_own_format_and_escapes_only_the_defaults_shown():
+    import argparse
+    p = argparse.ArgumentParser()
+    runtime.data_flags(p)
+    p.add_argument("--warmup-frac", type=float, default=0.03, help="warm-up, 3 %% of the steps")
+    p.add_argument("--n", type=int, default=4, help="n (%(type)s)")
+    p.add_argument("--tag", default="5%", help="a tag")
+    p.add_argument("--vqa", action=argparse.BooleanOptionalAction, default=True,
+                   help="VQA items (default: %(default)s)")                  # what Python 3.10 makes of this flag
+    runtime.parse_with_preset(p, [], {"tag": "10%", "vqa": False})
+    text = " ".join(p.format_help().split())
+    assert "warm-up, 3 % of the steps (default: 0.03)" in text and "n (int) (default: 4)" in text
+    assert "a tag (default: 5%; phantom: 10%)" in text and "VQA items (default: True; phantom: False)" in text
+
+
 def test_method_files_import_the_phantom_package_in_one_place_only():
     """Import arrows run one way: phantom -> method. The only exception is data.paths building a missing world."""
     found = []
@@ -78,6 +94,23 @@ def test_fresh_run_replaces_metrics_and_checkpoints_resume_keeps_rows_up_to_its_
     assert not (tmp_path / "ckpt").exists() and (tmp_path / "metrics.jsonl").read_text() == ""
 
 
+def test_resume_drops_a_torn_metrics_line_and_refuses_overwrite(tmp_path, capsys):
+    run = runtime.Run(tmp_path, resume=False)
+    for step in (1, 2, 3):
+        run.log({"step": step, "loss": 1.0 / step})
+        if step == 2:
+            run.save(step, {})
+    run.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 0.2')                                          # killed mid-write
+    resumed = runtime.Run(tmp_path, resume=True)
+    resumed.close()
+    assert resumed.start == 2 and "dropped 1 line(s) that are not valid JSON" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    with pytest.raises(SystemExit, match="--resume and --overwrite exclude each other"):
+        runtime.Run(tmp_path, resume=True, overwrite=True)
+
+
 def test_resume_restores_this_ranks_rng_state(tmp_path):
     torch.manual_seed(123)
     run = runtime.Run(tmp_path, resume=False)
@@ -106,6 +139,24 @@ def test_a_checkpoint_records_the_code_and_package_versions(tmp_path):
     run.close()
     saved = runtime.latest_train_state(tmp_path / "ckpt")["versions"]
     assert saved["torch"] == str(torch.__version__) and saved["transformers"] and len(saved["git_commit"]) == 40
+
+
+def test_a_save_clears_what_killed_saves_left_in_the_ckpt_root(tmp_path):
+    """A kill inside atomic_dir at a step never saved again: its temporary goes at the next save of any step; an old
+    version whose final is missing is put back; a live process's temporary stays."""
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()                                                             # its pid is no process's now
+    root = tmp_path / "ckpt"
+    leftovers = {f".step_00000013.tmp-{dead.pid}": "half", f".step_00000005.old-{dead.pid}": "previous",
+                 f".step_00000007.old-{dead.pid}": "stale", f".step_00000009.tmp-{os.getpid()}": "live"}
+    for name, text in leftovers.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "state.pt").write_text(text)
+    (root / "step_00000007").mkdir()
+    runtime.save_train_state(root, 10, {"step": 10}, keep=5)
+    assert sorted(p.name for p in root.iterdir()) == [f".step_00000009.tmp-{os.getpid()}",
+                                                     "step_00000005", "step_00000007", "step_00000010"]
+    assert (root / "step_00000005/state.pt").read_text() == "previous"
 
 
 def test_end_step_saves_when_due_and_on_a_stop_request(tmp_path, capsys):
