@@ -66,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lr", type=float, default=5e-5)
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--batch-size", type=int, default=64, help="global batch per optimizer step")
-    g.add_argument("--micro-batch", type=int, default=8, help="per-rank micro-batch (None: batch-size / world)")
+    g.add_argument("--micro-batch", type=int, default=8,
+                   help="per-rank micro-batch; its InfoNCE sees micro-batch x world pairs (choice 2)")
     g.add_argument("--epochs", type=int, default=39)
     g.add_argument("--warmup-frac", type=float, default=0.03)
     g.add_argument("--grad-clip", type=float, default=1.0)
@@ -183,8 +184,11 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def recall_at(sim: np.ndarray, same: np.ndarray, k: int) -> float:
-    """Fraction of rows whose top-k columns contain a correct one (same[i, j] = True)."""
-    top = np.argsort(-sim, axis=1)[:, :k]
+    """Fraction of rows whose top-k columns contain a correct one (same[i, j] = True); NaN if a similarity is not
+    finite. Ties are broken at random (seeded): a collapsed model scores about chance, not by column order."""
+    if not np.isfinite(sim).all():
+        return float("nan")
+    top = np.lexsort((np.random.default_rng(0).random(sim.shape), -sim))[:, :k]   # by -sim, then the random key
     return float(np.take_along_axis(same, top, axis=1).any(axis=1).mean())
 
 
@@ -213,12 +217,13 @@ def validate(net: CLIP3D, tokenizer, val: PairDataset, labels: dict, args, devic
         parts = [None] * world
         dist.all_gather_object(parts, (shard, image))
         image = torch.cat([e for _, e in parts])[np.argsort([i for s, _ in parts for i in s])]  # back in val order
-    net.train()
     if rank != 0:
+        net.train()
         return {}
     text = encode_texts(net, tokenizer, val.texts, args.max_text_len, device)
     prompts = encode_texts(net, tokenizer, [f"{a} is{no} present." for no in ("", " not") for a in data.ABNORMALITIES],
                            args.max_text_len, device)                      # 18 "present", then 18 "not present"
+    net.train()                                    # after the text encoder's passes: no dropout in validation
     text_mean = text.mean(0)                       # centre as in training: on the evaluated set's means
     image, text, prompts = (F.normalize(image - image.mean(0), dim=-1), F.normalize(text - text_mean, dim=-1),
                             F.normalize(prompts - text_mean, dim=-1))

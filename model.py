@@ -118,7 +118,7 @@ class ViT3D(nn.Module):
         pos = torch.cat([torch.zeros(1, width), sincos_pos_embed_3d(width, self.grid)])  # cls row, then patches
         self.pos_embed = nn.Parameter(pos.unsqueeze(0))  # (1, 1 + N, width)
         self.blocks = nn.ModuleList([Block(width, heads, mlp_dim) for _ in range(depth)])
-        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.norm = nn.LayerNorm(width)   # eps 1e-5 here, 1e-6 in the blocks: as the published BrgSA encoder
         nn.init.normal_(self.cls_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -146,11 +146,16 @@ def load_vision_weights(vit: ViT3D, path: str | Path) -> ViT3D:
     """Load BrgSA-layout encoder weights with strict key matching: .pth/.pt via torch.load(weights_only=True),
     .safetensors via safetensors. A training checkpoint wrapping them under "state_dict" or "model" also works."""
     path = Path(path)
-    state = (load_file(path) if path.suffix == ".safetensors"
-             else torch.load(path, map_location="cpu", weights_only=True))
+    try:
+        state = (load_file(path) if path.suffix == ".safetensors"
+                 else torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:   # missing, truncated, or pickled objects that weights_only refuses: name the file
+        raise RuntimeError(f"{path}: cannot load encoder weights ({type(e).__name__}: {str(e).splitlines()[0]})") from e
     for key in ("state_dict", "model"):
-        if isinstance(state.get(key), dict):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if not isinstance(state, dict):
+        raise RuntimeError(f"{path}: holds a {type(state).__name__}, not a dict of encoder weights")
     try:
         vit.load_state_dict(state, strict=True)
     except RuntimeError as e:   # name the file and, for another width, the preset it fits; then torch's first lines

@@ -54,6 +54,21 @@ def test_auc_and_recall_helpers():
     sim = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.1], [0.0, 0.1, 0.5]])
     assert clip3d.recall_at(sim, np.eye(3, dtype=bool), 1) == pytest.approx(2 / 3)
     assert clip3d.recall_at(sim, np.eye(3, dtype=bool), 2) == pytest.approx(1.0)
+    # a collapsed model (every similarity tied) scores about chance, whatever the order of the columns; 50 of the
+    # 100 reports are one text, so column order would hand half the rows a hit
+    same = np.eye(100, dtype=bool)
+    same[:50, :50] = True
+    chance = (50 * 50 / 100 + 50 * 1 / 100) / 100
+    assert abs(clip3d.recall_at(np.zeros((100, 100)), same, 1) - chance) < 0.1
+    assert math.isnan(clip3d.recall_at(np.full((3, 3), np.nan), np.eye(3, dtype=bool), 1))   # a diverged model
+
+
+def test_validation_encodes_text_without_dropout(phantom_world, tmp_path, monkeypatch):
+    """validate() switches the model to eval for every pass, the text encoder's included, and back to train after."""
+    modes, encode = [], clip3d.encode_texts
+    monkeypatch.setattr(clip3d, "encode_texts", lambda net, *a, **k: modes.append(net.training) or encode(net, *a, **k))
+    clip3d.main([str(a) for a in run_args(phantom_world, tmp_path, "--max-steps", 1, "--eval-every", 0)])
+    assert modes == [False, False]                                 # reports, then the zero-shot prompts
 
 
 GRAD_SCRIPT = """

@@ -1,4 +1,5 @@
 """model.py: encoder layout, bridge, splice, generation, checkpoints. Tiny models on the CPU, a few seconds each."""
+import argparse
 import copy
 import json
 import os
@@ -78,6 +79,8 @@ def test_base_preset_matches_published_layout():
     n_params = sum(p.numel() for p in vit.parameters())
     assert n_params == sum(torch.Size(s).numel() for s in brgsa_layout().values())
     assert abs(n_params - 88.7e6) < 0.1e6, n_params
+    # the published encoder normalises with eps 1e-6 in its blocks and PyTorch's default 1e-5 at the end
+    assert {m.eps for b in vit.blocks for m in (b.norm1, b.norm2)} == {1e-6} and vit.norm.eps == 1e-5
 
 
 def test_brgsa_pth_loads_strictly(tmp_path):
@@ -104,6 +107,13 @@ def test_brgsa_pth_loads_strictly(tmp_path):
                        r"it holds a width-128 encoder, the 'tiny' ViT preset") as err:
         M.load_vision_weights(M.ViT3D.from_preset("base"), tmp_path / "BrgSA_vision_encoder.pth")
     assert len(str(err.value).splitlines()) <= 8
+    # a file that is no dict of weights, or pickles objects weights_only refuses: the error names the file
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(RuntimeError, match="list.pth: holds a list, not a dict of encoder weights"):
+        M.load_vision_weights(M.ViT3D.from_preset("tiny"), tmp_path / "list.pth")
+    torch.save({"args": argparse.Namespace(lr=1.0), "model": fake}, tmp_path / "trainer.pth")
+    with pytest.raises(RuntimeError, match="trainer.pth: cannot load encoder weights .UnpicklingError"):
+        M.load_vision_weights(M.ViT3D.from_preset("tiny"), tmp_path / "trainer.pth")
 
 
 def test_encoder_and_bridge_shapes():
