@@ -278,13 +278,15 @@ def sft_setup(vlm, examples: list[dict]):
 
 
 class InMemoryVolumes(dict):
-    """int16 volumes by name, read like a data.VolumeCache (load, preset), so that sft.EncoderTokens encodes them."""
+    """int16 volumes by name, read like a data.VolumeCache (load, batch, preset), so that sft.EncoderTokens encodes
+    them."""
 
     def __init__(self, volumes: dict, preset):
         super().__init__(volumes)
         self.preset = preset
 
     load = dict.__getitem__
+    batch = data.VolumeCache.batch
 
 
 def sft_step(vlm, optimizer, preset, batch: list, vit_tokens=None) -> torch.Tensor:

@@ -259,6 +259,17 @@ class VolumeCache:
             raise KeyError(f"volume {name!r} is not in the cache {self.dir}")
         return np.load(self._files[volume_key(name)], mmap_mode="r")
 
+    def batch(self, names) -> torch.Tensor:
+        """(B, 1, X, Y, Z): the model inputs of these volumes (online_transform without augmentation)."""
+        return torch.stack([online_transform(self.load(n), self.preset) for n in names])
+
+    def keep_cached(self, items: list[dict], key: str, what: str, log=print) -> list[dict]:
+        """The items whose volume (item[key]) is in the cache; how many were left out is logged, never hidden."""
+        kept = [it for it in items if it[key] in self]
+        if len(kept) < len(items):
+            log(f"left out {len(items) - len(kept)} of {len(items)} {what}: their volume is not in {self.dir}")
+        return kept
+
 
 def _pool(workers: int):
     """Workers of one torch thread each, from a forkserver: fork() of a process running OpenMP threads can deadlock."""

@@ -449,7 +449,7 @@ def generate_all(vlm, cache, jobs: list[tuple[str, str]], batch_size: int, max_n
     mine = {}
     for k in tqdm(range(rank, len(batches), world), desc=desc, disable=rank != 0, leave=False):
         idx = batches[k]
-        volumes = torch.stack([data.online_transform(np.asarray(cache.load(jobs[i][0])), cache.preset) for i in idx])
+        volumes = cache.batch(jobs[i][0] for i in idx)
         input_ids, attention_mask = vlm.tokenize([vlm.prompt(jobs[i][1]) for i in idx])
         with torch.no_grad(), autocast(vlm.device):
             image_embeds = vlm.image_embeds(volumes.to(vlm.device))                      # (B, N_img, D)

@@ -239,10 +239,6 @@ def decode(tokenizer, ids: torch.Tensor, lengths: torch.Tensor, finished: torch.
             for row, n, f in zip(ids, lengths.tolist(), finished.tolist())]
 
 
-def load_volumes(volumes, questions: list[dict]) -> torch.Tensor:
-    return torch.stack([data.online_transform(volumes.load(q["VolumeName"]), volumes.preset) for q in questions])
-
-
 @torch.no_grad()
 def validate(vlm, questions: list[dict], volumes, max_new_tokens: int, batch: int = 16) -> dict:
     """Greedy MMVQA accuracy (grpo.parse_answer, as evaluate.py) and format rate; each rank a share, summed."""
@@ -251,7 +247,7 @@ def validate(vlm, questions: list[dict], volumes, max_new_tokens: int, batch: in
         chunk = mine[i:i + batch]
         ids, mask = vlm.tokenize([vlm.prompt(data.mmvqa_prompt(q, think=True)) for q in chunk])
         with autocast(vlm.device):
-            image = vlm.image_embeds(load_volumes(volumes, chunk).to(vlm.device))
+            image = vlm.image_embeds(volumes.batch(q["VolumeName"] for q in chunk).to(vlm.device))
             out, lengths, finished = vlm.generate(ids, mask, image, max_new_tokens=max_new_tokens, temperature=0.0)
         for text, done, q in zip(decode(vlm.tokenizer, out, lengths, finished), finished.tolist(), chunk):
             counts += torch.tensor([parse_answer(text, options=q["options"]) == q["answer"],
@@ -292,8 +288,7 @@ def train_step(net, ref: model.VLM, optimizer, qs: list[dict], x: torch.Tensor |
 
     # 2. rewards, r = r_fmt + r_acc + r_con (paper §3.3); a truncated completion earns no format reward
     texts = decode(vlm.tokenizer, completion, lengths, finished)
-    row_q = [q for q in qs for _ in range(G)]
-    row_think = [t for t in thinks for _ in range(G)]
+    row_q, row_think = [q for q in qs for _ in range(G)], [t for t in thinks for _ in range(G)]
     r_fmt = torch.tensor([(format_reward(t) if th else answer_only_reward(t)) * f
                           for t, th, f in zip(texts, row_think, finished.tolist())])
     r_acc = torch.tensor([accuracy_reward(t, q["answer"], q["options"]) for t, q in zip(texts, row_q)])
@@ -420,10 +415,7 @@ def main(argv=None) -> dict:
     rank, _, world, device = runtime.setup_distributed()
     paths = data.paths(args.data_root, args.preset)
     volumes, val_volumes = data.VolumeCache(paths["train_cache"]), data.VolumeCache(paths["valid_cache"])
-    questions = data.read_questions(paths["mmvqa_rl"])
-    if uncached := sum(q["VolumeName"] not in volumes for q in questions):
-        print0(f"left out {uncached} of {len(questions)} RL questions: their volume is not in {volumes.dir}")
-    questions = [q for q in questions if q["VolumeName"] in volumes]
+    questions = volumes.keep_cached(data.read_questions(paths["mmvqa_rl"]), "VolumeName", "RL questions", print0)
     val_items = data.read_questions(paths["mmvqa_valid"])
     val_questions = [q for q in val_items if q["VolumeName"] in val_volumes][:args.eval_n]
     eval_every = args.eval_every if val_questions else 0
@@ -470,8 +462,8 @@ def main(argv=None) -> dict:
         runtime.set_lr(optimizer, lr)
         idx = rank_questions(len(questions), global_batch, args.seed, step)
         qs = [questions[i] for i in idx]
-        out = train_step(net, ref, optimizer, qs, load_volumes(volumes, qs).to(device), reports, consistency, args,
-                         step, idx)
+        x = volumes.batch(q["VolumeName"] for q in qs).to(device)
+        out = train_step(net, ref, optimizer, qs, x, reports, consistency, args, step, idx)
         skipped += not out["applied"]
         done = step + 1
         row = {**log_row(done, out), "lr": lr, "skipped": skipped, "sec": round(time.time() - t0, 1),

@@ -163,7 +163,7 @@ class EncoderTokens:
 
     @torch.no_grad()
     def encode(self, names: list[str]) -> torch.Tensor:
-        x = torch.stack([data.online_transform(self.volumes.load(v), self.volumes.preset) for v in names])
+        x = self.volumes.batch(names)
         with autocast(self.device):
             tokens = self.vit(x.to(self.device)).float()
         if self.cache:
@@ -355,10 +355,7 @@ def main(argv=None) -> dict:
     vlm.bridge.train()
     vlm.set_grad_checkpointing(args.grad_ckpt)
     volumes = data.VolumeCache(paths["train_cache"])
-    examples = sft_examples(paths, args.vqa)
-    if uncached := sum(e["volume"] not in volumes for e in examples):
-        print0(f"left out {uncached} of {len(examples)} training examples: their volume is not in {volumes.dir}")
-    examples = [e for e in examples if e["volume"] in volumes]
+    examples = volumes.keep_cached(sft_examples(paths, args.vqa), "volume", "training examples", print0)
     tokens = EncoderTokens(vlm.vit, volumes, device, args.cache_features)
     set_feature_statistics(vlm.bridge, tokens, sorted({e["volume"] for e in examples})[:args.feature_stats])
 

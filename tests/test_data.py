@@ -352,6 +352,12 @@ def test_preprocess_dir_is_resumable_and_records_bad_files(tmp_path):
     assert "valid_3_a_1" in cache and "valid_4_a_1.nii.gz" not in cache
     with pytest.raises(KeyError, match="valid_4_a_1"):
         cache.load("valid_4_a_1.nii.gz")
+    x = cache.batch(["valid_2_a_1.nii.gz", "valid_1_a_1"])           # the model inputs, in the order asked
+    assert x.shape == (2, 1, *data.PHANTOM.crop) and torch.equal(x[0], data.online_transform(vol, cache.preset))
+    said, items = [], [{"v": "valid_1_a_1.nii.gz"}, {"v": "valid_4_a_1.nii.gz"}, {"v": "valid_9_a_1.nii.gz"}]
+    assert cache.keep_cached(items, "v", "questions", said.append) == items[:1]
+    assert said == [f"left out 2 of 3 questions: their volume is not in {out}"]
+    assert cache.keep_cached(items[:1], "v", "questions", said.append) == items[:1] and len(said) == 1
     with pytest.raises(ValueError, match="another preset"):
         data.preprocess_dir(src, out, "ctrate", meta, data.REAL, progress=False)
 

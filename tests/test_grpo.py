@@ -415,8 +415,8 @@ def test_micro_batches_and_grad_checkpointing_give_the_one_pass_update(phantom_w
         vlm, ref = model.VLM.load(sft_ckpt).eval(), model.VLM.load(sft_ckpt).eval().requires_grad_(False)
         vlm.set_grad_checkpointing(args.grad_ckpt)
         sgd, score = torch.optim.SGD(vlm.parameters(), lr=0.1), make_consistency_scorer("offline")
-        out = grpo.train_step(grpo.PolicyLogprobs(vlm), ref, sgd, qs, grpo.load_volumes(volumes, qs), reports, score,
-                              args, 0, [0, 1])
+        x = volumes.batch(q["VolumeName"] for q in qs)
+        out = grpo.train_step(grpo.PolicyLogprobs(vlm), ref, sgd, qs, x, reports, score, args, 0, [0, 1])
         return out, {n: p.detach() for n, p in vlm.named_parameters()}
 
     for reduction in ("sequence", "token"):

@@ -93,12 +93,16 @@ def test_grpo_computes_in_bf16_with_fp32_master_weights_and_the_statistics_preci
     storage nearly all would round away), the reference LLM is held in bf16, and the rollout, reference and policy
     passes see exactly the encoder tokens sft.py's statistics are computed from (the same autocast)."""
     monkeypatch.setattr(grpo, "accuracy_reward", lambda completion, answer, options=None: float(len(completion) % 2))
-    names, seen, load_volumes, vit_forward = [], [], grpo.load_volumes, model.ViT3D.forward
-    monkeypatch.setattr(grpo, "load_volumes", lambda vols, qs: names.extend(q["VolumeName"] for q in qs)
-                        or load_volumes(vols, qs))
+    names, seen, batch, vit_forward = [], [], data.VolumeCache.batch, model.ViT3D.forward
+
+    def recorded_batch(self, volume_names):
+        names.extend(volume_names := list(volume_names))
+        return batch(self, volume_names)
+    monkeypatch.setattr(data.VolumeCache, "batch", recorded_batch)
     monkeypatch.setattr(model.ViT3D, "forward", lambda self, x: seen.append(vit_forward(self, x)) or seen[-1])
     out = stage_run("grpo", phantom_world, parts, tmp_path, "--lr", "1e-6")
     monkeypatch.setattr(model.ViT3D, "forward", vit_forward)
+    monkeypatch.setattr(data.VolumeCache, "batch", batch)
     assert len(seen) == 3 and bf16_device == [torch.float32, torch.bfloat16]           # policy, reference
     assert all(p.dtype == torch.float32 for p in out["vlm"].parameters())
     start, after = model.VLM.load(parts["ckpt"]).state_dict(), out["vlm"].state_dict()
@@ -110,7 +114,7 @@ def test_grpo_computes_in_bf16_with_fp32_master_weights_and_the_statistics_preci
     vit = model.VLM.load(parts["ckpt"]).vit
     stats_tokens = sft.EncoderTokens(vit, volumes, torch.device("cpu"), cache=False).encode(names)
     with torch.no_grad():
-        fp32_tokens = vit(grpo.load_volumes(volumes, [{"VolumeName": n} for n in names]))
+        fp32_tokens = vit(volumes.batch(names))
     assert not torch.allclose(stats_tokens, fp32_tokens, atol=1e-3)                     # autocast matters here
     assert all(torch.equal(t.float(), stats_tokens) for t in seen)                      # rollout, reference, policy
 

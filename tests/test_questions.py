@@ -3,6 +3,7 @@ option letters in rewards and scoring, and an empty evaluation set reported as "
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -154,9 +155,9 @@ def test_validate_scores_five_option_items_and_empty_is_none(tmp_path, monkeypat
                                                               item(answer="A")]))
     replies = ["<think>x</think><answer>E</answer>", "<think>x</think><answer>C</answer>", "<answer>B</answer>"]
     monkeypatch.setattr(grpo, "decode", lambda tokenizer, out, lengths, finished: replies[:len(finished)])
-    monkeypatch.setattr(grpo, "load_volumes", lambda volumes, chunk: torch.zeros(len(chunk)))
-    assert grpo.validate(ScriptedVLM(), qs, None, 8) == {"val_acc": 2 / 3, "val_format": 2 / 3}
-    assert grpo.validate(ScriptedVLM(), [], None, 8) == {"val_acc": None, "val_format": None}
+    volumes = SimpleNamespace(batch=lambda names: torch.zeros(len(list(names))))
+    assert grpo.validate(ScriptedVLM(), qs, volumes, 8) == {"val_acc": 2 / 3, "val_format": 2 / 3}
+    assert grpo.validate(ScriptedVLM(), [], volumes, 8) == {"val_acc": None, "val_format": None}
 
 
 def test_records_correct_iff_pred_is_answer_and_none_never_correct(tmp_path, monkeypatch):
