@@ -6,7 +6,9 @@ this script writes it as <out>/vision_encoder.safetensors, BrgSA/timm names (loa
 Deliberate choices:
 1. Loss: symmetric InfoNCE with a learnable temperature, log(1/0.07) at start, scale clamped to <= 100.
 2. Negatives come from every rank: embeddings are all-gathered with gradient, so W ranks x B equal one process with
-   batch W*B. Gradient accumulation sums micro-steps whose negatives are micro_batch x world samples.
+   batch W*B. --micro-batch saves memory only: with several micro-batches per step, gradient caching (Gao et al.
+   2021) embeds them all without gradient, takes InfoNCE over the global batch, then re-runs each with gradient (one
+   extra forward pass), so every step's negatives are the whole global batch, as in one big batch.
 3. Pooling: mean of the ViT tokens and masked mean of the text tokens, linear projections, then each modality is
    centred on its global-batch mean (in validation: the validation set's) before the L2 norm. Scans share anatomy and
    reports most sentences, so uncentred embeddings start nearly parallel and InfoNCE sits at log(B), gradients ~0.
@@ -67,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--batch-size", type=int, default=64, help="global batch per optimizer step")
     g.add_argument("--micro-batch", type=int, default=8,
-                   help="per-rank micro-batch; its InfoNCE sees micro-batch x world pairs (choice 2)")
+                   help="per-rank micro-batch (memory only: InfoNCE sees the global batch, choice 2)")
     g.add_argument("--epochs", type=int, default=39)
     g.add_argument("--warmup-frac", type=float, default=0.03)
     g.add_argument("--grad-clip", type=float, default=1.0)
@@ -243,24 +245,47 @@ def validate(net: CLIP3D, tokenizer, val: PairDataset, labels: dict, args, devic
 # ---- One optimizer step and the loop -----------------------------------------------------------------------------
 def train_step(ddp: nn.Module, net: CLIP3D, optimizer, micro_batches: list[tuple], tokenizer, args, step: int,
                device: torch.device) -> dict:
-    """One optimizer step on this rank's (volumes, texts) micro-batches: summed InfoNCE gradients, one finite-checked
-    update, temperature clamped. Returns the global batch's loss and more."""
+    """One optimizer step on this rank's (volumes, texts) micro-batches, one finite-checked update, temperature
+    clamped. Several micro-batches use gradient caching (choice 2): embed them all without gradient, take InfoNCE over
+    the whole batch and its gradient w.r.t. the embeddings, then re-run each micro-batch (same RNG) with gradient and
+    back-propagate its rows of that gradient. Returns the global batch's loss and more."""
     world = world_size()
     torch.manual_seed(args.seed * 1_000_003 + step * world + get_rank())  # dropout etc.: a function of (step, rank)
-    loss_sum = torch.zeros((), device=device)
-    for m, (volumes, texts) in enumerate(micro_batches):
+    inputs = []
+    for volumes, texts in micro_batches:
         tok = tokenizer(texts, padding=True, truncation=True, max_length=args.max_text_len, return_tensors="pt")
-        with (nullcontext() if m == len(micro_batches) - 1 or world == 1 else ddp.no_sync()), autocast(device):
-            image, text, scale = ddp(volumes.to(device), tok["input_ids"].to(device), tok["attention_mask"].to(device))
-            loss = clip_loss(image.float(), text.float(), scale.float()) / len(micro_batches)
+        inputs.append((volumes.to(device), tok["input_ids"].to(device), tok["attention_mask"].to(device)))
+    last = len(inputs) - 1
+
+    def forward(m: int) -> list[torch.Tensor]:   # (image, text, scale) in fp32; DDP syncs gradients on the last
+        with (nullcontext() if m == last or world == 1 or not torch.is_grad_enabled() else ddp.no_sync()), \
+                autocast(device):
+            return [x.float() for x in ddp(*inputs[m])]
+
+    if last == 0:
+        loss = clip_loss(*forward(0))
         loss.backward()
-        loss_sum += loss.detach()
+    else:   # gradient caching: the loss of the whole batch, whatever the micro-batch
+        states, cached = [], []
+        with torch.no_grad():
+            for m in range(len(inputs)):
+                states.append(runtime.rng_state())
+                cached.append(forward(m)[:2])
+        image, text = (torch.cat(x).requires_grad_() for x in zip(*cached))          # (accum * B, E) each
+        scale = net.logit_scale.exp().detach().requires_grad_()
+        loss = clip_loss(image, text, scale)
+        loss.backward()                                              # d loss / d embeddings, d loss / d scale
+        rows = np.cumsum([0] + [len(x) for x, _ in cached])
+        for m in range(len(inputs)):
+            runtime.set_rng_state(states[m])                         # the same dropout as in the first pass
+            grads = [image.grad[rows[m]:rows[m + 1]], text.grad[rows[m]:rows[m + 1]], scale.grad / len(inputs)]
+            torch.autograd.backward(forward(m), grads)
     params = [p for p in net.parameters() if p.requires_grad]
-    grad_norm, applied = runtime.optimizer_step(optimizer, params, args.grad_clip, args.nan_policy, step, loss_sum)
+    grad_norm, applied = runtime.optimizer_step(optimizer, params, args.grad_clip, args.nan_policy, step, loss.detach())
     with torch.no_grad():
         net.logit_scale.clamp_(0, math.log(100))
-    return {"loss": runtime.all_reduce(loss_sum.clone(), "avg").item(), "temperature": 1 / net.logit_scale.exp().item(),
-            "grad_norm": grad_norm.item(), "skipped": not applied}
+    return {"loss": runtime.all_reduce(loss.detach().clone(), "avg").item(),
+            "temperature": 1 / net.logit_scale.exp().item(), "grad_norm": grad_norm.item(), "skipped": not applied}
 
 
 def main(argv=None) -> dict:

@@ -137,6 +137,19 @@ def test_two_ranks_equal_one_rank_with_same_global_batch(phantom_world, tmp_path
         assert torch.allclose(a[k], b[k], rtol=0, atol=2 * 3 * 1e-3 * 1.005 if k == "norm.bias" else 1e-3), k
 
 
+@pytest.mark.slow
+def test_two_ranks_of_micro_batches_equal_one_rank_with_the_whole_batch(phantom_world, tmp_path):
+    """Gradient caching under DDP: 2 ranks x 2 micro-batches of 1 (DDP syncing on the last) train like one process
+    with batch 4, whose InfoNCE sees all 4 pairs."""
+    torchrun(1, REPO / "clip3d.py", *run_args(phantom_world, tmp_path / "one", "--max-steps", 2))
+    torchrun(2, REPO / "clip3d.py", *run_args(phantom_world, tmp_path / "two", "--max-steps", 2, "--micro-batch", 1))
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert two[0] == pytest.approx(one[0], rel=1e-5) and two[1] == pytest.approx(one[1], rel=2e-3)
+    a, b = (load_file(tmp_path / run / "vision_encoder.safetensors") for run in ("one", "two"))
+    for k in a:   # tolerances as in the test above (norm.bias: Adam on float noise, up to 2 x steps x lr)
+        assert torch.allclose(a[k], b[k], rtol=0, atol=2 * 2 * 1e-3 * 1.005 if k == "norm.bias" else 1e-3), k
+
+
 def test_the_final_layernorm_bias_gets_no_gradient_through_centred_embeddings(phantom_world):
     """clip_loss centres each modality on its batch mean, and the final norm's bias shifts every volume's mean token by
     the same vector: its gradient is float noise. This is why two runs may differ there by Adam's lr per step."""
@@ -149,6 +162,86 @@ def test_the_final_layernorm_bias_gets_no_gradient_through_centred_embeddings(ph
     clip3d.clip_loss(*net(torch.randn(4, 1, 64, 32 * 2, 32), tok["input_ids"], tok["attention_mask"])).backward()
     grads = dict((k, p.grad.abs().max().item()) for k, p in net.vit.named_parameters())
     assert grads["norm.bias"] < 1e-3 * grads["norm.weight"] and grads["norm.weight"] > 1e-3
+
+
+class GradRecorder(torch.optim.Optimizer):
+    """An optimizer whose step keeps a copy of every gradient and changes nothing."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+        self.grads = None
+
+    def step(self, closure=None):
+        self.grads = [p.grad.clone() for g in self.param_groups for p in g["params"]]
+
+
+def clip_net(text_encoder: str, dropout: float) -> tuple[clip3d.CLIP3D, object]:
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(text_encoder, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    text = AutoModel.from_pretrained(text_encoder, config=config)
+    text.pooler = None                                      # as clip3d.main: masked mean instead
+    net = clip3d.CLIP3D(M.ViT3D.from_preset("tiny"), text, 32)
+    return net.train(), AutoTokenizer.from_pretrained(text_encoder)
+
+
+def step_grads(net, tokenizer, batches: list[tuple]) -> tuple[float, list[torch.Tensor]]:
+    """(loss, gradients) of one clip3d.train_step on these micro-batches; the weights are left as they were."""
+    from types import SimpleNamespace
+    opt = GradRecorder(net.parameters())
+    args = SimpleNamespace(seed=0, max_text_len=64, grad_clip=0.0, nan_policy="stop")
+    out = clip3d.train_step(net, net, opt, batches, tokenizer, args, 0, torch.device("cpu"))
+    return out["loss"], opt.grads
+
+
+def relative_difference(a: list, b: list) -> float:
+    """|a - b| / |b| over all gradients as one vector: tensors whose exact gradient is 0 (the final norms' biases under
+    centring, attention key biases) hold float noise only, so tensor by tensor they may differ wholly."""
+    flat = [torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, b)]) for g in (a, b)]
+    return ((flat[0] - flat[1]).norm() / flat[1].norm()).item()
+
+
+TEXTS = ["mild emphysema in both upper lobes.", "no nodule.", "a small pleural effusion on the left side.",
+         "atelectasis in the right lower lobe and a calcified nodule."]
+
+
+def test_micro_batches_give_the_loss_and_gradient_of_the_whole_batch(phantom_world):
+    """--micro-batch saves memory only (gradient caching): 2 x 2 gives one batch of 4's InfoNCE and gradient, where
+    separate micro-batch losses (each its own negatives) would not."""
+    net, tok = clip_net(phantom_world["text_encoder"], dropout=0.0)
+    volumes = torch.randn(4, 1, 64, 64, 32, generator=torch.Generator().manual_seed(1))
+    whole_loss, whole = step_grads(net, tok, [(volumes, TEXTS)])
+    split_loss, split = step_grads(net, tok, [(volumes[:2], TEXTS[:2]), (volumes[2:], TEXTS[2:])])
+    assert split_loss == pytest.approx(whole_loss, rel=1e-5)   # padding lengths differ: float rounding only
+    assert relative_difference(split, whole) < 1e-4               # measured: 3e-6
+    own = []   # each micro-batch with its own InfoNCE (its own negatives): measurably another loss and gradient
+    for i in (0, 2):
+        t = tok(TEXTS[i:i + 2], padding=True, return_tensors="pt")
+        loss = clip3d.clip_loss(*net(volumes[i:i + 2], t["input_ids"], t["attention_mask"])) / 2
+        loss.backward()
+        own.append(loss.item())
+    assert abs(sum(own) - whole_loss) > 1e-2 and relative_difference([p.grad for p in net.parameters()], whole) > 0.1
+
+
+def test_gradient_caching_replays_the_dropout_of_the_first_pass(phantom_world, monkeypatch):
+    """With dropout on, the second (gradient) pass of each micro-batch draws the same masks as the first: the
+    gradient is that of the loss train_step reports, computed here in one graph from the same RNG state."""
+    net, tok = clip_net(phantom_world["text_encoder"], dropout=0.3)
+    volumes = torch.randn(4, 1, 64, 64, 32, generator=torch.Generator().manual_seed(1))
+    batches = [(volumes[:2], TEXTS[:2]), (volumes[2:], TEXTS[2:])]
+    states, rng_state = [], clip3d.runtime.rng_state
+    monkeypatch.setattr(clip3d.runtime, "rng_state", lambda: states.append(rng_state()) or states[-1])
+    loss, grads = step_grads(net, tok, batches)
+    clip3d.runtime.set_rng_state(states[0])                  # the RNG as the step's first forward pass found it
+    embeds = []
+    for v, texts in batches:
+        t = tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+        embeds.append(net(v, t["input_ids"], t["attention_mask"]))
+    image, text = (torch.cat([e[i] for e in embeds]) for i in (0, 1))
+    reference = clip3d.clip_loss(image, text, net.logit_scale.exp())
+    reference.backward()
+    assert loss == pytest.approx(reference.item(), rel=1e-6)
+    assert relative_difference(grads, [p.grad for p in net.parameters()]) < 1e-4
 
 
 def test_resume_continues_exactly(phantom_world, tmp_path):
