@@ -258,8 +258,7 @@ def train_step(ddp: nn.Module, net: CLIP3D, optimizer, micro_batches: list[tuple
     last = len(inputs) - 1
 
     def forward(m: int) -> list[torch.Tensor]:   # (image, text, scale) in fp32; DDP syncs gradients on the last
-        with (nullcontext() if m == last or world == 1 or not torch.is_grad_enabled() else ddp.no_sync()), \
-                autocast(device):
+        with (nullcontext() if m == last or world == 1 else ddp.no_sync()), autocast(device):
             return [x.float() for x in ddp(*inputs[m])]
 
     if last == 0:
@@ -275,11 +274,10 @@ def train_step(ddp: nn.Module, net: CLIP3D, optimizer, micro_batches: list[tuple
         scale = net.logit_scale.exp().detach().requires_grad_()
         loss = clip_loss(image, text, scale)
         loss.backward()                                              # d loss / d embeddings, d loss / d scale
-        rows = np.cumsum([0] + [len(x) for x, _ in cached])
-        for m in range(len(inputs)):
+        sizes = [len(x) for x, _ in cached]
+        for m, grads in enumerate(zip(image.grad.split(sizes), text.grad.split(sizes))):
             runtime.set_rng_state(states[m])                         # the same dropout as in the first pass
-            grads = [image.grad[rows[m]:rows[m + 1]], text.grad[rows[m]:rows[m + 1]], scale.grad / len(inputs)]
-            torch.autograd.backward(forward(m), grads)
+            torch.autograd.backward(forward(m), [*grads, scale.grad / len(inputs)])
     params = [p for p in net.parameters() if p.requires_grad]
     grad_norm, applied = runtime.optimizer_step(optimizer, params, args.grad_clip, args.nan_policy, step, loss.detach())
     with torch.no_grad():
