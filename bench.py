@@ -495,8 +495,8 @@ def bench_cuda(args, paths: dict, llm_dir, device="cuda", llm_shape=None, vit_pr
     # GRPO: the whole model trains (grpo.py choice 5); G samples per question with its image, then the update
     items = json.loads(Path(paths["mmvqa_rl"]).read_text())
     reports = report_texts(paths)
-    ref = copy.deepcopy(vlm).requires_grad_(False)                     # frozen LLM in compute_dtype, as grpo.py
     vlm.llm.float()                                                    # the policy's fp32 master weights
+    ref = copy.deepcopy(vlm).freeze(runtime.compute_dtype(device))     # matmul weights in compute_dtype, as grpo.py
     vlm.requires_grad_(True)
     gargs = grpo_args(args, args.cuda_new_tokens)
     vlm.set_grad_checkpointing(gargs.grad_ckpt)
@@ -816,7 +816,7 @@ def plan_memory(args, m: dict | None = None) -> dict:
     for stage in ("sft", "grpo"):
         grpo_stage = stage == "grpo"
         trained = c["llm"] + c["bridge"] + (c["vit"] if vit_train else 0) if grpo_stage else c["bridge"]
-        frozen = c["vit"] * (not vit_train) * 4 if grpo_stage else (c["llm"] + c["vit"]) * held
+        frozen = c["vit"] * (not vit_train) * 4 if grpo_stage else c["llm"] * held + c["vit"] * 4   # ViT: fp32
         if grpo_stage:
             n_pass, t_pass, ckpt = per_pass, g_args.max_new_tokens, grpo_ckpt
             acts, logits = llm_activations(m, stage, args.precision, ckpt, L, n_pass, grpo_tokens, t_pass)
@@ -838,7 +838,8 @@ def plan_memory(args, m: dict | None = None) -> dict:
                     "AdamW step temporary (foreach)": 4 * trained / w,
                     "DDP buckets (gradient_as_bucket_view: none)": 0,
                     "FSDP whole root + 2 groups, and their grads": (8 * root + 8 * unit + 4 * unit) * (w > 1),
-                    "reference policy": (held * (c["llm"] + c["vit"]) + 4 * c["bridge"]) * grpo_stage,
+                    "reference policy": (held * (c["llm"] - c["embed"]) + 4 * (c["embed"] + c["vit"] + c["bridge"]))
+                    * grpo_stage,   # VLM.freeze: the LLM's matmul weights held, the rest fp32
                     "reward model (rm:)": held * args.rm_params * 1e9 * grpo_stage,
                     "autocast bf16 weight copies": 2 * trained * bf16, "activations": acts, "logits": logits,
                     "KV cache (rollout)": kv * rows * grpo_tokens * grpo_stage}

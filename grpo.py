@@ -18,9 +18,9 @@ Deliberate choices:
 6. r_con: the <think> text against the scan's report, in levels, by `offline` (a deterministic clinical-term scorer, the
    default), `rm:PATH` (a local reward model, the paper's RM-Mistral-7B) or `judge:MODEL` (an OpenAI-compatible
    endpoint; a failed call fails the step, or with --judge-failures exclude leaves its group out of the loss, counted).
-7. CUDA: bf16 autocast, the reference LLM and an rm: model held in bf16, fp32 master weights for the policy (AdamW's
-   updates at lr 1e-6 would round away in bf16); CPU: fp32. --micro-batch N: the policy, reference and old-policy
-   passes N rows at a time, losses weighted by their share of choice 4's mean (one pass's update); --grad-ckpt.
+7. CUDA: bf16 autocast, fp32 master weights for the policy (AdamW's updates at lr 1e-6 would round away in bf16), the
+   reference's LLM matmul weights (VLM.freeze: it scores as the policy at step 0) and an rm: model in bf16; CPU: fp32.
+   --micro-batch N: policy, reference and old-policy passes of N rows, weighted to one pass's update; --grad-ckpt.
 8. --shard fsdp: FSDP2 shards the policy, its gradients and AdamW state by ViT block and LLM layer, not the reference.
 
 Run:
@@ -431,7 +431,7 @@ def main(argv=None) -> dict:
     # policy and frozen reference, both from the SFT checkpoint
     runtime.seed_everything(args.seed)
     vlm = model.VLM.load(args.sft, device=device).eval()     # eval: no dropout, sampled = trained distribution
-    ref = model.VLM.load(args.sft, device=device, dtype=runtime.compute_dtype(device)).eval().requires_grad_(False)
+    ref = model.VLM.load(args.sft, device=device).freeze(runtime.compute_dtype(device))    # choice 7: KL 0 at step 0
     vlm.set_trainable(vit=not args.freeze_encoder, bridge=True, llm=True)   # the RAM anchor is a buffer: frozen
     vlm.set_grad_checkpointing(args.grad_ckpt)
     net = runtime.wrap(PolicyLogprobs(vlm), device, args.shard)

@@ -8,6 +8,7 @@ import torch
 import bench
 import grpo
 import model
+from phantom.llm import build_tiny_llm
 
 COLUMNS = ["sft ddp", "sft fsdp", "grpo ddp", "grpo fsdp"]
 
@@ -45,7 +46,8 @@ def test_options_change_what_they_should(tmp_path):
     for k in ("trainable weights (fp32)", "gradients (fp32)", "AdamW state (fp32)"):
         assert base["grpo fsdp"][k] == pytest.approx(base["grpo ddp"][k] / 8)
     fp32 = plan(tmp_path, "--precision", "fp32", "--world", 4)
-    assert fp32["sft ddp"]["frozen weights"] == pytest.approx(2 * base["sft ddp"]["frozen weights"])
+    llm = bench.param_counts(bench.llm_config(bench.QWEN25_CONFIG), "base")["llm"]   # the ViT stays fp32 either way
+    assert fp32["sft ddp"]["frozen weights"] == pytest.approx(base["sft ddp"]["frozen weights"] + 2 * llm)
     assert fp32["grpo ddp"]["autocast bf16 weight copies"] == 0
     assert fp32["grpo fsdp"]["AdamW state (fp32)"] == pytest.approx(base["grpo ddp"]["AdamW state (fp32)"] / 4)
 
@@ -58,6 +60,15 @@ def test_parameter_counts_are_the_models(tmp_path):
     assert c["vit"] == sum(p.numel() for p in vit.parameters()) and c["n_img"] == 8
     bridge = model.Bridge(vit.width, vit.grid, 2048, torch.zeros(2048))
     assert c["bridge"] == sum(p.numel() for p in bridge.parameters())
+
+
+def test_the_planned_reference_is_the_frozen_models_bytes(tmp_path):
+    """GRPO's reference as grpo.py holds it (VLM.freeze in bf16), built at real width on the meta device: the plan
+    counts its bytes within 0.5 % (the bridge's buffers, the anchor and input statistics, are left out)."""
+    llm = build_tiny_llm(["A lung nodule. No pleural effusion."] * 8, tmp_path / "llm", vocab_size=300, hidden=64)
+    vlm = bench.big_vlm(llm, bench.QWEN25_3B, "base", "meta").freeze(torch.bfloat16)
+    held = {id(t): t.numel() * t.element_size() for t in [*vlm.parameters(), *vlm.buffers()]}
+    assert plan(tmp_path)["grpo ddp"]["reference policy"] == pytest.approx(sum(held.values()), rel=5e-3)
 
 
 def test_bad_inputs_are_named(tmp_path):

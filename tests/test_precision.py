@@ -90,10 +90,13 @@ def bf16_device(monkeypatch):
 def test_grpo_computes_in_bf16_with_fp32_master_weights_and_the_statistics_precision(
         bf16_device, phantom_world, parts, tmp_path, monkeypatch):
     """On a bf16 device the policy keeps fp32 weights, so AdamW's updates at the paper's lr 1e-6 land (in bf16
-    storage nearly all would round away), the reference LLM is held in bf16, and the rollout, reference and policy
-    passes see exactly the encoder tokens sft.py's statistics are computed from (the same autocast)."""
+    storage nearly all would round away), the reference holds its LLM's matmul weights in bf16 and scores exactly as
+    the policy does before its first update (KL 0), and the rollout, reference and policy passes see exactly the
+    encoder tokens sft.py's statistics are computed from (the same autocast)."""
     monkeypatch.setattr(grpo, "accuracy_reward", lambda completion, answer, options=None: float(len(completion) % 2))
     names, seen, batch, vit_forward = [], [], data.VolumeCache.batch, model.ViT3D.forward
+    refs, step = [], grpo.train_step
+    monkeypatch.setattr(grpo, "train_step", lambda net, ref, *a: refs.append(ref) or step(net, ref, *a))
 
     def recorded_batch(self, volume_names):
         names.extend(volume_names := list(volume_names))
@@ -103,8 +106,14 @@ def test_grpo_computes_in_bf16_with_fp32_master_weights_and_the_statistics_preci
     out = stage_run("grpo", phantom_world, parts, tmp_path, "--lr", "1e-6")
     monkeypatch.setattr(model.ViT3D, "forward", vit_forward)
     monkeypatch.setattr(data.VolumeCache, "batch", batch)
-    assert len(seen) == 3 and bf16_device == [torch.float32, torch.bfloat16]           # policy, reference
+    assert len(seen) == 3 and bf16_device == [torch.float32, torch.float32]            # policy, reference
     assert all(p.dtype == torch.float32 for p in out["vlm"].parameters())
+    ref_llm = refs[0].llm
+    matmul = {n: p.dtype for m, mod in ref_llm.named_modules() if isinstance(mod, torch.nn.Linear)
+              for n, p in mod.named_parameters(prefix=m) if p is not ref_llm.get_input_embeddings().weight}
+    assert matmul and set(matmul.values()) == {torch.bfloat16} and ref_llm.get_input_embeddings().weight.dtype == \
+        torch.float32 and not any(p.requires_grad for p in refs[0].parameters())
+    assert out["history"][-1]["kl"] == 0.0   # one policy iteration: the KL is taken before the update
     start, after = model.VLM.load(parts["ckpt"]).state_dict(), out["vlm"].state_dict()
     llm = [n for n in start if n.startswith("llm.") and n.endswith("proj.weight")]
     moved = torch.cat([(after[n] != start[n]).flatten() for n in llm]).float().mean()
@@ -132,11 +141,12 @@ def test_sft_holds_the_frozen_llm_in_bf16_and_trains_an_fp32_bridge(bf16_device,
 def test_the_gpu_benchmark_times_the_stages_own_steps_in_their_precision(bf16_device, phantom_world, parts,
                                                                           monkeypatch):
     """bench.py's CUDA benchmark, run here on a bf16 CPU with a tiny LLM shape: it times sft.train_step and
-    grpo.train_step themselves, SFT with its frozen LLM in bf16, GRPO with an fp32 policy beside a bf16 reference."""
+    grpo.train_step themselves, SFT with its frozen LLM in bf16, GRPO with an fp32 policy beside a reference whose
+    matmul weights are bf16."""
     seen, sft_step, grpo_step = [], sft.train_step, grpo.train_step
     monkeypatch.setattr(sft, "train_step", lambda net, *a: seen.append(("sft", net.vlm.llm.dtype)) or sft_step(net, *a))
-    monkeypatch.setattr(grpo, "train_step", lambda net, ref, *a: seen.append(("grpo", net.vlm.llm.dtype, ref.llm.dtype))
-                        or grpo_step(net, ref, *a))
+    monkeypatch.setattr(grpo, "train_step", lambda net, ref, *a: seen.append(
+        ("grpo", net.vlm.llm.dtype, ref.llm.model.layers[0].mlp.down_proj.weight.dtype)) or grpo_step(net, ref, *a))
     args = bench.parse_args(["--sft-steps", "1", "--grpo-prompts", "1", "--cuda-new-tokens", "4"])
     shape = dict(bench.QWEN25_3B, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                  vocab_size=128)
