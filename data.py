@@ -350,29 +350,45 @@ def read_reports(csv_path) -> dict[str, dict]:
 
 
 def split_sentences(text: str | None) -> list[str]:
-    """Split at '.', '!' or '?' followed by white space and a capital/digit/bracket (keeps '3.5 mm' whole)."""
+    """Split at '.', '!' or '?' followed by white space and a capital/digit/bracket (keeps '3.5 mm' whole); a list
+    number ('1.', '2)') stays with its sentence."""
     parts = re.split(r"(?<=[.!?])\s+(?=[A-Z0-9(\"'])|\n+", text.strip()) if text else []
-    return [p.strip() for p in parts if p.strip()]
+    out = []
+    for p in filter(None, map(str.strip, parts)):
+        out.append(f"{out.pop()} {p}" if out and re.fullmatch(r"\d+[.)]", out[-1]) else p)
+    return out
 
 
-_NORMAL = re.compile(
-    r"\b(no|not|none|without|absent|free of|normal|unremarkable|within normal limits|patent|open|intact|"
-    r"natural|preserved|clear|negative|ruled out|was not|were not|cannot be evaluated|could not be evaluated)\b", re.I)
-_ABNORMAL = re.compile(
-    r"(nodul|opacit|effusion|calcif|atheroscl|atelecta|emphysem|bulla|consolidat|thicken|bronchiectas|lymphadenopath|"
-    r"lymph nodes? (?:up to|measuring|with|of)|hernia|megal|enlarg|ground[- ]glass|fibro|sequela|mosaic|catheter|"
-    r"\bport\b|pacemaker|stent|clips?\b|prosthe|sternotomy|postoperative|operated|resect|mass|lesion|cyst|fracture|"
-    r"degenerat|osteophyt|spondylo|scoliosis|kyphosis|dilat|aneurysm|infiltrat|pneumothorax|granulom|scar|reticul|"
-    r"honeycomb|band|plaque|increased|decreased|herniat|collapse|septal|tree-in-bud|bronchiolect|air trapping|"
-    r"hypodens|hyperdens|steatosis|stone|calcul|atroph|hypertroph|metal|wire|tube)", re.I)
+_ABNORMAL = re.compile(  # finding terms, from a word's start (no "stent" in "consistent"); a few take prefixes
+    r"\b(?:\w*megal|\w*steatosis|\w*nodul|\w*calcif|\w*atelecta|\w*pneumothorax|\w*pneumoni|\w*edema|opacit|"
+    r"effusion|atheroscl|emphysem|bulla|consolidat|thicken|bronchiectas|lymphadenopath|lymph nodes? (?:up to|"
+    r"measuring|with|of)|hernia|enlarg|ground[- ]glass|fibro|sequela|mosaic|catheter|port\b|pacemaker|stent|clips?\b|"
+    r"prosthe|sternotomy|postoperative|operated|resect|mass|lesion|cyst|fracture|degenerat|osteophyt|spondylo|"
+    r"scoliosis|kyphosis|dilat|aneurysm|infiltrat|granulom|scar|reticul|honeycomb|bands?\b|plaque|increase|decrease|"
+    r"herniat|collapse|septal|tree-in-bud|bronchiolect|air trapping|hypodens|hyperdens|stones?\b|calcul(?:us|i)\b|"
+    r"atroph|hypertroph|metal|wire|tubes?\b|tubercul|tumou?r|malignan|metasta|neoplas|carcinom|embol|thromb|"
+    r"crazy[- ]paving|air[- ]fluid)", re.I)
+_NEGATES_AFTER = re.compile(r"\b(?:no|without|free of|negative for|absence of|none of|neither)\b", re.I)  # to the end
+_NEGATES_PART = re.compile(  # negates its own comma-separated part of a clause
+    r"\b(?:not|none|absent|normal|unremarkable|within normal limits|patent|open|intact|natural|preserved|clear|"
+    r"negative|ruled out|cannot be evaluated|\w+n't)\b", re.I)
 _CLAUSE = re.compile(r";|,?\s+\b(?:but|however|whereas|although|while)\b|\.\s", re.I)
 
 
 def rule_label(sentence: str) -> bool:
-    """Offline sentence labeller: True = abnormal. A clause is abnormal when it names a finding and is not negated
-    ('No pleural effusion.', '... within normal limits', '... unremarkable' are normal); a sentence is abnormal when
-    any of its clauses is ('No effusion, but atelectasis is seen.' is abnormal)."""
-    return any(c and _ABNORMAL.search(c) and not _NORMAL.search(c) for c in _CLAUSE.split(sentence))
+    """Offline sentence labeller: True = abnormal, when a clause names a finding that no cue negates. "no", "without"
+    (and the like) negate the rest of their clause ("No nodule, mass or consolidation."; "Atelectasis without
+    effusion." is abnormal); "not", "normal", "unremarkable" (and the like) negate their comma-separated part ("Heart
+    size increased, pericardial effusion not observed." is abnormal); clauses end at ";", "but", "however", ..."""
+    for clause in filter(None, _CLAUSE.split(sentence)):
+        cue = _NEGATES_AFTER.search(clause)
+        negated_from, start = cue.start() if cue else len(clause), 0
+        for part in clause.split(","):
+            if not _NEGATES_PART.search(part) and any(start + m.start() < negated_from
+                                                       for m in _ABNORMAL.finditer(part)):
+                return True
+            start += len(part) + 1
+    return False
 
 
 # Clinical terms for the 18 CT-RATE abnormalities (ABNORMALITIES order): which findings a text affirms or denies

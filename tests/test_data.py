@@ -543,6 +543,30 @@ REAL_STYLE = {  # CT-RATE-style sentences -> abnormal?
     "Thyroid gland is not enlarged.": False,
     "Liver size is normal; hepatosteatosis is observed.": True,
     "Postoperative changes are observed in the left hemithorax.": True,
+    # a finding beside a negated one, in one sentence: the negation governs only its own part
+    "There are linear atelectasis and fibrotic changes in both lungs, no mass lesion with distinct borders was "
+    "detected.": True,
+    "Heart size increased, pericardial effusion not observed.": True,
+    "Aorta is of normal diameter, calcified atherosclerotic plaques are observed in its wall.": True,
+    "Atelectasis is present in the right lower lobe without pleural effusion.": True,
+    "Trachea and both main bronchi are open, emphysematous changes are observed in both lungs.": True,
+    "A few millimetric nodules are observed in both lungs and no mass was detected.": True,
+    "Minimal pleural effusion, no pneumothorax.": True,
+    "No nodule, mass, or consolidation was detected.": False,   # "no" governs the whole list
+    "Heart contour and size are normal, no pericardial effusion-thickening was detected.": False,
+    "Thoracic esophagus calibration was normal and no significant tumoral wall thickening was detected.": False,
+    "Mediastinal structures cannot be evaluated optimally since contrast material was not given.": False,
+    "Neither pleural nor pericardial effusion is seen.": False,
+    "Consolidation isn't seen.": False,
+    # findings the terms used to miss, and words that only contain a term
+    "Findings are compatible with viral pneumonia.": True,
+    "Pulmonary edema.": True,
+    "A tumor is seen in the left upper lobe.": True,
+    "Malignancy cannot be excluded.": True,
+    "Density increase in the right lower lobe.": True,
+    "Micronodules are seen in both lungs.": True,
+    "The findings are consistent with the clinical history.": False,   # "stent" inside "consistent"
+    "The volume was calculated from the sections.": False,             # "calcul" inside "calculated"
 }
 
 
@@ -554,6 +578,8 @@ def test_split_sentences_and_reports(tmp_path):
     assert data.split_sentences("Heart size is normal. A 3.5 mm nodule is seen in the right lung. No effusion.") == [
         "Heart size is normal.", "A 3.5 mm nodule is seen in the right lung.", "No effusion."]
     assert data.split_sentences(None) == [] and data.split_sentences("") == []
+    assert data.split_sentences("1. Emphysema. 2. Atelectasis in the left lung.\n3) Nodule.") == [
+        "1. Emphysema.", "2. Atelectasis in the left lung.", "3) Nodule."]   # a list number stays with its sentence
     path = tmp_path / "r.csv"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
