@@ -382,12 +382,9 @@ def rule_label(sentence: str) -> bool:
     size increased, pericardial effusion not observed." is abnormal); clauses end at ";", "but", "however", ..."""
     for clause in filter(None, _CLAUSE.split(sentence)):
         cue = _NEGATES_AFTER.search(clause)
-        negated_from, start = cue.start() if cue else len(clause), 0
-        for part in clause.split(","):
-            if not _NEGATES_PART.search(part) and any(start + m.start() < negated_from
-                                                       for m in _ABNORMAL.finditer(part)):
-                return True
-            start += len(part) + 1
+        head = clause[:cue.start()] if cue else clause   # what "no", "without" leave un-negated
+        if any(_ABNORMAL.search(h) and not _NEGATES_PART.search(p) for p, h in zip(clause.split(","), head.split(","))):
+            return True
     return False
 
 

@@ -334,7 +334,7 @@ class VLM(nn.Module):
             (tmp / "config.json").write_text(json.dumps(self.config, indent=2, default=str))
         return Path(ckpt_dir)
 
-    def freeze(self, dtype: torch.dtype = torch.float32) -> "VLM":
+    def freeze(self, dtype: torch.dtype) -> "VLM":
         """Eval mode, no gradients, and the LLM's matmul weights (each nn.Linear's weight and bias, except one tied to
         the input embedding) stored in `dtype`: what autocast to `dtype` rounds them to anyway. Embeddings, norms,
         buffers, the ViT and the bridge keep fp32, so under autocast this copy computes what the fp32 model computes,
