@@ -312,7 +312,7 @@ def bench_sft(args, paths: dict, llm_dir) -> dict:
     for name in args.sft_presets.split(","):
         vlm = model.VLM.build(llm_dir, vit_preset=name)
         preset, encoded, volumes = sft_setup(vlm, examples)
-        opt = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
+        opt = runtime.adamw([p for p in vlm.parameters() if p.requires_grad], 1e-4, 0.01)   # as sft.py
         batches = [list(zip(encoded, volumes))[k * B:(k + 1) * B] for k in range(steps)]
         it, feats = iter(batches), []                                   # feats: what epoch 1 leaves in the cache
         plain = measure(lambda: feats.append(sft_step(vlm, opt, preset, next(it))), steps)
@@ -419,7 +419,7 @@ def bench_grpo(args, paths: dict, llm_dir, workdir: Path) -> dict:
     vlm.tokenizer.save_pretrained(hf_dir)                              # TRL loads exactly this LLM
     ref = copy.deepcopy(vlm).requires_grad_(False)
     vlm.set_trainable(vit=False, bridge=False, llm=True)               # text only: the LLM is the policy
-    opt = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    opt = runtime.adamw([p for p in vlm.parameters() if p.requires_grad], args.lr, 0.0)
     gargs = grpo_args(args, args.grpo_new_tokens, "--no-grad-ckpt")   # as TRL runs it
     ours = [our_grpo_step(vlm, ref, opt, items[k * Q:(k + 1) * Q], reports, consistency, gargs, k)
             for k in range(n)][1:]
@@ -475,7 +475,7 @@ def bench_cuda(args, paths: dict, llm_dir, device="cuda", llm_shape=None, vit_pr
     examples = sft.sft_examples(paths, with_vqa=True)[: B * (args.sft_steps + 1)]
     preset, encoded, volumes = sft_setup(vlm, examples)
     vlm.llm.to(runtime.compute_dtype(device))                          # frozen, as sft.py holds it
-    opt = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=1e-4)
+    opt = runtime.adamw([p for p in vlm.parameters() if p.requires_grad], 1e-4, 0.01)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     secs, flops = [], []
@@ -500,7 +500,7 @@ def bench_cuda(args, paths: dict, llm_dir, device="cuda", llm_shape=None, vit_pr
     vlm.requires_grad_(True)
     gargs = grpo_args(args, args.cuda_new_tokens)
     vlm.set_grad_checkpointing(gargs.grad_ckpt)
-    opt = torch.optim.AdamW(vlm.parameters(), lr=args.lr, weight_decay=0.0)
+    opt = runtime.adamw(list(vlm.parameters()), args.lr, 0.0)
     Q, R = args.grpo_prompts, args.grpo_prompts * args.grpo_g
     x = torch.stack([data.online_transform(v, preset) for v in volumes[:Q]]).to(device)
     if cuda:

@@ -320,10 +320,7 @@ def main(argv=None) -> dict:
         text.pooler = None
     net = CLIP3D(vit, text, args.embed_dim).to(device)
     ddp = runtime.wrap_ddp(net, device)
-    decay = [p for p in net.parameters() if p.ndim >= 2]                 # no decay on norms, biases, temperature
-    no_decay = [p for p in net.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    opt = runtime.adamw(list(net.parameters()), args.lr, args.weight_decay, betas=(0.9, 0.95))
     run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at,
                       curves=("loss", "lr", "zs_auc_mean", "v2r_R@1", "v2r_R@5", "r2v_R@5"),
                       save_every=args.save_every, save_last=True)   # the encoder file is written with each save

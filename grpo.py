@@ -442,7 +442,7 @@ def main(argv=None) -> dict:
     global_batch = args.batch_size * world
     if len(questions) < global_batch:
         raise SystemExit(f"{len(questions)} RL questions < one global batch of {global_batch}")
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = runtime.adamw(params, args.lr, args.weight_decay)
     run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at,
                       curves=("reward", "r_fmt", "r_acc", "r_con", "reward_std", "kl", "completion_len", "truncated",
                               "val_acc"), save_every=args.save_every)

@@ -4,8 +4,9 @@ The vision encoder (clip3d.py) and the LLM are frozen; the bridge (adaptive pool
 learns to speak to the LLM through report generation and VQA, under the re-weighted loss of eq. (4)-(5).
 
 Deliberate choices:
-1. Trainable: the bridge only (the paper's projection layer). `--lora` adds LoRA adapters to the LLM's attention
-   projections (paper table 3); they are merged into the LLM weights when the checkpoint is written.
+1. Trainable: the bridge only (the paper's projection layer). `--lora` (paper table 3) adds LoRA adapters to every
+   linear layer of the LLM but its output head, with the official rank 16, α 32 and dropout 0.05; they are merged
+   into the LLM weights when the checkpoint is written.
 2. ARW, eq. (5): a target is tokenised sentence by sentence, so every token knows its sentence's label: weight λ on
    tokens of abnormal sentences, 1 on every other target token (normal sentences, tags, VQA answers, EOS), 0 on the
    prompt, the image placeholders and padding.
@@ -70,8 +71,9 @@ def parse_args(argv=None, phantom: dict = PHANTOM, doc: str = __doc__, prog: str
     g.add_argument("--no-ram", action="store_true", help="no Residual Alignment gate (table 2 ablation)")
     g.add_argument("--arw-lambda", type=float, default=1.10, help="eq. (5) weight of abnormal sentences; 1 = no ARW")
     g.add_argument("--lora", action="store_true", help="also train LoRA adapters on the LLM (table 3)")
-    g.add_argument("--lora-rank", type=int, default=8)
-    g.add_argument("--lora-alpha", type=float, default=16.0)
+    g.add_argument("--lora-rank", type=int, default=16)
+    g.add_argument("--lora-alpha", type=float, default=32.0)
+    g.add_argument("--lora-dropout", type=float, default=0.05, help="on the adapters' input, while training")
     g.add_argument("--feature-stats", type=int, default=1000, help="volumes giving the bridge's input statistics")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (cosine schedule)")
@@ -199,17 +201,18 @@ def set_feature_statistics(bridge: model.Bridge, tokens: EncoderTokens, names: l
     bridge.feat_std.copy_(std.float())
 
 
-# ---- LoRA (paper table 3): y = W x + (α / r) · B A x with W frozen and B = 0 at the start ----------------------------
+# ---- LoRA (paper table 3): y = W x + (α / r) · B A dropout(x) with W frozen and B = 0 at the start -------------------
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
-        self.base, self.scale = base, alpha / rank
+        self.base, self.scale, self.dropout = base, alpha / rank, nn.Dropout(dropout)
         self.lora_a = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.lora_a.T.to(x.dtype)) @ self.lora_b.T.to(x.dtype) * self.scale
+        update = (self.dropout(x) @ self.lora_a.T.to(x.dtype)) @ self.lora_b.T.to(x.dtype)
+        return self.base(x) + update * self.scale
 
     def merged(self) -> nn.Linear:
         """W + (α / r) B A, added in fp32 and rounded once to W's dtype (bf16 on CUDA)."""
@@ -218,11 +221,16 @@ class LoRALinear(nn.Module):
         return self.base
 
 
-def add_lora(llm: nn.Module, rank: int, alpha: float, targets=("q_proj", "k_proj", "v_proj", "o_proj")) -> None:
+def add_lora(llm: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> list[LoRALinear]:
+    """Wrap every nn.Linear of the LLM but its output head (attention and MLP projections) -> the adapters."""
+    head = llm.get_output_embeddings() if hasattr(llm, "get_output_embeddings") else None
+    adapters = []
     for module in list(llm.modules()):
         for child_name, child in list(module.named_children()):
-            if child_name in targets and isinstance(child, nn.Linear):
-                setattr(module, child_name, LoRALinear(child, rank, alpha))
+            if isinstance(child, nn.Linear) and child is not head:
+                adapters.append(LoRALinear(child, rank, alpha, dropout))
+                setattr(module, child_name, adapters[-1])
+    return adapters
 
 
 def merge_lora(llm: nn.Module) -> None:
@@ -285,7 +293,7 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(examples)} examples < one global batch of {global_batch}")
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or 10**12)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    optimizer = runtime.adamw(params, args.lr, args.weight_decay)
     run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at, curves=("loss", "lr", "grad_norm"),
                       save_every=args.save_every)
     if run.state is not None:
@@ -348,11 +356,11 @@ def main(argv=None) -> dict:
     vlm = model.VLM.build(llm_dir, vit_preset=args.vit_preset, vit_weights=vision, ram=not args.no_ram,
                           device=str(device), dtype=runtime.compute_dtype(device))  # frozen: choice 7
     vlm.set_trainable(vit=False, bridge=True, llm=False)  # the anchor is a buffer: frozen, eq. (1)
-    if args.lora:
-        add_lora(vlm.llm, args.lora_rank, args.lora_alpha)
-        vlm.llm.to(device)
-    vlm.eval()
-    vlm.bridge.train()
+    adapters = add_lora(vlm.llm, args.lora_rank, args.lora_alpha, args.lora_dropout) if args.lora else []
+    vlm.llm.to(device)  # the adapters are built on the CPU
+    vlm.eval()  # the frozen parts
+    for trained in [vlm.bridge, *adapters]:
+        trained.train()  # the LoRA dropout is on while training
     vlm.set_grad_checkpointing(args.grad_ckpt)
     volumes = data.VolumeCache(paths["train_cache"])
     examples = volumes.keep_cached(sft_examples(paths, args.vqa), "volume", "training examples", print0)

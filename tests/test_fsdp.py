@@ -90,8 +90,9 @@ def test_grpo_equals_one_process_and_resumes_a_sigterm_exactly(phantom_world, sf
 
 @pytest.mark.slow
 def test_sft_with_lora_equals_one_process(phantom_world, tiny_llm, vision_weights, tmp_path):
-    one = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "one", "--grad-accum", 2, "--lora"))
-    run = torchrun(ROOT / "sft.py", sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "two", "--lora",
+    lora = ["--lora", "--lora-dropout", 0]  # no dropout: one process and two ranks draw different masks
+    one = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "one", "--grad-accum", 2, *lora))
+    run = torchrun(ROOT / "sft.py", sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "two", *lora,
                                              "--shard", "fsdp"))
     assert run.returncode == 0, run.stderr[-3000:]
     assert [r["loss"] for r in rows(tmp_path / "two")] == pytest.approx(one["losses"], rel=1e-5)

@@ -68,7 +68,7 @@ def test_weighted_loss_matches_hand_computation():
 def test_lora_starts_at_the_base_model_and_merges_exactly():
     torch.manual_seed(0)
     net = torch.nn.Module()
-    net.q_proj, net.mlp = torch.nn.Linear(6, 6), torch.nn.Linear(6, 6)
+    net.q_proj = torch.nn.Linear(6, 6)
     x = torch.randn(3, 6)
     base = net.q_proj(x)
     sft.add_lora(net, rank=2, alpha=4.0)
@@ -78,7 +78,41 @@ def test_lora_starts_at_the_base_model_and_merges_exactly():
     adapted = net.q_proj(x)
     sft.merge_lora(net)
     assert isinstance(net.q_proj, torch.nn.Linear) and torch.allclose(net.q_proj(x), adapted, atol=1e-6)
-    assert not isinstance(net.mlp, sft.LoRALinear)  # only the named projections get adapters
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_lora_adapts_every_linear_layer_of_the_llm_but_its_head(tied):
+    """The official table-3 run put adapters on every linear layer of the language model (attention and MLP)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    llm = Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied))
+    linears = [n for n, m in llm.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    adapters = sft.add_lora(llm, rank=16, alpha=32.0, dropout=0.05)
+    adapted = [n for n, m in llm.named_modules() if isinstance(m, sft.LoRALinear)]
+    assert adapted == linears and len(adapters) == len(linears) == 2 * 7
+    assert {n.rsplit(".", 1)[1] for n in adapted} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                      "down_proj"}
+    assert type(llm.lm_head) is torch.nn.Linear
+    assert adapters[0].scale == 2.0 and adapters[0].dropout.p == 0.05
+
+
+def test_lora_dropout_acts_on_the_adapter_input_only_while_training():
+    torch.manual_seed(0)
+    layer = sft.LoRALinear(torch.nn.Linear(32, 8), rank=4, alpha=8.0, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_b.normal_()
+    x = torch.randn(5, 32)
+    full = layer.base(x) + x @ layer.lora_a.T @ layer.lora_b.T * layer.scale
+    layer.eval()
+    assert torch.allclose(layer(x), full, atol=1e-6)
+    layer.train()
+    torch.manual_seed(1)
+    dropped = layer(x)
+    torch.manual_seed(1)
+    mask = torch.nn.functional.dropout(torch.ones_like(x), 0.5)   # the same draw: kept inputs scaled by 1 / (1 - p)
+    assert torch.allclose(dropped, layer.base(x) + (x * mask) @ layer.lora_a.T @ layer.lora_b.T * layer.scale,
+                          atol=1e-5)
+    assert not torch.allclose(dropped, full, atol=1e-3)
 
 
 def test_lora_merges_into_bf16_weights_with_one_rounding():
@@ -133,6 +167,36 @@ def test_only_the_bridge_changes(phantom_world, tiny_llm, vision_weights, tmp_pa
     assert all(torch.equal(p, after[n]) for n, p in ref.named_parameters() if n.startswith(("llm.", "vit.")))
     loaded = model.VLM.load(tmp_path / "vlm")  # the written checkpoint holds the trained bridge
     assert all(torch.equal(p, after[n]) for n, p in loaded.named_parameters())
+
+
+def test_lora_run_trains_every_llm_linear_layer_with_dropout(phantom_world, tiny_llm, vision_weights, tmp_path):
+    from transformers import AutoModelForCausalLM
+    plain = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "a", "--max-steps", 2, "--lora",
+                              "--lora-dropout", 0))
+    dropped = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "b", "--max-steps", 2, "--lora",
+                                "--lora-dropout", 0.5))
+    assert plain["losses"][0] == dropped["losses"][0]  # B = 0: the adapters add nothing before the first update
+    assert plain["losses"][1] != dropped["losses"][1]  # the dropout is on while training: another first update
+    base = AutoModelForCausalLM.from_pretrained(tiny_llm).state_dict()
+    merged = {k[4:]: v for k, v in model.VLM.load(tmp_path / "b" / "vlm").state_dict().items() if k.startswith("llm.")}
+    linear = [k for k in base if k.endswith("proj.weight")]
+    assert len(linear) == 2 * 7 and not any(torch.equal(merged[k], base[k]) for k in linear)
+    assert all(torch.equal(merged[k], base[k]) for k in base if k not in linear)   # embeddings, norms, biases
+
+
+def test_weight_decay_spares_biases_and_norm_weights(phantom_world, tiny_llm, vision_weights, tmp_path):
+    """AdamW's decay groups as Hugging Face's Trainer forms them for the official run: matrices, kernels and the
+    position embedding decay; biases and LayerNorm weights do not."""
+    sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path, "--max-steps", 2, "--save-every", 1,
+                      "--weight-decay", 0.1))
+    state = torch.load(tmp_path / "ckpt" / "step_00000001" / "state.pt", weights_only=True)
+    groups = {g["weight_decay"]: set(g["params"]) for g in state["optimizer"]["param_groups"]}
+    bridge = model.VLM.load(tmp_path / "vlm").bridge
+    named = {"vlm.bridge." + n: p for n, p in bridge.named_parameters()}
+    assert groups[0.1] | groups[0.0] == set(named) and not groups[0.1] & groups[0.0]
+    assert groups[0.1] == {n for n, p in named.items() if p.ndim >= 2} and "vlm.bridge.pos_embed" in groups[0.1]
+    norms = {f"vlm.bridge.{n}.weight" for n, m in bridge.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert groups[0.0] == {n for n in named if n.endswith(".bias")} | norms and len(norms) == 2
 
 
 def test_bridge_standardises_encoder_tokens_over_training_volumes(phantom_world, tiny_llm, vision_weights, tmp_path):
