@@ -18,7 +18,8 @@ Deliberate choices:
 5. Data order is a function of (seed, step): a seeded permutation per epoch, sorted by length within windows of 16
    batches; --resume restores weights, AdamW, RNG and step, and replays the uninterrupted run exactly.
 6. --cache-features: the encoder is frozen and the crop is the centre one, so each volume is encoded once; its tokens
-   are kept in host memory (pinned on CUDA; 8.4 MB per base-ViT volume), never on the GPU.
+   are kept in host memory (pinned on CUDA; 8.4 MB per base-ViT volume), never on the GPU. A run whose cache would
+   not fit in host memory stops at the start (all of CT-RATE's training volumes: 397 GB per rank).
 7. Precision (runtime.compute_dtype): on CUDA the frozen LLM is held in bf16 and every pass runs under bf16 autocast;
    the trained bridge (and LoRA) keeps fp32 weights, so AdamW's small updates are not rounded away, and so does the
    small ViT (model.py choice 7); fp32 on the CPU.
@@ -36,6 +37,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
 import sys
 import time
 from collections import Counter
@@ -179,6 +182,20 @@ class EncoderTokens:
         if self.cache:
             return torch.stack([self.kept[n].to(self.device, non_blocking=True) for n in names])
         return torch.stack([fresh[n] for n in names])
+
+
+def check_feature_cache(vit: nn.Module, n_volumes: int) -> None:
+    """--cache-features keeps the tokens of every volume a rank meets in host memory, and over an epoch each rank of
+    the node meets nearly all of them: stop now, with the numbers, where that would not fit in 80 % of the memory
+    available (rather than run out late in the epoch)."""
+    need = n_volumes * math.prod(vit.grid) * vit.width * 4 * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").is_file() else ""
+    found = re.search(r"MemAvailable:\s+(\d+) kB", meminfo)
+    available = int(found[1]) * 1024 if found else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > 0.8 * available:
+        raise SystemExit(f"--cache-features would keep {n_volumes} volumes' encoder tokens in host memory, "
+                         f"{need / 1e9:.0f} GB on this node ({math.prod(vit.grid)} x {vit.width} fp32 per volume "
+                         f"and rank), against {available / 1e9:.0f} GB available: run with --no-cache-features")
 
 
 def set_feature_statistics(bridge: model.Bridge, tokens: EncoderTokens, names: list[str]) -> None:
@@ -364,6 +381,8 @@ def main(argv=None) -> dict:
     vlm.set_grad_checkpointing(args.grad_ckpt)
     volumes = data.VolumeCache(paths["train_cache"])
     examples = volumes.keep_cached(sft_examples(paths, args.vqa), "volume", "training examples", print0)
+    if args.cache_features:
+        check_feature_cache(vlm.vit, len({e["volume"] for e in examples}))
     tokens = EncoderTokens(vlm.vit, volumes, device, args.cache_features)
     set_feature_statistics(vlm.bridge, tokens, sorted({e["volume"] for e in examples})[:args.feature_stats])
 

@@ -258,6 +258,15 @@ def test_phantom_sft_trains_on_reports_unless_vqa_is_asked(phantom_world, tiny_l
     assert sft.parse_args(["--preset", "real"]).vqa and not sft.parse_args(["--preset", "real"]).cache_features
 
 
+def test_a_feature_cache_too_big_for_host_memory_stops_at_the_start():
+    vit = model.ViT3D.from_preset("base")
+    sft.check_feature_cache(vit, 100)   # 0.8 GB
+    with pytest.raises(SystemExit, match=r"10000000 volumes' encoder tokens in host memory, 84296 GB on this node "
+                                         r"\(2744 x 768 fp32 per volume and rank\), against \d+ GB available: run "
+                                         r"with --no-cache-features"):
+        sft.check_feature_cache(vit, 10**7)
+
+
 def test_cached_features_train_the_same(phantom_world, tiny_llm, vision_weights, tmp_path):
     more = ["--batch-size", 8, "--max-steps", 2, "--vqa"]  # 16 of ~120 examples over 24 volumes: volumes repeat
     plain = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "a", *more, "--no-cache-features"))
