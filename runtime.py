@@ -317,7 +317,7 @@ def unshard_for_saving(net: torch.nn.Module) -> None:
 
 def adamw(params: list, lr: float, weight_decay: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:
     """AdamW that decays matrices, convolution kernels and embeddings but not biases, norm weights or scalars
-    (ndim < 2): the rule of Hugging Face's Trainer, which ran the official SFT and RL, and of timm, which BrgSA used."""
+    (ndim < 2): the rule of Hugging Face's Trainer, which ran the official SFT and RL."""
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
