@@ -725,6 +725,18 @@ def mmvqa_prompt(item: dict, think: bool = True) -> str:
     return f"{item['question']}\n{THINK_FORMAT if think else NO_THINK_FORMAT}"
 
 
+def check_prompt_lengths(questions: list[dict], n_tokens, limit: int, source: str, no_think_frac: float = 0.0) -> None:
+    """Stop before training when a question's prompt, with <think> (unless no_think_frac is 1) or without it (if above
+    0), is over `limit` tokens as `n_tokens(user text)` counts them, template and image included: none is truncated."""
+    thinks = [t for t in (True, False) if (no_think_frac < 1 if t else no_think_frac > 0)]
+    longest = [max(n_tokens(mmvqa_prompt(q, think=t)) for t in thinks) for q in questions]
+    over = [i for i, n in enumerate(longest) if n > limit]
+    if over:
+        raise SystemExit(f"{source}: {len(over)} of {len(questions)} questions have a prompt over --max-prompt-len "
+                         f"{limit} tokens, the first question {over[0]} ({questions[over[0]]['VolumeName']}, "
+                         f"{longest[over[0]]} tokens)")
+
+
 TAG = re.compile(r"</?[A-Za-z_|][^<>\s]*>")            # any tag-like token: <think>, </answer>, <finding>, <|im_end|>
 BLOCK = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
 

@@ -8,8 +8,8 @@ Deliberate choices:
 1. G completions per question by plain temperature sampling, kept as generated ids (never decoded and re-tokenised)
    and scored at the same temperature, so the sampled and the trained distributions agree. Each question samples
    from its own generator seeded by (seed, step, question): 1 and N ranks draw the same completions.
-2. The loss mask runs from the first completion token through the first EOS, built from lengths, never from token
-   values. A completion without EOS within --max-new-tokens is truncated: no format reward, counted.
+2. The loss mask runs through the first EOS, built from lengths, never from token values. A completion without EOS
+   within --max-new-tokens is truncated (no format reward, counted); a prompt over --max-prompt-len stops the run.
 3. Advantages (r - mean_G) / (std_G + 1e-4); a group whose rewards are all equal gets exactly zero advantages.
 4. Loss = PPO-clipped surrogate + beta * k3 KL to the reference, masked, averaged per sequence then over the batch.
    With one policy iteration (mu = 1) the ratio is 1 and the loss hovers near 0: watch the rewards.
@@ -31,7 +31,6 @@ Run:
 from __future__ import annotations
 
 import argparse
-import bisect
 import math
 import os
 import re
@@ -65,9 +64,7 @@ def answer_only_reward(completion: str) -> float:
 
 def accuracy_reward(completion: str, answer: str, options: dict | None = None) -> float:
     """1.0 iff the single <answer> block names exactly one option letter and it is `answer`; else 0.0."""
-    if "<answer>" not in completion:
-        return 0.0
-    return float(parse_answer(completion, options=options) == answer.strip().upper())
+    return float("<answer>" in completion and parse_answer(completion, options=options) == answer.strip().upper())
 
 
 # ---- Consistency reward (paper §3.3): does the <think> rationale agree with the scan's radiology report? -------------
@@ -86,8 +83,7 @@ def offline_consistency(think: str, report: str) -> float:
 
 def discretise(score: float, thresholds: list[float], levels: list[float]) -> float:
     """levels[i] where i = how many thresholds are <= score (for the RM: s<0 -> 0, <0.2 -> 0.2, ..., else 1.0)."""
-    assert len(levels) == len(thresholds) + 1
-    return levels[bisect.bisect_right(thresholds, score)]
+    return levels[sum(t <= score for t in thresholds)]
 
 
 CON_DEFAULTS = {  # scorer -> (thresholds, levels)
@@ -114,6 +110,8 @@ def make_consistency_scorer(spec: str, thresholds: list[float] | None = None, le
         raise ValueError(f"--consistency {spec!r}: use offline, rm:PATH or judge:MODEL")
     thresholds = thresholds if thresholds is not None else CON_DEFAULTS[kind][0]
     levels = levels if levels is not None else CON_DEFAULTS[kind][1]
+    if len(levels) != len(thresholds) + 1 or list(thresholds) != sorted(thresholds):
+        raise ValueError(f"--con-thresholds {thresholds} must ascend and be one fewer than --con-levels {levels}")
 
     if kind == "offline":
         raw = lambda thinks, reports: [offline_consistency(t, r) for t, r in zip(thinks, reports)]
@@ -373,6 +371,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("GRPO")
     g.add_argument("--group-size", type=int, default=4, help="G completions per question")
     g.add_argument("--batch-size", type=int, default=2, help="questions per rank and step")
+    g.add_argument("--max-prompt-len", type=int, default=1024, help="tokens with the image's; a longer prompt stops")
     g.add_argument("--max-new-tokens", type=int, default=512)
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature = scoring temperature")
     g.add_argument("--clip-eps", type=float, default=0.2)
@@ -431,6 +430,7 @@ def main(argv=None) -> dict:
     # policy and frozen reference, both from the SFT checkpoint
     runtime.seed_everything(args.seed)
     vlm = model.VLM.load(args.sft, device=device).eval()     # eval: no dropout, sampled = trained distribution
+    data.check_prompt_lengths(questions, vlm.prompt_len, args.max_prompt_len, paths["mmvqa_rl"], args.no_think_frac)
     ref = model.VLM.load(args.sft, device=device).freeze(runtime.compute_dtype(device))    # choice 7: KL 0 at step 0
     vlm.set_trainable(vit=not args.freeze_encoder, bridge=True, llm=True)   # the RAM anchor is a buffer: frozen
     vlm.set_grad_checkpointing(args.grad_ckpt)
@@ -478,8 +478,7 @@ def main(argv=None) -> dict:
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['r_acc']:.2f}", fmt=f"{row['r_fmt']:.2f}",
                         kl=f"{row['kl']:.3f}")
-        if run.end_step(done, args.steps, lambda: {**runtime.train_state(net, optimizer), "args": vars(args)},
-                        device):
+        if run.end_step(done, args.steps, lambda: {**runtime.train_state(net, optimizer), "args": vars(args)}, device):
             break
     bar.close()
     run.close()

@@ -374,6 +374,10 @@ class VLM(nn.Module):
         return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                   add_generation_prompt=True)
 
+    def prompt_len(self, user_text: str) -> int:
+        """Tokens of `prompt(user_text)`: template, image placeholders and text."""
+        return len(self.tokenizer(self.prompt(user_text), add_special_tokens=False)["input_ids"])
+
     def tokenize(self, prompts: list[str], padding_side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
         """-> (input_ids, attention_mask), (B, T) on the model's device; the template holds every special token."""
         batch = self.tokenizer(list(prompts), padding=True, padding_side=padding_side, add_special_tokens=False,

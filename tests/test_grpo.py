@@ -121,6 +121,9 @@ def test_offline_scorer_levels():
     assert make_consistency_scorer("none")(["Emphysema and coronary artery wall calcification."], [REPORT]) == [0.0]
     with pytest.raises(ValueError):
         make_consistency_scorer("bogus")
+    for thresholds, levels in (([0.5, 0.25], [0.0, 0.5, 1.0]), ([0.5], [0.0, 0.5, 1.0]), ([0.25, 0.5], [0.0, 1.0])):
+        with pytest.raises(ValueError, match="--con-thresholds .* must ascend and be one fewer than --con-levels"):
+            make_consistency_scorer("offline", thresholds=thresholds, levels=levels)   # at build time, not mid-run
 
 
 def test_rm_scorer_tiny_model(tmp_path):
@@ -376,14 +379,38 @@ def test_no_think_share_of_the_rl_questions(phantom_world, sft_ckpt, tmp_path, m
     by the answer-only format; 0 asks every question with <think>."""
     asked, prompt = [], data.mmvqa_prompt
     monkeypatch.setattr(data, "mmvqa_prompt", lambda item, think=True: asked.append(think) or prompt(item, think))
+    n_rl = len(data.read_questions(data.paths(phantom_world["root"])["mmvqa_rl"]))
     grpo.main(run_args(phantom_world, sft_ckpt, tmp_path / "a", "--steps", 2))
-    assert asked == [True] * 4
+    assert asked == [True] * (n_rl + 4)      # the prompt-length check at the start, then 2 steps of 2 questions
     asked.clear()
     grpo.main(run_args(phantom_world, sft_ckpt, tmp_path / "b", "--steps", 2, "--no-think-frac", 1))
-    assert asked == [False] * 4
+    assert asked == [False] * (n_rl + 4)
     draws = [grpo.asks_think(0, step, q, 0.5) for step in range(50) for q in range(8)]
     assert 0.4 < sum(draws) / len(draws) < 0.6 and draws == [grpo.asks_think(0, s, q, 0.5) for s in range(50)
                                                               for q in range(8)]
+
+
+def test_prompts_over_the_length_limit_stop_the_run_at_the_start(phantom_world, sft_ckpt, tmp_path):
+    """--max-prompt-len (the official 1024): a prompt over it stops the run before any step, naming how many questions
+    and the first; only the variants that can be asked count (the no-think prompt is shorter than the think one)."""
+    vlm, paths = model.VLM.load(sft_ckpt), data.paths(phantom_world["root"])
+    qs = data.read_questions(paths["mmvqa_rl"])
+    n_ids = lambda q, think: vlm.tokenize([vlm.prompt(data.mmvqa_prompt(q, think=think))])[0].shape[1]
+    think, plain = [n_ids(q, True) for q in qs], [n_ids(q, False) for q in qs]
+    assert all(t > p for t, p in zip(think, plain))
+    limit = sorted(think)[len(qs) // 2]                                    # about half the questions are over it
+    over = [i for i, n in enumerate(think) if n > limit]
+    with pytest.raises(SystemExit, match=rf"{paths['mmvqa_rl']}: {len(over)} of {len(qs)} questions have a prompt "
+                       rf"over --max-prompt-len {limit} tokens, the first question {over[0]} "
+                       rf"\({qs[over[0]]['VolumeName']}, {think[over[0]]} tokens\)"):
+        grpo.main(run_args(phantom_world, sft_ckpt, tmp_path / "a", "--max-prompt-len", limit))
+    assert not (tmp_path / "a").exists()                                   # stopped before anything was written
+    fits = grpo.main(run_args(phantom_world, sft_ckpt, tmp_path / "b", "--steps", 1, "--no-think-frac", 1,
+                              "--max-prompt-len", max(plain)))             # no question is asked with <think>
+    assert fits["step"] == 1
+    with pytest.raises(SystemExit, match=f"{sum(n > max(plain) for n in think)} of {len(qs)} questions"):
+        grpo.main(run_args(phantom_world, sft_ckpt, tmp_path / "c", "--steps", 1, "--no-think-frac", 0.5,
+                           "--max-prompt-len", max(plain)))                # some are: their think prompt is too long
 
 
 def test_sigterm_saves_and_exits(phantom_world, sft_ckpt, tmp_path, monkeypatch):
