@@ -371,7 +371,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("GRPO")
     g.add_argument("--group-size", type=int, default=4, help="G completions per question")
     g.add_argument("--batch-size", type=int, default=2, help="questions per rank and step")
-    g.add_argument("--max-prompt-len", type=int, default=1024, help="tokens with the image's; a longer prompt stops")
+    g.add_argument("--max-prompt-len", type=int, default=1024, help="prompt tokens, image included; longer: error")
     g.add_argument("--max-new-tokens", type=int, default=512)
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature = scoring temperature")
     g.add_argument("--clip-eps", type=float, default=0.2)
