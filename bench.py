@@ -331,11 +331,6 @@ def bench_sft(args, paths: dict, llm_dir) -> dict:
 # 3. GRPO update step, text-only, on one tiny LLM: ours vs TRL's GRPOTrainer
 # =====================================================================================================================
 
-def report_texts(paths: dict) -> dict:
-    return {k: " ".join(s for s in (r["findings"], r["impressions"]) if s)
-            for k, r in data.read_reports(paths["train_reports"]).items()}
-
-
 def grpo_rewards(texts: list[str], finished: list[bool], qs: list[dict], reports: list[str], consistency):
     """r = r_fmt + r_acc + r_con with grpo.py's reward functions (truncated completions get no format reward)."""
     r_fmt = [grpo.format_reward(t) * f for t, f in zip(texts, finished)]
@@ -350,11 +345,11 @@ def grpo_args(args, new_tokens: int, *extra: str) -> argparse.Namespace:
                             "--temperature", "1.0", "--kl-beta", str(args.beta), *extra])
 
 
-def our_grpo_step(vlm, ref, optimizer, qs: list[dict], reports: dict, consistency, grpo_args, step: int,
+def our_grpo_step(vlm, ref, optimizer, qs: list[dict], consistency, grpo_args, step: int,
                   x: torch.Tensor | None = None) -> dict:
     """One step of grpo.py (grpo.train_step: rollout -> rewards -> advantages -> loss -> update); text-only prompts
     when x is None."""
-    out = grpo.train_step(grpo.PolicyLogprobs(vlm), ref, optimizer, qs, x, reports, consistency, grpo_args, step,
+    out = grpo.train_step(grpo.PolicyLogprobs(vlm), ref, optimizer, qs, x, consistency, grpo_args, step,
                           list(range(len(qs))))
     if vlm.device.type == "cuda":
         torch.cuda.synchronize()
@@ -362,7 +357,7 @@ def our_grpo_step(vlm, ref, optimizer, qs: list[dict], reports: dict, consistenc
             "completion_len": out["sums"]["completion_len"] / out["sums"]["n"], "tokens": out["tokens"]}
 
 
-def trl_grpo(args, hf_dir: Path, items: list[dict], reports: dict, consistency, out_dir: Path) -> dict:
+def trl_grpo(args, hf_dir: Path, items: list[dict], consistency, out_dir: Path) -> dict:
     """The same update with TRL's GRPOTrainer: same LLM, prompts, rewards, G, lengths, beta, lr, AdamW, clip."""
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
@@ -380,7 +375,7 @@ def trl_grpo(args, hf_dir: Path, items: list[dict], reports: dict, consistency, 
 
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": data.mmvqa_prompt(q, think=True)}],
                              "answer": q["answer"], "options": json.dumps(q["options"]),
-                             "report": reports[q["VolumeName"]]} for q in items])
+                             "report": q["report"]} for q in items])
     cfg = GRPOConfig(output_dir=str(out_dir), per_device_train_batch_size=args.grpo_prompts * args.grpo_g,
                      num_generations=args.grpo_g, max_completion_length=args.grpo_new_tokens, temperature=1.0,
                      top_p=1.0, top_k=0, beta=args.beta, epsilon=0.2, num_iterations=1, loss_type="grpo",
@@ -409,8 +404,7 @@ def trl_grpo(args, hf_dir: Path, items: list[dict], reports: dict, consistency, 
 def bench_grpo(args, paths: dict, llm_dir, workdir: Path) -> dict:
     torch.manual_seed(0)
     Q, n = args.grpo_prompts, args.grpo_steps + 1
-    items = json.loads(Path(paths["mmvqa_rl"]).read_text())[: Q * n]
-    reports = report_texts(paths)
+    items = data.attach_reports(data.read_questions(paths["mmvqa_rl"])[: Q * n], paths["train_reports"], "questions")
     consistency = grpo.make_consistency_scorer("offline")
     vlm = model.VLM.build(llm_dir, vit_preset="tiny")                  # the LLM + tokenizer with our special tokens
     vlm.eval()
@@ -421,7 +415,7 @@ def bench_grpo(args, paths: dict, llm_dir, workdir: Path) -> dict:
     vlm.set_trainable(vit=False, bridge=False, llm=True)               # text only: the LLM is the policy
     opt = runtime.adamw([p for p in vlm.parameters() if p.requires_grad], args.lr, 0.0)
     gargs = grpo_args(args, args.grpo_new_tokens, "--no-grad-ckpt")   # as TRL runs it
-    ours = [our_grpo_step(vlm, ref, opt, items[k * Q:(k + 1) * Q], reports, consistency, gargs, k)
+    ours = [our_grpo_step(vlm, ref, opt, items[k * Q:(k + 1) * Q], consistency, gargs, k)
             for k in range(n)][1:]
     tot = [o["rollout_sec"] + o["update_sec"] for o in ours]
     res = {"prompts": Q, "G": args.grpo_g, "max_new_tokens": args.grpo_new_tokens, "beta": args.beta,
@@ -430,7 +424,7 @@ def bench_grpo(args, paths: dict, llm_dir, workdir: Path) -> dict:
                     "completion_len": statistics.mean(o["completion_len"] for o in ours)}}
     del vlm, ref, opt
     try:
-        res["trl"] = trl_grpo(args, hf_dir, items, reports, consistency, workdir / "trl_out")
+        res["trl"] = trl_grpo(args, hf_dir, items, consistency, workdir / "trl_out")
         res["ratio_trl_over_ours"] = res["trl"]["sec_per_step"] / res["ours"]["sec_per_step"]
     except ImportError as e:
         res["trl_skipped"] = f"TRL not installed ({e}); pip install -r requirements-bench.txt"
@@ -493,8 +487,7 @@ def bench_cuda(args, paths: dict, llm_dir, device="cuda", llm_shape=None, vit_pr
     del opt
 
     # GRPO: the whole model trains (grpo.py choice 5); G samples per question with its image, then the update
-    items = json.loads(Path(paths["mmvqa_rl"]).read_text())
-    reports = report_texts(paths)
+    items = data.attach_reports(data.read_questions(paths["mmvqa_rl"]), paths["train_reports"], "questions")
     vlm.llm.float()                                                    # the policy's fp32 master weights
     ref = copy.deepcopy(vlm).freeze(runtime.compute_dtype(device))     # matmul weights in compute_dtype, as grpo.py
     vlm.requires_grad_(True)
@@ -508,7 +501,7 @@ def bench_cuda(args, paths: dict, llm_dir, device="cuda", llm_shape=None, vit_pr
     try:
         for k in range(2):                                             # the first step warms up
             qs = items[k * Q:(k + 1) * Q]
-            r = our_grpo_step(vlm, ref, opt, qs, reports, grpo.make_consistency_scorer("offline"), gargs, k, x)
+            r = our_grpo_step(vlm, ref, opt, qs, grpo.make_consistency_scorer("offline"), gargs, k, x)
         P = vlm.tokenize([vlm.prompt(data.mmvqa_prompt(q, think=True)) for q in qs])[0].shape[1]
         step_sec = r["rollout_sec"] + r["update_sec"]
         fl = (2 * n_llm * (R * P + r["tokens"]) + 8 * n_llm * R * (P + r["completion_len"])  # rollout; ref + policy

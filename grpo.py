@@ -260,11 +260,12 @@ LOGGED = ["r_fmt", "r_acc", "r_con", "reward", "reward_std", "zero_std_frac", "c
           "excluded", "n", "groups", "kl", "clip_frac", "loss"]
 
 
-def train_step(net, ref: model.VLM, optimizer, qs: list[dict], x: torch.Tensor | None, reports: dict,
-               consistency, args, step: int, question_ids: list[int]) -> dict:
-    """One GRPO step on this rank's questions `qs` (their volumes x: (Q, 1, X, Y, Z), or None for text-only
-    prompts). `net` is PolicyLogprobs, DDP-wrapped under torchrun. Returns the step's logging sums (all ranks),
-    the gradient norm, whether the update was applied, the decoded completions and the phases' seconds."""
+def train_step(net, ref: model.VLM, optimizer, qs: list[dict], x: torch.Tensor | None, consistency, args, step: int,
+               question_ids: list[int]) -> dict:
+    """One GRPO step on this rank's questions `qs` (each with its scan's "report": data.attach_reports; their volumes
+    x: (Q, 1, X, Y, Z), or None for text-only prompts). `net` is PolicyLogprobs, DDP-wrapped under torchrun. Returns
+    the step's logging sums (all ranks), the gradient norm, whether the update was applied, the decoded completions
+    and the phases' seconds."""
     vlm, G, t0 = getattr(net, "module", net).vlm, args.group_size, time.perf_counter()
     thinks = [asks_think(args.seed, step, i, args.no_think_frac) for i in question_ids]
     prompt_ids, prompt_mask = vlm.tokenize([vlm.prompt(data.mmvqa_prompt(q, think=t), with_image=x is not None)
@@ -290,7 +291,7 @@ def train_step(net, ref: model.VLM, optimizer, qs: list[dict], x: torch.Tensor |
     r_fmt = torch.tensor([(format_reward(t) if th else answer_only_reward(t)) * f
                           for t, th, f in zip(texts, row_think, finished.tolist())])
     r_acc = torch.tensor([accuracy_reward(t, q["answer"], q["options"]) for t, q in zip(texts, row_q)])
-    r_con = torch.tensor(consistency([think_text(t) for t in texts], [reports[q["VolumeName"]] for q in row_q]))
+    r_con = torch.tensor(consistency([think_text(t) for t in texts], [q["report"] for q in row_q]))
     rewards = r_fmt + r_acc + r_con                                             # (Q*G,)
 
     # 3. group-normalised advantages; a group holding an excluded (NaN) judge score is left out of the loss
@@ -415,6 +416,7 @@ def main(argv=None) -> dict:
     paths = data.paths(args.data_root, args.preset)
     volumes, val_volumes = data.VolumeCache(paths["train_cache"]), data.VolumeCache(paths["valid_cache"])
     questions = volumes.keep_cached(data.read_questions(paths["mmvqa_rl"]), "VolumeName", "RL questions", print0)
+    questions = data.attach_reports(questions, paths["train_reports"], "RL questions", print0)   # r_con's reference
     val_items = data.read_questions(paths["mmvqa_valid"])
     val_questions = [q for q in val_items if q["VolumeName"] in val_volumes][:args.eval_n]
     eval_every = args.eval_every if val_questions else 0
@@ -422,8 +424,6 @@ def main(argv=None) -> dict:
         cached = sum(q["VolumeName"] in val_volumes for q in val_items)
         print0(f"no validation: no question selected from {paths['mmvqa_valid']} ({len(val_items)} questions, "
                f"{cached} with a cached volume, --eval-n {args.eval_n})")
-    reports = {name: " ".join(s for s in (r["findings"], r["impressions"]) if s)
-               for name, r in data.read_reports(paths["train_reports"]).items()}
     consistency = make_consistency_scorer(args.consistency, args.con_thresholds, args.con_levels, device,
                                           args.judge_failures)
 
@@ -463,7 +463,7 @@ def main(argv=None) -> dict:
         idx = rank_questions(len(questions), global_batch, args.seed, step)
         qs = [questions[i] for i in idx]
         x = volumes.batch(q["VolumeName"] for q in qs).to(device)
-        out = train_step(net, ref, optimizer, qs, x, reports, consistency, args, step, idx)
+        out = train_step(net, ref, optimizer, qs, x, consistency, args, step, idx)
         skipped += not out["applied"]
         done = step + 1
         row = {**log_row(done, out), "lr": lr, "skipped": skipped, "sec": round(time.time() - t0, 1),

@@ -26,12 +26,11 @@ from test_model import TEXTS, one_thread  # noqa: F401  shared with test_model.p
 OPTIONS = {"A": "Emphysema", "B": "Atelectasis", "C": "Lung nodule", "D": "Pleural effusion"}
 QUESTIONS = [  # two questions of different lengths (left padding), on two different volumes
     {"VolumeName": "vol_a.nii.gz", "question": "What abnormality is present in this CT scan?", "options": OPTIONS,
-     "answer": "C"},
+     "answer": "C", "report": "There is a 5 mm lung nodule in the right upper lobe. No pleural effusion."},
     {"VolumeName": "vol_b.nii.gz", "question": "Which abnormality is present in both lungs of this chest CT scan, "
-     "and which one is the answer?", "options": OPTIONS, "answer": "A"},
+     "and which one is the answer?", "options": OPTIONS, "answer": "A",
+     "report": "Emphysema in both lungs. No lung nodule."},
 ]
-REPORTS = {"vol_a.nii.gz": "There is a 5 mm lung nodule in the right upper lobe. No pleural effusion.",
-           "vol_b.nii.gz": "Emphysema in both lungs. No lung nodule."}
 
 
 def volumes(n, seed=0):
@@ -148,7 +147,7 @@ def test_grpo_first_step_policy_equals_reference_and_each_questions_own_image(ck
     net, args, x = RecordingPolicy(policy), grpo_args(), volumes(2, seed=1)
     G = args.group_size
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr)
-    out = grpo.train_step(net, ref, optimizer, QUESTIONS, x, REPORTS, grpo.make_consistency_scorer("offline"), args,
+    out = grpo.train_step(net, ref, optimizer, QUESTIONS, x, grpo.make_consistency_scorer("offline"), args,
                           0, [0, 1])
     (input_ids, attention_mask, T, logp), ref_logp = net.calls[0], ref_seen[0]
     assert input_ids.shape[0] == len(QUESTIONS) * G
@@ -212,7 +211,7 @@ def grpo_update(ckpt, consistency_values, args):
 
     def consistency(thinks, reports):
         return list(consistency_values)
-    out = grpo.train_step(grpo.PolicyLogprobs(policy), ref, optimizer, QUESTIONS, volumes(2, seed=1), REPORTS,
+    out = grpo.train_step(grpo.PolicyLogprobs(policy), ref, optimizer, QUESTIONS, volumes(2, seed=1),
                           consistency, args, 0, [0, 1])
     return {n: p.detach() - before[n] for n, p in params.items()}, out
 
@@ -254,7 +253,7 @@ def test_a_well_formed_but_truncated_completion_earns_no_format_reward(ckpt, mon
     monkeypatch.setattr(policy, "generate", fake_generate)
     args = grpo.parse_args(["--group-size", "2", "--max-new-tokens", str(max_new), "--temperature", "1.0"])
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr)
-    out = grpo.train_step(grpo.PolicyLogprobs(policy), ref, optimizer, QUESTIONS, volumes(2, seed=1), REPORTS,
+    out = grpo.train_step(grpo.PolicyLogprobs(policy), ref, optimizer, QUESTIONS, volumes(2, seed=1),
                           grpo.make_consistency_scorer("offline"), args, 0, [0, 1])
     assert [grpo.format_reward(t) for t in out["texts"]] == [1.0] * 4   # all four are well-formed text ...
     s = out["sums"]

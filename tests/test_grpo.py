@@ -435,6 +435,7 @@ def test_micro_batches_and_grad_checkpointing_give_the_one_pass_update(phantom_w
     volumes = data.VolumeCache(phantom_world["train_cache"])
     qs = [q for q in data.read_questions(phantom_world["mmvqa_rl"]) if q["VolumeName"] in volumes][:2]
     reports = {n: r["findings"] for n, r in data.read_reports(phantom_world["train_reports"]).items()}
+    qs = [{**q, "report": reports[q["VolumeName"]]} for q in qs]
     start = model.VLM.load(sft_ckpt).state_dict()
 
     def step(*extra):
@@ -443,7 +444,7 @@ def test_micro_batches_and_grad_checkpointing_give_the_one_pass_update(phantom_w
         vlm.set_grad_checkpointing(args.grad_ckpt)
         sgd, score = torch.optim.SGD(vlm.parameters(), lr=0.1), make_consistency_scorer("offline")
         x = volumes.batch(q["VolumeName"] for q in qs)
-        out = grpo.train_step(grpo.PolicyLogprobs(vlm), ref, sgd, qs, x, reports, score, args, 0, [0, 1])
+        out = grpo.train_step(grpo.PolicyLogprobs(vlm), ref, sgd, qs, x, score, args, 0, [0, 1])
         return out, {n: p.detach() for n, p in vlm.named_parameters()}
 
     for reduction in ("sequence", "token"):

@@ -225,3 +225,43 @@ def test_grpo_without_validation_questions_logs_no_accuracy(phantom_world, sft_c
     logged = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [1] and out["step"] == 1
     assert not any("val_acc" in r for r in logged + out["history"])
+
+
+def official_path(name: str) -> str:
+    """'train_3_a_1.nii.gz' -> 'dataset/train/train_3/train_3_a/train_3_a_1.nii.gz', as official MCQ items name it."""
+    split, patient, scan = name.split("_")[:3]
+    return f"dataset/{split}/{split}_{patient}/{split}_{patient}_{scan}/{name}"
+
+
+def test_rl_questions_get_their_scans_report_by_volume_key(phantom_world, tmp_path, capsys):
+    """data.attach_reports: each question gets its own scan's findings + impressions, whether its VolumeName is a
+    bare name or an official path; a question whose scan has no row in the reports CSV is left out, counted."""
+    reports_csv = data.paths(phantom_world["root"])["train_reports"]
+    reports = data.read_reports(reports_csv)
+    qs = json.loads(phantom_world["mmvqa_rl"].read_text())[:4]
+    official = [{**q, "VolumeName": official_path(q["VolumeName"])} for q in qs]
+    for items in (qs, official):
+        got = data.attach_reports(items, reports_csv, "RL questions")
+        assert [q["VolumeName"] for q in got] == [q["VolumeName"] for q in items]
+        for q, plain in zip(got, qs):
+            r = reports[plain["VolumeName"]]
+            assert q["report"] == " ".join(s for s in (r["findings"], r["impressions"]) if s) and q["report"]
+    lines = reports_csv.read_text().splitlines(keepends=True)
+    dropped = next(i for i, line in enumerate(lines) if line.startswith(qs[1]["VolumeName"]))
+    short_csv = tmp_path / "reports.csv"
+    short_csv.write_text("".join(lines[:dropped] + lines[dropped + 1:]))
+    capsys.readouterr()
+    got = data.attach_reports(official, short_csv, "RL questions")
+    assert [q["VolumeName"] for q in got] == [official[i]["VolumeName"] for i in (0, 2, 3)]
+    assert capsys.readouterr().out == f"left out 1 of 4 RL questions: their scan has no row in {short_csv}\n"
+
+
+def test_grpo_trains_on_official_items_whose_volume_is_a_path(phantom_world, sft_ckpt, tmp_path, capsys):
+    """Official MCQ items name their volume by path: grpo.py finds the volume and the scan's report for each (it
+    stopped with a KeyError at the first step when reports were looked up by the raw VolumeName)."""
+    rl = [{**q, "VolumeName": official_path(q["VolumeName"])}
+          for q in json.loads(phantom_world["mmvqa_rl"].read_text())]
+    root = world_with(phantom_world, tmp_path, train_rl=rl)
+    out = grpo.main(["--data-root", str(root), "--sft", str(sft_ckpt), "--out", str(tmp_path / "o"), "--steps", "2",
+                     "--batch-size", "2", "--max-new-tokens", "8", "--eval-every", "0", "--save-every", "0"])
+    assert out["step"] == 2 and f"{len(rl)} RL questions" in capsys.readouterr().out
