@@ -333,7 +333,8 @@ def main(argv=None) -> dict:
            f"{args.accum} = batch {args.batch_size}, {total_steps} steps ({steps_per_epoch}/epoch), device {device}")
 
     batches = iter(DataLoader(train, batch_sampler=micro_batches(len(train), run.start, total_steps, args, rank, world),
-                              num_workers=args.workers, collate_fn=collate, pin_memory=device.type == "cuda"))
+                              num_workers=args.workers, collate_fn=collate, pin_memory=device.type == "cuda",
+                              worker_init_fn=runtime.ignore_stop_signals))   # the stop signals are the loop's
 
     def snapshot() -> dict:   # a resumable state, and the encoder alone beside it (atomic, BrgSA names)
         if rank == 0:

@@ -448,7 +448,7 @@ def main(argv=None) -> dict:
                               "val_acc"), save_every=args.save_every)
     if run.state is not None:
         runtime.load_train_state(net, optimizer, run.state)
-    history, skipped, t0 = [], 0, time.time()
+    history, t0 = [], time.time()
     if run.start == 0 and eval_every:
         with runtime.gathered(net):
             history.append({"step": 0, **validate(vlm, val_questions, val_volumes, args.max_new_tokens)})
@@ -464,9 +464,9 @@ def main(argv=None) -> dict:
         qs = [questions[i] for i in idx]
         x = volumes.batch(q["VolumeName"] for q in qs).to(device)
         out = train_step(net, ref, optimizer, qs, x, consistency, args, step, idx)
-        skipped += not out["applied"]
+        run.skipped += not out["applied"]
         done = step + 1
-        row = {**log_row(done, out), "lr": lr, "skipped": skipped, "sec": round(time.time() - t0, 1),
+        row = {**log_row(done, out), "lr": lr, "skipped": run.skipped, "sec": round(time.time() - t0, 1),
                "sample": out["texts"][0]}
         if eval_every and (done % eval_every == 0 or done == args.steps):
             with runtime.gathered(net):
@@ -487,7 +487,7 @@ def main(argv=None) -> dict:
         runtime.unshard_for_saving(net)
     if done == args.steps and rank == 0:  # a self-contained checkpoint; the run config goes into its meta
         final = {k: v for k, v in history[-1].items() if k != "sample"} if history else {}
-        vlm.save(Path(args.out) / "vlm", meta={"stage": "grpo", "args": vars(args), "skipped_steps": skipped,
+        vlm.save(Path(args.out) / "vlm", meta={"stage": "grpo", "args": vars(args), "skipped_steps": run.skipped,
                                               "final": final, "sft": vlm.config.get("meta", {})})
         print0(f"wrote {Path(args.out) / 'vlm'}")
     runtime.cleanup_distributed()

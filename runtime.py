@@ -114,8 +114,8 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():   # this rank's device only (setup_distributed sets it): a resume may see fewer GPUs
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -125,8 +125,9 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():   # a list: an older checkpoint, every visible GPU's
+        cuda = state["cuda"]
+        torch.cuda.set_rng_state(cuda[torch.cuda.current_device()] if isinstance(cuda, list) else cuda)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -217,6 +218,13 @@ def _on_stop_signal(signum, frame) -> None:
     if _stop_signal is not None and signum == signal.SIGINT:
         raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
     _stop_signal = signum  # the loop finishes its step, saves a checkpoint and stops
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader worker's init: SIGINT and SIGTERM sent to the whole process group (Slurm's cancel or time limit,
+    `kill -- -PGID`) are the main process's to handle; a worker killed by one would end the run without a checkpoint."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def exit_code() -> int:
@@ -361,7 +369,9 @@ class Run:
 
     A fresh run starts a new metrics.jsonl and removes an earlier run's checkpoints. With resume=True the newest
     complete checkpoint is loaded (`run.state`, or None), this rank's RNG state restored, and metrics.jsonl keeps the
-    rows up to the step resumed from. Create it after the model is built (building consumes RNG), before the loop."""
+    rows up to the step resumed from. `skipped` counts the optimizer steps the loop skipped (a non-finite loss or
+    gradient), over the whole run: it is saved with each checkpoint and resumed. Create it after the model is built
+    (building consumes RNG), before the loop."""
 
     def __init__(self, out: str | Path, resume: bool, overwrite: bool = False, stop_at: int | None = None,
                  keep: int = 2, curves: tuple[str, ...] = (), save_every: int = 0, save_last: bool = False):
@@ -379,6 +389,7 @@ class Run:
             dist.barrier()  # every rank has looked at the folder before rank 0 changes it
         self.state = latest_train_state(self.out / "ckpt") if resume else None
         self.start = self.state["step"] if self.state is not None else 0
+        self.skipped = self.state.get("skipped", 0) if self.state is not None else 0
         if self.state is not None:
             rngs = self.state["rng"]
             set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
@@ -415,13 +426,14 @@ class Run:
             self._log.flush()
 
     def save(self, step: int, state: dict) -> None:
-        """Save a resumable checkpoint: `state` plus the step and every rank's RNG state. Call it on every rank."""
+        """Save a resumable checkpoint: `state`, the step, the skipped-step count and every rank's RNG state. Call it on
+        every rank."""
         rngs = [rng_state()] * self.world
         if self.world > 1:
             dist.all_gather_object(rngs, rngs[0])  # every rank's own state in its slot
         if self.rank == 0:
-            save_train_state(self.out / "ckpt", step, {**state, "step": step, "rng": rngs, "versions": versions()},
-                             keep=self.keep)
+            state = {**state, "step": step, "skipped": self.skipped, "rng": rngs, "versions": versions()}
+            save_train_state(self.out / "ckpt", step, state, keep=self.keep)
 
     def end_step(self, step: int, total: int, state, device: torch.device | str = "cpu") -> bool:
         """After optimizer step `step` of `total`, on every rank: save a resumable checkpoint of `state()` (a collective

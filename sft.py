@@ -318,7 +318,7 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
     lengths = [len(ids) for ids, _ in encoded]
     inject_step, inject_rank = map(int, args.inject_nan.split(":")) if args.inject_nan else (-1, -1)
     bar = tqdm(total=total_steps, initial=run.start, disable=rank != 0, desc=desc)
-    losses, skipped, order, t_epoch, t0 = [], 0, (None, None), time.time(), time.time()
+    losses, order, t_epoch, t0 = [], (None, None), time.time(), time.time()
     for step in range(run.start, total_steps):
         lr = runtime.cosine_lr(step, total_steps, int(args.warmup_frac * total_steps), args.lr)
         runtime.set_lr(optimizer, lr)
@@ -333,10 +333,10 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
                 image = image * float("nan")
             micro.append(collate([encoded[i] for i in idx], tokenizer.pad_token_id) + (image,))
         loss, grad_norm, applied = train_step(forward, optimizer, micro, params, args, step, device)
-        skipped += not applied
+        run.skipped += not applied
         losses.append(loss)
         bar.update(1)
-        row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
+        row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": run.skipped,
                "sec": round(time.time() - t0, 2)}
         if (step + 1) % steps_per_epoch == 0:
             row["epoch_sec"], t_epoch = round(time.time() - t_epoch, 2), time.time()
@@ -353,7 +353,7 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
     if done == total_steps:
         runtime.unshard_for_saving(forward)
     return {"losses": losses, "step": done, "interrupted": done < total_steps, "net": net, "examples": len(examples),
-            "skipped": skipped}
+            "skipped": run.skipped}
 
 
 def main(argv=None) -> dict:

@@ -17,6 +17,8 @@ from conftest import curve_points
 import clip3d
 import model as M
 
+ROOT = Path(__file__).resolve().parents[1]
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -276,6 +278,31 @@ def test_stop_request_saves_then_resume_replays_the_uninterrupted_run(phantom_wo
     assert losses(stopped) == losses(full)
     a, b = load_file(full / "vision_encoder.safetensors"), load_file(stopped / "vision_encoder.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits(phantom_world, tmp_path):
+    """SIGTERM sent to the whole process group (Slurm's cancel or time limit), DataLoader workers included: the workers
+    ignore it, the loop finishes its step, saves a resumable checkpoint and exits 143, leaving no worker behind."""
+    import signal
+    import time
+    args = [str(a) for a in run_args(phantom_world, tmp_path, "--epochs", 400, "--workers", 2, "--eval-every", 0,
+                                     "--save-every", 0)]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "clip3d.py"), *args], cwd=ROOT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not (tmp_path / "metrics.jsonl").is_file() or not (tmp_path / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-2000:]
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 3, workers                                      # the main process and its two workers
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in out, out[-2000:]
+    step = int(out.split("stopped by SIGTERM after step ")[1].split(":")[0])
+    assert (tmp_path / "ckpt" / f"step_{step:08d}" / "state.pt").is_file()
+    time.sleep(1)
+    assert subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout == b""   # no orphan
 
 
 def test_zero_eval_and_save_intervals_mean_at_the_end_only(phantom_world, tmp_path):

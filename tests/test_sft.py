@@ -248,6 +248,21 @@ def test_resume_is_exact(phantom_world, tiny_llm, vision_weights, tmp_path):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_a_resumed_run_keeps_counting_the_steps_skipped_before_its_stop(phantom_world, tiny_llm, vision_weights,
+                                                                        tmp_path):
+    """A step skipped for a non-finite loss before a stop still counts after --resume: the skipped column of
+    metrics.jsonl and the final checkpoint's skipped_steps equal the uninterrupted run's."""
+    nan = ["--max-steps", 4, "--inject-nan", "0:0"]
+    sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "a", *nan))
+    sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "b", *nan, "--stop-at", 2))
+    resumed = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "b", *nan, "--resume"))
+    assert resumed["skipped"] == 1
+    for out in ("a", "b"):
+        rows = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        assert [(r["step"], r["skipped"]) for r in rows] == [(1, 1), (2, 1), (3, 1), (4, 1)]
+        assert json.loads((tmp_path / out / "vlm" / "config.json").read_text())["meta"]["skipped_steps"] == 1
+
+
 def test_phantom_sft_trains_on_reports_unless_vqa_is_asked(phantom_world, tiny_llm, vision_weights, tmp_path):
     reports = len(data.read_sentence_labels(phantom_world["train_sentences"]))
     plain = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "a", "--max-steps", 1))
