@@ -665,14 +665,15 @@ def read_questions(json_path) -> list[dict]:
 
 
 def attach_reports(questions: list[dict], reports_csv, what: str, log=print) -> list[dict]:
-    """The questions whose scan has a row in `reports_csv`, each given its findings + impressions as "report" (matched
-    by volume_key: an official item's VolumeName may be a path); how many had none is logged, never hidden."""
+    """The questions whose scan has a report text (findings, impressions) in `reports_csv`, each given it as "report"
+    (matched by volume_key: an official item's VolumeName may be a path); how many had none is logged, never hidden."""
     texts = {volume_key(n): " ".join(s for s in (r["findings"], r["impressions"]) if s)
              for n, r in read_reports(reports_csv).items()}
     keys = [volume_key(q["VolumeName"]) for q in questions]
-    kept = [{**q, "report": texts[k]} for q, k in zip(questions, keys) if k in texts]
+    kept = [{**q, "report": texts[k]} for q, k in zip(questions, keys) if texts.get(k)]
     if len(kept) < len(questions):
-        log(f"left out {len(questions) - len(kept)} of {len(questions)} {what}: their scan has no row in {reports_csv}")
+        log(f"left out {len(questions) - len(kept)} of {len(questions)} {what}: their scan has no report text in "
+            f"{reports_csv}")
     return kept
 
 

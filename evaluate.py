@@ -11,8 +11,9 @@ Deliberate choices:
    (a local sentence encoder, else the LLM's mean input embeddings). An empty output is wrong. Each path is counted.
 4. Accuracy also per abnormality and per scan (reconstructions of one scan share their labels: each scan counts once).
 5. Significance against a reference run (default sft): paired t-test on per-report scores, exact McNemar on answers.
-6. Greedy decoding; global batch k runs on rank k % world, so sharded results equal single-process ones. On CUDA the
-   LLM is held in bf16 and runs under bf16 autocast, as in training (runtime.compute_dtype); fp32 on the CPU.
+6. Greedy decoding; global batch k runs on rank k % world, so sharded results equal single-process ones. Every run
+   is generated first; then rank 0 alone scores and judges, the other ranks done (none waits on a slow judge). On
+   CUDA the LLM is held in bf16 and runs under bf16 autocast, as in training (runtime.compute_dtype); fp32 on the CPU.
 7. results.json records the provenance of every number: argv, commit, package versions, hashes of the inputs.
 8. Case sheets (PNG): a few questions per set, labelled scans with distinct answers first: the model's view of the
    scan, its true findings, the question, and every run's rationale and answers side by side, sft (S1) next to grpo.
@@ -433,6 +434,7 @@ def summarize_mmvqa(records: list[dict], think: bool) -> dict:
     return {"n": len(records), "accuracy": right / len(records) if records else None, "chance": chance,
             "p_above_chance": stats.binomtest(right, len(records), chance, "greater").pvalue if records else None,
             "paths": {p: sum(r["path"] == p for r in records) for p in ("parsed", "similarity", "none")},
+            "truncated": sum(r.get("truncated", False) for r in records),      # cut at --max-new-tokens
             "format_ok": float(np.mean([follows_format(r["output"], think) for r in records])) if records else None,
             "per_scan_accuracy": float(np.mean([np.mean(v) for v in by_scan.values()])) if by_scan else None,
             "n_scans": len(by_scan),
@@ -441,9 +443,10 @@ def summarize_mmvqa(records: list[dict], think: bool) -> dict:
 
 
 # ================================ model-driven evaluation: greedy, batched, sharded ================================
-def generate_all(vlm, cache, jobs: list[tuple[str, str]], batch_size: int, max_new_tokens: int, desc: str) -> list[str]:
-    """Greedy completions for (VolumeName, user text) jobs, in job order, on every rank. Global batch k runs on rank
-    k % world, so each batch (and its padding) is the same with or without torchrun."""
+def generate_all(vlm, cache, jobs: list[tuple[str, str]], batch_size: int, max_new_tokens: int,
+                 desc: str) -> list[tuple[str, bool]]:
+    """Greedy (completion, ended with EOS) for (VolumeName, user text) jobs, in job order, on every rank. Global batch
+    k runs on rank k % world, so each batch (and its padding) is the same with or without torchrun."""
     rank, world = get_rank(), world_size()
     batches = [list(range(i, min(i + batch_size, len(jobs)))) for i in range(0, len(jobs), batch_size)]
     mine = {}
@@ -453,10 +456,11 @@ def generate_all(vlm, cache, jobs: list[tuple[str, str]], batch_size: int, max_n
         input_ids, attention_mask = vlm.tokenize([vlm.prompt(jobs[i][1]) for i in idx])
         with torch.no_grad(), autocast(vlm.device):
             image_embeds = vlm.image_embeds(volumes.to(vlm.device))                      # (B, N_img, D)
-            completion, lengths, _ = vlm.generate(input_ids, attention_mask, image_embeds,
-                                                  max_new_tokens=max_new_tokens, temperature=0.0)
+            completion, lengths, finished = vlm.generate(input_ids, attention_mask, image_embeds,
+                                                         max_new_tokens=max_new_tokens, temperature=0.0)
         for row, i in enumerate(idx):
-            mine[i] = vlm.tokenizer.decode(completion[row, :lengths[row]].tolist(), skip_special_tokens=True)
+            mine[i] = (vlm.tokenizer.decode(completion[row, :lengths[row]].tolist(), skip_special_tokens=True),
+                       bool(finished[row]))
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, mine)
@@ -468,27 +472,31 @@ def evaluate_mmvqa(vlm, cache, items: list[dict], embed, args, desc: str) -> dic
     """Table 1: accuracy with the think and the no-think prompt on one question set."""
     out = {}
     for think in (True, False):
-        texts = generate_all(vlm, cache, [(q["VolumeName"], data.mmvqa_prompt(q, think=think)) for q in items],
-                             args.batch_size, args.max_new_tokens, f"{desc} {'think' if think else 'no-think'}")
+        outputs = generate_all(vlm, cache, [(q["VolumeName"], data.mmvqa_prompt(q, think=think)) for q in items],
+                               args.batch_size, args.max_new_tokens, f"{desc} {'think' if think else 'no-think'}")
         records = []
-        for q, text in zip(items, texts):
+        for q, (text, finished) in zip(items, outputs):
             letter, path = resolve_answer(text, q["options"], embed)
             records.append({"VolumeName": q["VolumeName"], "answer": q["answer"], "pred": letter, "path": path,
                             "correct": letter == q["answer"], "key_option": q["options"][q["answer"]], "output": text,
-                            "n_options": len(q["options"])})
+                            "n_options": len(q["options"]), "truncated": not finished})
         out["think" if think else "no_think"] = summarize_mmvqa(records, think)
     return out
 
 
-def evaluate_reports(vlm, cache, reports: dict, names: list[str], args, judge, desc: str) -> dict:
-    """Table 2: generated reports (tags removed) against the reference findings + impressions; scored on rank 0."""
-    texts = generate_all(vlm, cache, [(n, data.report_instruction(reports[n])) for n in names], args.batch_size,
-                         args.max_report_tokens, desc)
-    hyps = [" ".join(data.TAG.sub(" ", t).split()) for t in texts]
+def generate_reports(vlm, cache, reports: dict, names: list[str], args, desc: str) -> list[tuple[str, bool]]:
+    """Table 2's generated reports, tags removed, and whether each ended with EOS, in `names` order (every rank)."""
+    outputs = generate_all(vlm, cache, [(n, data.report_instruction(reports[n])) for n in names], args.batch_size,
+                           args.max_report_tokens, desc)
+    return [(" ".join(data.TAG.sub(" ", t).split()), finished) for t, finished in outputs]
+
+
+def score_reports(generated: list[tuple[str, bool]], reports: dict, names: list[str], args, judge) -> dict:
+    """Table 2: the generated reports against the reference findings + impressions."""
+    hyps = [h for h, _ in generated]
     refs = [" ".join(s for s in (reports[n]["findings"], reports[n]["impressions"]) if s) for n in names]
-    if get_rank() != 0:
-        return {}
     out = report_metrics(hyps, refs, args.bert_model, args.bert_layers, judge)
+    out["truncated"] = sum(not finished for _, finished in generated)   # cut at --max-report-tokens
     out["per_item"] = {m: dict(zip(names, v)) for m, v in out["per_item"].items()}
     out["samples"] = [{"VolumeName": n, "generated": h, "reference": r} for n, h, r in zip(names, hyps, refs)][:5]
     return out
@@ -517,6 +525,16 @@ def evaluate_reasoning(judge, mmvqa: dict, questions: list[dict], reports: dict)
 
 
 # ====================================== significance, provenance, tables ======================================
+def unpaired(a: dict, b: dict) -> dict | None:
+    """{"skipped": reason} when two MMVQA summaries did not answer the same questions in the same order (pairing by
+    position would compare different questions), else None."""
+    asked = [[(r.get("VolumeName"), r.get("answer")) for r in s["records"]] for s in (a, b)]
+    if asked[0] != asked[1]:
+        return {"skipped": f"no paired test: the runs answered other questions ({len(asked[0])} vs {len(asked[1])} "
+                           "items, their (VolumeName, answer) lists differ)"}
+    return None
+
+
 def significance(runs: dict, reference: str) -> dict:
     """Every run against the reference, and the PAIRS against each other: paired t-tests on per-report scores and
     rationale grades, exact McNemar on per-question correctness (only when both runs answered the same questions, in
@@ -531,22 +549,16 @@ def significance(runs: dict, reference: str) -> dict:
             continue
         tests = {f"reports/{m}": paired_test(items, ref_items[m])
                  for m, items in run.get("reports", {}).get("per_item", {}).items() if m in ref_items}
-        if "offline" in run.get("reasoning", {}) and "offline" in ref.get("reasoning", {}):
-            tests["reasoning/offline"] = paired_test(run["reasoning"]["offline"]["per_item"],
-                                                     ref["reasoning"]["offline"]["per_item"])
+        if "offline" in run.get("reasoning", {}) and "offline" in ref.get("reasoning", {}):   # keyed by question index
+            think = [x.get("mmvqa", {}).get("CT-RATE", {}).get("think", {"records": []}) for x in (run, ref)]
+            tests["reasoning/offline"] = unpaired(*think) or paired_test(run["reasoning"]["offline"]["per_item"],
+                                                                         ref["reasoning"]["offline"]["per_item"])
         for qset, prompts in run.get("mmvqa", {}).items():
             for prompt, summary in prompts.items():
                 other = ref.get("mmvqa", {}).get(qset, {}).get(prompt)
-                if not (other and summary["records"]):
-                    continue
-                asked = [[(r.get("VolumeName"), r.get("answer")) for r in s["records"]] for s in (summary, other)]
-                if asked[0] != asked[1]:   # pairing by position needs the same questions
-                    tests[f"mmvqa/{qset}/{prompt}"] = {"skipped": f"no paired test: the runs answered other questions "
-                                                                  f"({len(asked[0])} vs {len(asked[1])} items, their "
-                                                                  "(VolumeName, answer) lists differ)"}
-                    continue
-                tests[f"mmvqa/{qset}/{prompt}"] = mcnemar([r["correct"] for r in summary["records"]],
-                                                          [r["correct"] for r in other["records"]])
+                if other and summary["records"]:
+                    tests[f"mmvqa/{qset}/{prompt}"] = unpaired(summary, other) or mcnemar(
+                        [r["correct"] for r in summary["records"]], [r["correct"] for r in other["records"]])
         out[f"{label} vs {reference}"] = tests
     return out
 
@@ -664,6 +676,10 @@ def markdown(results: dict) -> str:
 
 
 # ================================================== command line ==================================================
+# The phantom world's overrides: its tiny models answer and report in fewer tokens (reports <= 253), and an untrained
+# one that never emits EOS would otherwise generate up to the real limits.
+PHANTOM = dict(max_new_tokens=128, max_report_tokens=320)
+
 def parse_args(argv=None):
     p = make_parser(__doc__)
     g = p.add_argument_group("what to evaluate")
@@ -682,8 +698,8 @@ def parse_args(argv=None):
     g.add_argument("--bias-reports", help="figure 1: a reports CSV or labelled-sentences JSONL; unset = train CSV")
     g = p.add_argument_group("generation")
     g.add_argument("--batch-size", type=int, default=32, help="per rank")
-    g.add_argument("--max-new-tokens", type=int, default=128, help="MMVQA completions")
-    g.add_argument("--max-report-tokens", type=int, default=320, help="phantom reports are <= 253 tokens")
+    g.add_argument("--max-new-tokens", type=int, default=512, help="MMVQA completions (GRPO's length)")
+    g.add_argument("--max-report-tokens", type=int, default=1024, help="generated reports")
     g = p.add_argument_group("metrics")
     g.add_argument("--bert-model", default=None, help="LOCAL dir of the BERTScore model (e.g. roberta-large)")
     g.add_argument("--bert-layers", type=int, default=None, help="unset = bert-score's choice for the dir name")
@@ -698,7 +714,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("output")
     g.add_argument("--out", default="runs/eval", help="results.json, results.md, positional_bias.png, judge_cache/")
     g.add_argument("--case-sheets", type=int, default=4, help="questions per set drawn as <out>/cases/*.png; 0 = none")
-    return parse_with_preset(p, argv, {})   # no phantom overrides: the defaults fit both worlds
+    return parse_with_preset(p, argv, PHANTOM)
 
 
 def eval_paths(args) -> dict:
@@ -786,6 +802,9 @@ def main(argv=None) -> dict | None:
     if model_tasks and not ckpts:
         raise SystemExit(f"none of the runs {', '.join(DEFAULT_RUNS)} has a checkpoint under {args.runs} (<run>/vlm): "
                          "run `python sft.py` (then grpo.py), name runs (python evaluate.py NAME ...) or pass --ckpt")
+    labels = [label for label, _ in ckpts]
+    if args.reference is not None and args.reference not in labels:   # before any model work
+        raise SystemExit(f"--reference {args.reference} is not one of the runs {labels}")
     if model_tasks:
         caches, questions, reports, report_names = load_inputs(args, tasks, paths, results["provenance"])
     judge_url = args.judge_base_url or os.environ.get("JUDGE_BASE_URL")
@@ -794,6 +813,7 @@ def main(argv=None) -> dict | None:
                       args.judge_retries, args.judge_workers) if rank == 0 and judge_url and judge_model else None
     sentence_encoder = encoder_embedder(args.sentence_encoder, device) if args.sentence_encoder else None
 
+    generated = {}   # each run's generated reports, scored after the last collective
     for label, ckpt in ckpts:
         print0(f"evaluating {label}: {ckpt}")
         vlm = model.VLM.load(ckpt, device=device, dtype=compute_dtype(device)).eval()  # frozen: bf16 on CUDA
@@ -805,31 +825,34 @@ def main(argv=None) -> dict | None:
         if "mmvqa" in tasks:
             run["mmvqa"] = {qset: evaluate_mmvqa(vlm, caches[qset], items, embed, args, f"{label} {qset}")
                             for qset, items in questions.items()}
-        if "reasoning" in tasks and rank == 0:
-            run["reasoning"] = evaluate_reasoning(judge, run.get("mmvqa", {}), questions.get("CT-RATE", []), reports)
         if "reports" in tasks and report_names:
-            run["reports"] = evaluate_reports(vlm, caches["CT-RATE"], reports, report_names, args, judge, label)
+            generated[label] = generate_reports(vlm, caches["CT-RATE"], reports, report_names, args, label)
         results["runs"][label] = run
         del vlm
-
-    if rank == 0:
-        labels = list(results["runs"])
-        results["reference"] = args.reference or ("sft" if "sft" in labels else labels[0] if labels else None)
-        if results["reference"] is not None and results["reference"] not in labels:
-            raise SystemExit(f"--reference {args.reference} is not one of the runs {labels}")
-        results["significance"] = significance(results["runs"], results["reference"]) if labels else {}
-        if "mmvqa" in tasks and args.case_sheets:
-            results["case_sheets"] = case_sheets(results["runs"], questions, caches, paths, args.case_sheets,
-                                                 out_dir / "cases")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # NaN / inf as null: results.json stays standard JSON
-        (out_dir / "results.json").write_text(json.dumps(json_safe(results), indent=1, default=str, allow_nan=False))
-        (out_dir / "results.md").write_text(markdown(results))
-        print0(markdown(results))
-        sheets = f", {len(results['case_sheets'])} case sheets in {out_dir}/cases" if results.get("case_sheets") else ""
-        print0(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}{sheets}")
+    # the last collective: rank 0 scores alone from here (a judge may take hours; no rank waits on it) and the
+    # others are done
     cleanup_distributed()
-    return results if rank == 0 else None
+    if rank != 0:
+        return None
+
+    for label, run in results["runs"].items():
+        if "reasoning" in tasks:
+            run["reasoning"] = evaluate_reasoning(judge, run.get("mmvqa", {}), questions.get("CT-RATE", []), reports)
+        if label in generated:
+            run["reports"] = score_reports(generated[label], reports, report_names, args, judge)
+    results["reference"] = args.reference or ("sft" if "sft" in labels else labels[0] if labels else None)
+    results["significance"] = significance(results["runs"], results["reference"]) if labels else {}
+    if "mmvqa" in tasks and args.case_sheets:
+        results["case_sheets"] = case_sheets(results["runs"], questions, caches, paths, args.case_sheets,
+                                             out_dir / "cases")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # NaN / inf as null: results.json stays standard JSON
+    (out_dir / "results.json").write_text(json.dumps(json_safe(results), indent=1, default=str, allow_nan=False))
+    (out_dir / "results.md").write_text(markdown(results))
+    print0(markdown(results))
+    sheets = f", {len(results['case_sheets'])} case sheets in {out_dir}/cases" if results.get("case_sheets") else ""
+    print0(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}{sheets}")
+    return results
 
 
 if __name__ == "__main__":

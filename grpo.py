@@ -306,8 +306,9 @@ def train_step(net, ref: model.VLM, optimizer, qs: list[dict], x: torch.Tensor |
     if args.loss_reduction == "token":   # the mean over every rank's tokens: DDP averages the ranks' gradients
         tokens = all_reduce(mask.sum().float(), "sum").clamp(min=1) / world_size()
         share, weight = [float(mask[c].sum().clamp(min=1) / tokens) for c in chunks], float(mask.sum() / tokens)
-    else:
-        share = [(c.stop - c.start) / n for c in chunks]
+    else:   # the mean over every rank's rows but those excluded (their mask is 0), as "token" leaves their tokens out
+        rows = all_reduce((~excluded).sum().double(), "sum").clamp(min=1).item() / world_size()
+        share, weight = [(c.stop - c.start) / rows for c in chunks], n / rows
     with torch.no_grad(), autocast(vlm.device):
         ref_logp = torch.cat([row_logprobs(ref, x, input_ids, attention_mask, c, T, args) for c in chunks])
     t_rollout = time.perf_counter() - t0

@@ -226,7 +226,9 @@ def test_a_judge_excluded_group_does_not_reach_the_update(ckpt, monkeypatch):
     silent, _ = grpo_update(ckpt, [0.3, 0.3, 0.3] + second, args)   # question 0's group: all equal, no signal
     live, _ = grpo_update(ckpt, [0.0, 0.5, 1.0] + second, args)     # question 0's group with a signal
     assert out["sums"]["excluded"] == 3 and out["applied"]
-    assert all(torch.allclose(excluded[n], silent[n], atol=1e-6) for n in excluded)
+    # the loss is the mean over the rows left in (question 1's three): twice the update of the silent group's batch,
+    # whose six rows all count (at step 0 the policy is the reference, so the silent rows add no gradient)
+    assert all(torch.allclose(excluded[n], 2 * silent[n], atol=1e-6) for n in excluded)
     assert not all(torch.allclose(live[n], silent[n], atol=1e-6) for n in live)   # question 0 could have mattered
     assert any(bool(d.abs().max() > 1e-4) for d in excluded.values())             # question 1 still trains
 
@@ -277,7 +279,8 @@ OUTPUTS = [  # (output, the question's answer)
 def test_every_evaluated_record_is_correct_iff_its_prediction_is_the_answer(monkeypatch):
     items = [{"VolumeName": f"valid_{i}_a_1.nii.gz", "question": "Which?", "options": OPTIONS, "answer": a}
              for i, (_, a) in enumerate(OUTPUTS)]
-    monkeypatch.setattr(E, "generate_all", lambda vlm, cache, jobs, *a, **kw: [o for o, _ in OUTPUTS][:len(jobs)])
+    monkeypatch.setattr(E, "generate_all", lambda vlm, cache, jobs, *a, **kw:
+                         [(o, True) for o, _ in OUTPUTS][:len(jobs)])
     args = Namespace(batch_size=2, max_new_tokens=8)
     for embed in (None, lambda texts: torch.tensor([[float(len(t) % 5), 1.0] for t in texts])):
         out = E.evaluate_mmvqa(None, None, items, embed, args, "test")

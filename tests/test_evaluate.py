@@ -614,6 +614,12 @@ def test_p_values_against_guessing_and_the_consistency_ablation_pair():
         assert "mmvqa/CT-RATE/think" in tests[f"{label} vs sft"] and "reasoning/offline" in tests[f"{label} vs sft"]
     md = E.markdown({"runs": runs, "reference": "sft", "significance": tests, "provenance": {"git_commit": "x"}})
     assert "| grpo | 0.800 | 10 |" in md and "`grpo` − `grpo_nocon`: +0.600 over 10 questions" in md
+    # runs that answered other questions (here: the same scans, another order) are not paired by question index
+    shuffled = run([agree] * 8 + [deny] * 2)
+    shuffled["mmvqa"]["CT-RATE"]["think"]["records"].reverse()
+    tests = E.significance({"sft": runs["sft"], "grpo": shuffled}, "sft")["grpo vs sft"]
+    for key in ("reasoning/offline", "mmvqa/CT-RATE/think"):
+        assert set(tests[key]) == {"skipped"} and "answered other questions" in tests[key]["skipped"]
 
 
 def test_reasoning_grades_each_record_against_its_own_question_and_the_scans_report():
@@ -648,8 +654,8 @@ def test_scan_id_groups_reconstructions():
 
 
 @pytest.mark.slow
-def test_sharded_equals_single_process(eval_setup, tmp_path):
-    """2-process gloo torchrun gives exactly the single-process results (outputs, answers, scores)."""
+def test_sharded_equals_single_process(eval_setup, server, tmp_path):
+    """2-process gloo torchrun gives exactly the single-process results (outputs, answers, scores, judge grades)."""
     import os
     import subprocess
     import sys
@@ -660,7 +666,8 @@ def test_sharded_equals_single_process(eval_setup, tmp_path):
                         "evaluate.py"]}
     out = {}
     for name, cmd in runs.items():
-        argv = eval_argv(world, root, tmp_path / name, "--tasks", "mmvqa,reports", "--n-mmvqa", "5")
+        argv = eval_argv(world, root, tmp_path / name, "--tasks", "mmvqa,reports,reasoning", "--n-mmvqa", "5",
+                         "--judge-base-url", server.url, "--judge-model", "m")
         proc = subprocess.run(cmd + argv, cwd=E.Path(E.__file__).parent, env=env, capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -670,3 +677,50 @@ def test_sharded_equals_single_process(eval_setup, tmp_path):
     a, b = out["single"]["runs"]["sft"], out["sharded"]["runs"]["sft"]
     assert a["mmvqa"] == b["mmvqa"]
     assert a["reports"]["per_item"] == b["reports"]["per_item"] and a["reports"]["scores"] == b["reports"]["scores"]
+    assert a["reasoning"] == b["reasoning"] and a["reasoning"]["n_valid"] == a["reasoning"]["n"] > 0
+    assert b["reports"]["scores"]["LLM-score"] == pytest.approx(0.8)
+
+
+def test_rank_0_judges_and_scores_after_the_last_collective(eval_setup, server, tmp_path, monkeypatch):
+    """Every generation (a collective under torchrun) of every run comes before the first judge request and report
+    score: the other ranks never wait on the judge, which takes hours on a full set (NCCL's timeout is 10 minutes).
+    A --reference that names no evaluated run stops before any model loads."""
+    world, root = eval_setup
+    shutil.copytree(root / "runs" / "sft" / "vlm", tmp_path / "other" / "vlm")
+    events, generate, ask, metrics = [], E.generate_all, data.Chat.ask, E.report_metrics
+    monkeypatch.setattr(E, "generate_all", lambda *a, **k: events.append("generate") or generate(*a, **k))
+    monkeypatch.setattr(data.Chat, "ask", lambda *a, **k: events.append("judge") or ask(*a, **k))
+    monkeypatch.setattr(E, "report_metrics", lambda *a, **k: events.append("score") or metrics(*a, **k))
+    argv = lambda out, *extra: eval_argv(world, root, tmp_path / out, "sft", "--ckpt", str(tmp_path / "other" / "vlm"),
+                                         "--tasks", "mmvqa,reports,reasoning", "--judge-base-url", server.url,
+                                         "--judge-model", "m", *extra)
+    res = E.main(argv("out"))
+    assert res["runs"].keys() == {"sft", "other"} and all(r["reasoning"]["n_valid"] > 0 for r in res["runs"].values())
+    assert events.count("generate") == 2 * 5 and events.count("score") == 2 and "judge" in events
+    assert events[:10] == ["generate"] * 10                       # 2 runs x (2 sets x 2 prompts + reports)
+    events.clear()
+    with pytest.raises(SystemExit, match=r"--reference grpo is not one of the runs \['sft', 'other'\]"):
+        E.main(argv("out2", "--reference", "grpo"))
+    assert events == [] and not (tmp_path / "out2").exists()
+
+
+def test_generation_limits_follow_the_preset_and_cut_outputs_are_counted(monkeypatch):
+    """The real preset generates as long as GRPO trained (512 MMVQA tokens) and 1024 report tokens; the phantom world
+    keeps 128 / 320. Outputs cut at the limit (no EOS) are counted per set and prompt, and for the reports."""
+    real, phantom = E.parse_args(["--preset", "real"]), E.parse_args([])
+    assert (real.max_new_tokens, real.max_report_tokens) == (512, 1024)
+    assert (phantom.max_new_tokens, phantom.max_report_tokens) == (128, 320)
+    assert E.parse_args(["--max-new-tokens", "64"]).max_new_tokens == 64
+    options = {"A": "Emphysema", "B": "Atelectasis"}
+    items = [{"VolumeName": f"valid_{i}_a_1.nii.gz", "question": "Which?", "options": options, "answer": "A"}
+             for i in range(4)]
+    outputs = [("<think>x</think><answer>A</answer>", True), ("<think>a long rationale that", False),
+               ("<answer>B</answer>", True), ("<think>also cut", False)]
+    monkeypatch.setattr(E, "generate_all", lambda vlm, cache, jobs, *a: outputs[:len(jobs)])
+    out = E.evaluate_mmvqa(None, None, items, None, phantom, "test")
+    assert out["think"]["truncated"] == out["no_think"]["truncated"] == 2
+    assert [r["truncated"] for r in out["think"]["records"]] == [False, True, False, True]
+    reports = {f"valid_{i}_a_1.nii.gz": {"findings": "Emphysema in both lungs.", "impressions": None} for i in range(4)}
+    scored = E.score_reports([("Emphysema.", True), ("Emphysema in", False)], reports, sorted(reports)[:2],
+                             phantom, None)
+    assert scored["truncated"] == 1

@@ -1,5 +1,6 @@
 """Question files: one validator (data.read_questions, data.read_vqa) run before any model work, each item's own
 option letters in rewards and scoring, and an empty evaluation set reported as "no items", never as accuracy 0."""
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -164,7 +165,7 @@ def test_records_correct_iff_pred_is_answer_and_none_never_correct(tmp_path, mon
     qs = data.read_questions(write(tmp_path / "valid.json", [item(options=OPTIONS5, answer="E")] * 3 +
                                    [item(answer="C")] * 3))
     outputs = ["<answer>E</answer>", "<think>E</think>", "", "C) Pleural effusion", "<answer>C or D</answer>", "A"]
-    monkeypatch.setattr(E, "generate_all", lambda vlm, cache, jobs, *a: outputs[:len(jobs)])
+    monkeypatch.setattr(E, "generate_all", lambda vlm, cache, jobs, *a: [(o, True) for o in outputs][:len(jobs)])
     args = type("Args", (), {"batch_size": 2, "max_new_tokens": 8})
     orthogonal = lambda texts: torch.eye(8)[:len(texts)]                  # every option equally far: picks A
     for embed, preds in ((None, ["E", None, None, "C", None, "A"]), (orthogonal, ["E", "A", None, "C", "A", "A"])):
@@ -235,7 +236,8 @@ def official_path(name: str) -> str:
 
 def test_rl_questions_get_their_scans_report_by_volume_key(phantom_world, tmp_path, capsys):
     """data.attach_reports: each question gets its own scan's findings + impressions, whether its VolumeName is a
-    bare name or an official path; a question whose scan has no row in the reports CSV is left out, counted."""
+    bare name or an official path; a question whose scan has no row in the reports CSV, or a row without text (both
+    sections "Not given."), is left out, counted."""
     reports_csv = data.paths(phantom_world["root"])["train_reports"]
     reports = data.read_reports(reports_csv)
     qs = json.loads(phantom_world["mmvqa_rl"].read_text())[:4]
@@ -249,11 +251,16 @@ def test_rl_questions_get_their_scans_report_by_volume_key(phantom_world, tmp_pa
     lines = reports_csv.read_text().splitlines(keepends=True)
     dropped = next(i for i, line in enumerate(lines) if line.startswith(qs[1]["VolumeName"]))
     short_csv = tmp_path / "reports.csv"
-    short_csv.write_text("".join(lines[:dropped] + lines[dropped + 1:]))
+    header = next(csv.reader(lines[:1]))
+    empty = next(i for i, line in enumerate(lines) if line.startswith(qs[2]["VolumeName"]))
+    with open(short_csv, "w", newline="") as f:                     # qs[1]: no row; qs[2]: both sections "Not given."
+        f.write("".join(line for i, line in enumerate(lines) if i not in (dropped, empty)))
+        csv.DictWriter(f, header).writerow({**dict.fromkeys(header, "Not given."), "VolumeName": qs[2]["VolumeName"]})
+    assert data.read_reports(short_csv)[qs[2]["VolumeName"]] == {"findings": None, "impressions": None}
     capsys.readouterr()
     got = data.attach_reports(official, short_csv, "RL questions")
-    assert [q["VolumeName"] for q in got] == [official[i]["VolumeName"] for i in (0, 2, 3)]
-    assert capsys.readouterr().out == f"left out 1 of 4 RL questions: their scan has no row in {short_csv}\n"
+    assert [q["VolumeName"] for q in got] == [official[i]["VolumeName"] for i in (0, 3)]
+    assert capsys.readouterr().out == f"left out 2 of 4 RL questions: their scan has no report text in {short_csv}\n"
 
 
 def test_grpo_trains_on_official_items_whose_volume_is_a_path(phantom_world, sft_ckpt, tmp_path, capsys):
