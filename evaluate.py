@@ -754,14 +754,21 @@ def find_checkpoints(args) -> tuple[list[tuple[str, Path]], dict]:
 
 
 def load_inputs(args, tasks: set, paths: dict, prov: dict) -> tuple[dict, dict, dict, list]:
-    """The volume caches (a missing one, e.g. no RAD-ChestCT, drops its set), the question sets (the first --n-mmvqa
-    items whose volume is cached), the reports and the report subset (the first --n-reports volumes whose report has
+    """The volume caches and the question sets (the first --n-mmvqa items whose volume is cached; a set without its
+    cache or default question file is left out and said, a --mmvqa-* file that is not there is an error), the reports and the report subset (the first --n-reports volumes whose report has
     findings or impressions, distinct scans first: reconstructions of one scan share their report)."""
     caches = {q: data.VolumeCache(paths[c]) for q, (c, _) in QSETS.items() if Path(paths[c], "preset.json").is_file()}
     prov["missing_caches"] = {q: str(paths[c]) for q, (c, _) in QSETS.items() if q not in caches}
+    for flag, path in (("--mmvqa-ctrate", args.mmvqa_ctrate), ("--mmvqa-radchestct", args.mmvqa_radchestct)):
+        if "mmvqa" in tasks and path and not Path(path).is_file():
+            raise SystemExit(f"{flag} {path}: no such file")
     questions = {}
-    for qset, (_, qkey) in QSETS.items():
-        if "mmvqa" in tasks and Path(paths[qkey]).is_file() and qset in caches:
+    for qset, (cache_key, qkey) in QSETS.items():
+        missing = [str(p) for p in (paths[qkey], Path(paths[cache_key], "preset.json")) if not Path(p).is_file()]
+        if "mmvqa" in tasks and missing:   # e.g. no RAD-ChestCT: said, and recorded in results.json
+            print0(f"{qset}: no MMVQA accuracy: {' and '.join(missing)} missing (data.py preprocess / mmvqa)")
+            prov["question_files"][qset] = {"path": str(paths[qkey]), "missing": missing}
+        elif "mmvqa" in tasks:
             items = data.read_questions(paths[qkey])
             usable = [q for q in items if q["VolumeName"] in caches[qset]]
             questions[qset] = usable[:args.n_mmvqa or None]
@@ -775,6 +782,8 @@ def load_inputs(args, tasks: set, paths: dict, prov: dict) -> tuple[dict, dict, 
     if tasks & {"reports", "reasoning"}:
         reports = data.read_reports(paths["valid_reports"])
         prov["reports_file"] = {"path": str(paths["valid_reports"]), "sha256": sha256(paths["valid_reports"])}
+    if "reports" in tasks and "CT-RATE" not in caches:
+        print0(f"no report generation: {prov['missing_caches']['CT-RATE']} holds no volume cache (data.py preprocess)")
     cached = [n for n in sorted(reports) if "CT-RATE" in caches and n in caches["CT-RATE"]]
     has_text = [n for n in cached if reports[n]["findings"] or reports[n]["impressions"]]
     prov["reports_without_text"] = len(cached) - len(has_text)   # nothing to score a generated report against

@@ -213,6 +213,25 @@ def test_evaluate_reports_an_empty_set_as_no_items(phantom_world, sft_ckpt, tmp_
     assert row.split(" | ")[1:3] == ["no items", "no items"]              # CT-RATE w / w/o think
 
 
+def test_evaluate_says_which_question_set_it_cannot_score(phantom_world, sft_ckpt, tmp_path, capsys):
+    """A question file that is not there: named on --mmvqa-* it is an error before any model loads; at its default
+    place (the mmvqa step skipped) the set is left out, said and recorded in results.json. (--preset real: the phantom
+    preset would rebuild the missing file.)"""
+    root = world_with(phantom_world, tmp_path)
+    argv = ["--preset", "real", "--data-root", str(root), "--ckpt", str(sft_ckpt), "--tasks", "mmvqa", "--n-mmvqa", "2",
+            "--max-new-tokens", "4", "--batch-size", "2", "--case-sheets", "0", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match=f"--mmvqa-radchestct {tmp_path / 'typo.json'}: no such file"):
+        E.main(argv + ["--mmvqa-radchestct", str(tmp_path / "typo.json")])
+    assert not (tmp_path / "o").exists()
+    (root / "mmvqa" / "radchestct.json").unlink()
+    res = E.main(argv)
+    missing = str(root / "mmvqa" / "radchestct.json")
+    assert f"RAD-ChestCT: no MMVQA accuracy: {missing} missing (data.py preprocess / mmvqa)" in capsys.readouterr().out
+    assert res["runs"]["sft"]["mmvqa"].keys() == {"CT-RATE"}
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())["provenance"]["question_files"]
+    assert saved["RAD-ChestCT"]["missing"] == [missing] and saved["CT-RATE"]["n_evaluated"] == 2
+
+
 @pytest.mark.parametrize("how", ["--eval-n 0", "empty file"])
 def test_grpo_without_validation_questions_logs_no_accuracy(phantom_world, sft_ckpt, tmp_path, capsys, how):
     root = world_with(phantom_world, tmp_path, **({"valid": []} if how == "empty file" else {}))
