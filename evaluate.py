@@ -755,8 +755,9 @@ def find_checkpoints(args) -> tuple[list[tuple[str, Path]], dict]:
 
 def load_inputs(args, tasks: set, paths: dict, prov: dict) -> tuple[dict, dict, dict, list]:
     """The volume caches and the question sets (the first --n-mmvqa items whose volume is cached; a set without its
-    cache or default question file is left out and said, a --mmvqa-* file that is not there is an error), the reports and the report subset (the first --n-reports volumes whose report has
-    findings or impressions, distinct scans first: reconstructions of one scan share their report)."""
+    cache or default question file is left out and said, a --mmvqa-* file that is not there is an error), the
+    reports and the report subset (the first --n-reports volumes whose report has findings or impressions, distinct
+    scans first: reconstructions of one scan share their report)."""
     caches = {q: data.VolumeCache(paths[c]) for q, (c, _) in QSETS.items() if Path(paths[c], "preset.json").is_file()}
     prov["missing_caches"] = {q: str(paths[c]) for q, (c, _) in QSETS.items() if q not in caches}
     for flag, path in (("--mmvqa-ctrate", args.mmvqa_ctrate), ("--mmvqa-radchestct", args.mmvqa_radchestct)):
