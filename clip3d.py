@@ -349,6 +349,7 @@ def main(argv=None) -> dict:
         n = step + 1   # steps done; --eval-every 0: validate at the end only
         record = {"step": n, **train_step(ddp, net, opt, [next(batches) for _ in range(args.accum)], tokenizer,
                                           args, step, device), "lr": lr, "time_s": round(time.time() - t0, 2)}
+        run.skipped += record["skipped"]   # saved with each checkpoint, as in sft.py and grpo.py
         if n == total_steps or args.eval_every and n % args.eval_every == 0:
             metrics = validate(net, tokenizer, val, labels, args, device)
             record.update(metrics)

@@ -349,6 +349,11 @@ def read_reports(csv_path) -> dict[str, dict]:
             for k, r in rows.items()}
 
 
+def report_text(report: dict) -> str:
+    """A read_reports entry as one text: findings, then impressions (a missing section left out; "" if both are)."""
+    return " ".join(s for s in (report["findings"], report["impressions"]) if s)
+
+
 def split_sentences(text: str | None) -> list[str]:
     """Split at '.', '!' or '?' followed by white space and a capital/digit/bracket (keeps '3.5 mm' whole); a list
     number ('1.', '2)') stays with its sentence."""
@@ -667,8 +672,7 @@ def read_questions(json_path) -> list[dict]:
 def attach_reports(questions: list[dict], reports_csv, what: str, log=print) -> list[dict]:
     """The questions whose scan has a report text (findings, impressions) in `reports_csv`, each given it as "report"
     (matched by volume_key: an official item's VolumeName may be a path); how many had none is logged, never hidden."""
-    texts = {volume_key(n): " ".join(s for s in (r["findings"], r["impressions"]) if s)
-             for n, r in read_reports(reports_csv).items()}
+    texts = {volume_key(n): report_text(r) for n, r in read_reports(reports_csv).items()}
     keys = [volume_key(q["VolumeName"]) for q in questions]
     kept = [{**q, "report": texts[k]} for q, k in zip(questions, keys) if texts.get(k)]
     if len(kept) < len(questions):

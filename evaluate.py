@@ -494,7 +494,7 @@ def generate_reports(vlm, cache, reports: dict, names: list[str], args, desc: st
 def score_reports(generated: list[tuple[str, bool]], reports: dict, names: list[str], args, judge) -> dict:
     """Table 2: the generated reports against the reference findings + impressions."""
     hyps = [h for h, _ in generated]
-    refs = [" ".join(s for s in (reports[n]["findings"], reports[n]["impressions"]) if s) for n in names]
+    refs = [data.report_text(reports[n]) for n in names]
     out = report_metrics(hyps, refs, args.bert_model, args.bert_layers, judge)
     out["truncated"] = sum(not finished for _, finished in generated)   # cut at --max-report-tokens
     out["per_item"] = {m: dict(zip(names, v)) for m, v in out["per_item"].items()}
@@ -512,7 +512,7 @@ def evaluate_reasoning(judge, mmvqa: dict, questions: list[dict], reports: dict)
     if not recs:
         return {"means": None, "missing": "needs think outputs (task mmvqa) of CT-RATE questions with reports"}
     thinks = [think_text(r["output"]) for _, r in recs]
-    texts = [" ".join(s for s in by_key[data.volume_key(r["VolumeName"])].values() if s) for _, r in recs]
+    texts = [data.report_text(by_key[data.volume_key(r["VolumeName"])]) for _, r in recs]
     offline = {str(i): offline_consistency(t, text) for (i, _), t, text in zip(recs, thinks, texts)}
     out = {"offline": {"scorer": "grpo.offline_consistency", "mean": float(np.mean(list(offline.values()))),
                        "per_item": offline}, "means": None, "missing": "no judge endpoint configured"}

@@ -305,6 +305,16 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits(phanto
     assert subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout == b""   # no orphan
 
 
+def test_a_skipped_step_is_counted_in_the_checkpoint(phantom_world, tmp_path, monkeypatch):
+    """A step skipped for a non-finite loss is logged and counted in the resumable checkpoint (runtime.Run.skipped)."""
+    step_once = clip3d.runtime.optimizer_step
+    monkeypatch.setattr(clip3d.runtime, "optimizer_step", lambda opt, params, clip, policy, step, loss:
+                        step_once(opt, params, clip, policy, step, loss * float("nan") if step == 0 else loss))
+    clip3d.main([str(a) for a in run_args(phantom_world, tmp_path, "--max-steps", 2, "--eval-every", 0)])
+    assert [json.loads(line)["skipped"] for line in open(tmp_path / "metrics.jsonl")] == [True, False]
+    assert clip3d.runtime.latest_train_state(tmp_path / "ckpt")["skipped"] == 1
+
+
 def test_zero_eval_and_save_intervals_mean_at_the_end_only(phantom_world, tmp_path):
     clip3d.main([str(a) for a in run_args(phantom_world, tmp_path, "--max-steps", 2, "--eval-every", 0,
                                           "--save-every", 0)])
