@@ -19,9 +19,9 @@ Deliberate choices:
 
 Run:
   python clip3d.py                                               # 1 CPU, phantom world -> runs/clip3d
-  python clip3d.py --preset real --data-root /data/ct-rate --text-encoder /models/CXR-BERT         # 1 GPU
+  python clip3d.py --preset real --data-root /data/ct-rate --text-encoder /models/CXR-BERT-general # 1 GPU
   torchrun --standalone --nproc_per_node 8 clip3d.py --preset real --data-root /data/ct-rate \\
-      --text-encoder /models/CXR-BERT                            # 8 GPUs: 8 x 8 = global batch 64
+      --text-encoder /models/CXR-BERT-general                    # 8 GPUs: 8 x 8 = global batch 64
 """
 from __future__ import annotations
 
@@ -62,14 +62,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("model")
     g.add_argument("--vit", default="base", choices=list(M.VIT_PRESETS), help="ViT3D preset")
     g.add_argument("--vit-init", default=None, help="ViT3D weights to start from (.pth/.safetensors, BrgSA layout)")
-    g.add_argument("--text-encoder", help="local HF encoder dir, e.g. CXR-BERT (default: <data-root>/text_encoder)")
+    g.add_argument("--text-encoder", help="local HF encoder dir, e.g. CXR-BERT; unset = <data-root>/text_encoder")
     g.add_argument("--embed-dim", type=int, default=256, help="shared embedding width")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=5e-5)
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--batch-size", type=int, default=64, help="global batch per optimizer step")
     g.add_argument("--micro-batch", type=int, default=8,
-                   help="per-rank micro-batch (memory only: InfoNCE sees the global batch, choice 2)")
+                   help="per-rank micro-batch, None = all of it (memory only: InfoNCE sees the global batch, choice 2)")
     g.add_argument("--epochs", type=int, default=39)
     g.add_argument("--warmup-frac", type=float, default=0.03)
     g.add_argument("--grad-clip", type=float, default=1.0)

@@ -451,7 +451,8 @@ class Chat:
                  client=None):
         import openai
         if not model or not (base_url or client):
-            raise ValueError(f"an OpenAI-compatible endpoint needs a base URL and a model, got {base_url!r}, {model!r}")
+            raise ValueError(f"an OpenAI-compatible endpoint needs a base URL (a flag's or $OPENAI_BASE_URL) and a "
+                             f"model, got {base_url!r}, {model!r}")
         self.base_url, self.model, self.retries, self.workers = base_url, model, retries, max(1, workers)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._key = os.environ.get(key_env) or "EMPTY"  # local servers accept any key
@@ -494,8 +495,9 @@ LABEL_PROMPT = ("You label sentences from chest CT radiology reports. For each n
 
 
 class OpenAILabeller:
-    """Sentence labeller via an OpenAI-compatible endpoint (the paper used DeepSeek-V3): one request per report, the
-    reply a JSON list of 0/1, cached per (model, sentence) in cache_dir/labels.jsonl; failures raise RuntimeError."""
+    """Sentence labeller via an OpenAI-compatible endpoint (the paper used DeepSeek-V3): one request per report section
+    for its sentences not yet cached, the reply a JSON list of 0/1, cached per (model, sentence) in
+    cache_dir/labels.jsonl; failures raise RuntimeError."""
 
     def __init__(self, base_url=None, model=None, key_env="OPENAI_API_KEY", cache_dir="runs/label_cache",
                  timeout=60.0, retries=3):
@@ -516,9 +518,10 @@ class OpenAILabeller:
                 labels = json.loads(text[text.index("["): text.rindex("]") + 1])
                 return [bool(v) for v in labels] if len(labels) == len(todo) and set(labels) <= {0, 1} else None
             answers, error = self.chat.ask(LABEL_PROMPT + "\n".join(f"{i + 1}. {s}" for i, s in enumerate(todo)), parse)
-            if error:
-                raise RuntimeError(f"OpenAI labeller failed at {self.chat.base_url} (model {self.model}) after "
-                                   f"{self.chat.retries + 1} attempts: {error}")
+            if error:   # the client retries transport errors, never an unparseable reply
+                tries = "" if error.startswith("unparseable") else f" after {self.chat.retries + 1} attempts"
+                raise RuntimeError(f"OpenAI labeller failed at {self.chat.base_url} (model {self.model}){tries}: "
+                                   f"{error}")
             with self.lock, open(self.cache_file, "a") as f:
                 for s, a in zip(todo, answers):
                     self.cache[(self.model, s)] = a
@@ -750,8 +753,8 @@ def check_prompt_lengths(questions: list[dict], n_tokens, limit: int, source: st
     over = [i for i, n in enumerate(longest) if n > limit]
     if over:
         raise SystemExit(f"{source}: {len(over)} of {len(questions)} questions have a prompt over --max-prompt-len "
-                         f"{limit} tokens, the first question {over[0]} ({questions[over[0]]['VolumeName']}, "
-                         f"{longest[over[0]]} tokens)")
+                         f"{limit} tokens (the first: {questions[over[0]]['VolumeName']}, {longest[over[0]]} tokens); "
+                         f"raise --max-prompt-len or leave these questions out")
 
 
 TAG = re.compile(r"</?[A-Za-z_|][^<>\s]*>")            # any tag-like token: <think>, </answer>, <finding>, <|im_end|>
@@ -835,37 +838,44 @@ def write_json(path, obj) -> None:
     os.replace(tmp, path)
 
 
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):   # a value's default, not an unset one (None) or a switch's (False)
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__[__doc__.index("Run:"):],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("preprocess", help=".nii.gz / .npz -> int16 .npy cache (resumable)")
+    command = lambda name, help: sub.add_parser(name, help=help, formatter_class=_ShowDefaults)
+    a = command("preprocess", ".nii.gz / .npz -> int16 .npy cache (resumable)")
     a.add_argument("--src", required=True, help="folder searched recursively for *.nii.gz (ctrate) or *.npz")
     a.add_argument("--metadata", help="CT-RATE metadata CSV (required for --format ctrate)")
-    a.add_argument("--out", required=True)
-    a.add_argument("--format", choices=["ctrate", "radchestct"], default="ctrate")
-    a.add_argument("--preset", choices=list(PRESETS), default="real")
-    a.add_argument("--workers", type=int, default=1)
+    a.add_argument("--out", required=True, help="cache folder: <volume key>.npy, bad_files.jsonl")
+    a.add_argument("--format", choices=["ctrate", "radchestct"], default="ctrate", help="input format")
+    a.add_argument("--preset", choices=list(PRESETS), default="real", help="; ".join(
+        f"{p.name}: {p.spacing} mm, stored {p.shape}, cropped to {p.crop} when read" for p in PRESETS.values()))
+    a.add_argument("--workers", type=int, default=1, help="processes")
     a.add_argument("--no-chest", help="no_chest_{train,valid}.txt: volumes to exclude")
     a.add_argument("--spacing", type=float, nargs=3, default=(0.8, 0.8, 0.8), help="RAD-ChestCT voxel size (mm)")
-    a = sub.add_parser("label", help="split reports into sentences and label each normal/abnormal")
-    a.add_argument("--reports", required=True)
-    a.add_argument("--out", required=True)
-    a.add_argument("--labeller", choices=["rules", "openai"], default="rules")
-    a.add_argument("--base-url", help="OpenAI-compatible endpoint (default $OPENAI_BASE_URL)")
-    a.add_argument("--model", help="model name (default $OPENAI_MODEL)")
+    a = command("label", "split reports into sentences and label each normal/abnormal")
+    a.add_argument("--reports", required=True, help="CT-RATE reports CSV")
+    a.add_argument("--out", required=True, help="sentence labels, JSON lines")
+    a.add_argument("--labeller", choices=["rules", "openai"], default="rules", help="offline rules or an endpoint")
+    a.add_argument("--base-url", help="OpenAI-compatible endpoint; unset = $OPENAI_BASE_URL")
+    a.add_argument("--model", help="model name; unset = $OPENAI_MODEL")
     a.add_argument("--api-key-env", default="OPENAI_API_KEY", help="NAME of the env variable holding the key")
     a.add_argument("--cache", default="runs/label_cache", help="reply cache folder")
-    a.add_argument("--timeout", type=float, default=60.0)
+    a.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     a.add_argument("--retries", type=int, default=3, help="the client's retries, with back-off (errors, 429)")
     a.add_argument("--workers", type=int, default=1, help="parallel requests (openai labeller)")
-    a = sub.add_parser("mmvqa", help="build MMVQA questions (official MCQ format) from a label CSV")
-    a.add_argument("--labels", required=True)
-    a.add_argument("--out", required=True)
-    a.add_argument("--format", choices=["ctrate", "radchestct"], default="ctrate")
-    a.add_argument("--seed", type=int, default=0)
+    a = command("mmvqa", "build MMVQA questions (official MCQ format) from a label CSV")
+    a.add_argument("--labels", required=True, help="CT-RATE or RAD-ChestCT labels CSV")
+    a.add_argument("--out", required=True, help="questions JSON")
+    a.add_argument("--format", choices=["ctrate", "radchestct"], default="ctrate", help="labels format")
+    a.add_argument("--seed", type=int, default=0, help="options' order and the RL subset")
     a.add_argument("--per-label", action="store_true", help="one question per positive label, not per volume")
-    a.add_argument("--rl-frac", type=float, help="keep only this fraction of patients (the RL subset, e.g. 0.05)")
+    a.add_argument("--rl-frac", type=float, help="fraction of patients kept (the RL subset: 0.05); unset = all")
     args = ap.parse_args(argv)
 
     if args.cmd == "preprocess":

@@ -19,13 +19,13 @@ Deliberate choices:
    scan, its true findings, the question, and every run's rationale and answers side by side, sft (S1) next to grpo.
 
 Run:
-  python evaluate.py                # 1 CPU: runs/{sft,sft_noram,sft_noarw,grpo}/vlm (those that exist) on the
-                                    # phantom world -> runs/eval/results.{json,md}, case sheets in runs/eval/cases/
+  python evaluate.py                # 1 CPU, phantom world: runs/{sft,sft_noram,sft_noarw,sft_lora,grpo,grpo_nocon}/vlm
+                                    # (those that exist) -> runs/eval/results.{json,md}, case sheets in runs/eval/cases/
   python evaluate.py sft grpo       # only these runs (runs/sft/vlm, runs/grpo/vlm)
-  python evaluate.py --preset real --data-root /data/ct-rate --ckpt runs/grpo/vlm --n-mmvqa 0 --n-reports 0 \\
+  python evaluate.py --preset real --data-root /data/ct-rate --ckpt runs/grpo/vlm \\
       --bert-model /models/roberta-large --judge-base-url https://api.deepseek.com/v1 --judge-model deepseek-chat
                                     # 1 GPU, everything (key in $JUDGE_API_KEY)
-  torchrun --standalone --nproc_per_node 8 evaluate.py --preset real --data-root /data/ct-rate --n-mmvqa 0 ...
+  torchrun --standalone --nproc_per_node 8 evaluate.py --preset real --data-root /data/ct-rate ...
   python evaluate.py --tasks bias --bias-reports /data/ct-rate/dataset/radiology_text_reports/train_reports.csv
   python evaluate.py --compare runs/eval_a/results.json runs/eval_b/results.json:sft     # paired tests only
 """
@@ -59,7 +59,7 @@ import data
 import model
 from grpo import answer_only_reward, format_reward, offline_consistency, parse_answer, think_text
 from runtime import autocast, cleanup_distributed, compute_dtype, get_rank, make_parser, parse_with_preset, print0
-from runtime import json_safe, data_flags, setup_distributed, versions, world_size
+from runtime import json_safe, data_flags, local_dir, setup_distributed, versions, world_size
 
 TEXT_METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-1", "ROUGE-2", "ROUGE-L", "CIDEr",
                 "BERT-F1", "LLM-score"]
@@ -91,12 +91,6 @@ def tokenize_all(texts: list[str]) -> tuple[list[str], str]:
     return [out[i][0] for i in range(len(texts))], f"pycocoevalcap {_version('pycocoevalcap')} PTBTokenizer (Java)"
 
 
-def _local_dir(path: str) -> None:
-    """Model arguments are local directories only: any other name would make transformers download it."""
-    if not Path(path, "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a local model directory (no config.json); nothing is downloaded")
-
-
 def _version(pkg: str) -> str | None:
     try:
         return metadata.version(pkg)
@@ -113,7 +107,7 @@ def _bert_f1(hyps: list[str], refs: list[str], model_dir: str, layers: int | Non
     import bert_score
     from bert_score.utils import model2layers
     from transformers import AutoConfig
-    _local_dir(model_dir)
+    local_dir(model_dir)
     if layers is None:   # bert-score's own layer choice for a known model name, else the last layer
         layers = model2layers.get(Path(model_dir).name, AutoConfig.from_pretrained(model_dir).num_hidden_layers)
     scorer = bert_score.BERTScorer(model_type=model_dir, num_layers=layers, batch_size=32)
@@ -399,7 +393,7 @@ def llm_embedder(llm, tokenizer):
 def encoder_embedder(model_dir: str, device: str = "cpu"):
     """Mean-pooled last hidden states of a local sentence-encoder directory (e.g. a sentence-transformers model)."""
     from transformers import AutoModel, AutoTokenizer
-    _local_dir(model_dir)
+    local_dir(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     enc = AutoModel.from_pretrained(model_dir, local_files_only=True).to(device).eval()
 
@@ -678,7 +672,7 @@ def markdown(results: dict) -> str:
 # ================================================== command line ==================================================
 # The phantom world's overrides: its tiny models answer and report in fewer tokens (reports <= 253), and an untrained
 # one that never emits EOS would otherwise generate up to the real limits.
-PHANTOM = dict(max_new_tokens=128, max_report_tokens=320)
+PHANTOM = dict(max_new_tokens=128, max_report_tokens=320, n_reports=32)
 
 def parse_args(argv=None):
     p = make_parser(__doc__)
@@ -693,12 +687,12 @@ def parse_args(argv=None):
     g = data_flags(p)
     g.add_argument("--mmvqa-ctrate", default=None, help="MCQ JSON, official format; unset = <root>/mmvqa/valid.json")
     g.add_argument("--mmvqa-radchestct", default=None, help="MCQ JSON; unset = <root>/mmvqa/radchestct.json")
-    g.add_argument("--n-mmvqa", type=int, default=0, help="questions per set, first N of the file (0 = all)")
-    g.add_argument("--n-reports", type=int, default=32, help="valid reports to generate (0 = all)")
+    g.add_argument("--n-mmvqa", type=int, default=0, help="questions per set: the first N with a cached scan; 0 = all")
+    g.add_argument("--n-reports", type=int, default=0, help="valid reports to generate (0 = all)")
     g.add_argument("--bias-reports", help="figure 1: a reports CSV or labelled-sentences JSONL; unset = train CSV")
     g = p.add_argument_group("generation")
     g.add_argument("--batch-size", type=int, default=32, help="per rank")
-    g.add_argument("--max-new-tokens", type=int, default=512, help="MMVQA completions (GRPO's length)")
+    g.add_argument("--max-new-tokens", type=int, default=512, help="MMVQA completion tokens (as GRPO's)")
     g.add_argument("--max-report-tokens", type=int, default=1024, help="generated reports")
     g = p.add_argument_group("metrics")
     g.add_argument("--bert-model", default=None, help="LOCAL dir of the BERTScore model (e.g. roberta-large)")

@@ -17,7 +17,7 @@ Deliberate choices:
    stays a frozen buffer); the phantom preset freezes the ViT (--freeze-encoder).
 6. r_con: the <think> text against the scan's report, in levels, by `offline` (a deterministic clinical-term scorer, the
    default), `rm:PATH` (a local reward model, the paper's RM-Mistral-7B) or `judge:MODEL` (an OpenAI-compatible
-   endpoint; a failed call fails the step, or with --judge-failures exclude leaves its group out of the loss, counted).
+   endpoint; a failed call stops the run, or with --judge-failures exclude leaves its group out of the loss, counted).
 7. CUDA: bf16 autocast, fp32 master weights for the policy (AdamW's updates at lr 1e-6 would round away in bf16), the
    reference's LLM matmul weights (VLM.freeze: it scores as the policy at step 0) and an rm: model in bf16; CPU: fp32.
    --micro-batch N: policy, reference and old-policy passes of N rows, weighted to one pass's update; --grad-ckpt.
@@ -117,11 +117,11 @@ def make_consistency_scorer(spec: str, thresholds: list[float] | None = None, le
         raw = lambda thinks, reports: [offline_consistency(t, r) for t, r in zip(thinks, reports)]
     elif kind == "rm":
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(arg)
+        runtime.local_dir(arg, "--consistency rm:")
+        tok = AutoTokenizer.from_pretrained(arg, local_files_only=True)
         rm = AutoModelForSequenceClassification.from_pretrained(  # frozen: bf16 on CUDA (choice 7)
-            arg, num_labels=1, dtype=runtime.compute_dtype(device)).to(device).eval()
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
+            arg, num_labels=1, dtype=runtime.compute_dtype(device), local_files_only=True).to(device).eval()
+        tok.pad_token = tok.pad_token or tok.eos_token
         rm.config.pad_token_id = tok.pad_token_id
 
         @torch.no_grad()
@@ -352,8 +352,8 @@ def log_row(step: int, out: dict) -> dict:
 
 # ==== Command line and the loop =======================================================================================
 
-# The phantom world's overrides of the paper's defaults: the tiny LLM needs a larger lr to move within minutes, its
-# answers are short, it samples at 0.7 (at 1.0 half of its samples break the tag format), and the ViT stays frozen.
+# The phantom world's overrides of the paper's defaults: the tiny LLM moves within minutes at a larger lr, keeps its
+# tag format at temperature 0.7, answers in fewer tokens; the ViT stays frozen.
 PHANTOM = dict(lr=1e-5, steps=120, batch_size=4, max_new_tokens=96, temperature=0.7, eval_n=100,
                freeze_encoder=True, eval_every=40, grad_ckpt=False)
 
@@ -362,12 +362,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = runtime.make_parser(__doc__)
     g = runtime.data_flags(p)
     g.add_argument("--sft", default="runs/sft/vlm", help="SFT checkpoint: the initial policy and the reference")
-    g.add_argument("--eval-n", type=int, default=500, help="validation questions (the first n of the file)")
+    g.add_argument("--eval-n", type=int, default=500, help="validation questions: the first n with a cached volume")
     g = p.add_argument_group("rewards")
     g.add_argument("--consistency", default="offline",
                    help="offline | rm:PATH | judge:MODEL (endpoint, key: OPENAI_BASE_URL, OPENAI_API_KEY) | none")
-    g.add_argument("--con-thresholds", type=float, nargs="+", default=None, help="raw-score thresholds of the levels")
-    g.add_argument("--con-levels", type=float, nargs="+", default=None, help="one more level than thresholds")
+    g.add_argument("--con-thresholds", type=float, nargs="+", help="raw-score thresholds; unset = CON_DEFAULTS's")
+    g.add_argument("--con-levels", type=float, nargs="+", help="one more than thresholds; unset = CON_DEFAULTS's")
     g.add_argument("--judge-failures", default="fail", choices=["fail", "exclude"],
                    help="a failed judge call stops the run, or its group is left out of the loss and counted")
     g = p.add_argument_group("GRPO")

@@ -1,7 +1,7 @@
 """Med3D-R1 model: 3D ViT encoder, adaptive pooling + Residual Alignment bridge, the vision-language wrapper.
 
-    volume (B, 1, X, Y, Z) -> ViT3D -> (B, N, C) -> Bridge: Conv3d pooling -> Linear+LN -> RAM gate eq. (2)-(3)
-    -> + position embedding -> LN -> (B, N_img, D), spliced into the LLM's input embeddings at each row's placeholders.
+    volume (B, 1, X, Y, Z) -> ViT3D -> (B, N, C) -> Bridge: standardise per position, Conv3d pooling, Linear+LN, RAM
+    gate eq. (2)-(3), + position embedding, LN -> (B, N_img, D), spliced in at each row's image placeholders.
 
 Deliberate choices:
 1. ViT3D (real preset: patch (16, 16, 8), width 768, depth 12) has timm parameter names: a published
@@ -17,7 +17,7 @@ Deliberate choices:
 6. A checkpoint is one directory — llm/ (Hugging Face format, tokenizer included), vision.safetensors,
    bridge.safetensors (anchor and input statistics included), config.json — written atomically, rebuilt by VLM.load.
 7. build/load hold the LLM in the dtype asked for (frozen copies: runtime.compute_dtype, bf16 on CUDA), the ViT and the
-   bridge in fp32 (0.4 GB): encoder tokens are computed as the bridge's statistics were (fp32 weights, autocast).
+   bridge in fp32 (0.5 GB): encoder tokens are computed as the bridge's statistics were (fp32 weights, autocast).
    VLM.freeze(bf16) stores only the LLM's matmul weights in bf16: a frozen copy that scores like the fp32 model.
 """
 from __future__ import annotations

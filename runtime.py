@@ -125,7 +125,7 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():   # a list: an older checkpoint, every visible GPU's
+    if "cuda" in state and torch.cuda.is_available():   # a list: every visible GPU's (older checkpoints)
         cuda = state["cuda"]
         torch.cuda.set_rng_state(cuda[torch.cuda.current_device()] if isinstance(cuda, list) else cuda)
 
@@ -196,6 +196,12 @@ def latest_train_state(ckpt_root: str | Path) -> dict | None:
     """Load the newest complete training state under ckpt_root, or None if there is none."""
     done = sorted(p for p in Path(ckpt_root).glob("step_*") if (p / "state.pt").is_file())
     return torch.load(done[-1] / "state.pt", map_location="cpu", weights_only=True) if done else None
+
+
+def local_dir(path, what: str = "") -> None:
+    """Model arguments are local directories only: any other name would make transformers download it."""
+    if not Path(path, "config.json").is_file():
+        raise FileNotFoundError(f"{what}{path} is not a local model directory (no config.json); nothing is downloaded")
 
 
 def versions() -> dict:
@@ -347,10 +353,10 @@ def optimizer_step(optimizer: torch.optim.Optimizer, params: list, grad_clip: fl
     if finite:
         optimizer.step()
     else:
-        action = "skipping the update" if nan_policy == "skip" else "stopping"
-        print(f"[rank {get_rank()}] non-finite loss at step {step}: {action} (--nan-policy {nan_policy})", flush=True)
-        if nan_policy == "stop":
-            raise SystemExit(f"non-finite loss at step {step} on some rank (--nan-policy stop)")
+        action, what = "skipping the update" if nan_policy == "skip" else "stopping", "non-finite loss or gradient"
+        print(f"[rank {get_rank()}] {what} at step {step + 1}: {action} (--nan-policy {nan_policy})", flush=True)
+        if nan_policy == "stop":   # step + 1: as metrics.jsonl and the checkpoints count
+            raise SystemExit(f"{what} at step {step + 1} on some rank (--nan-policy stop)")
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, finite
 
@@ -518,7 +524,8 @@ def run_flags(parser: argparse.ArgumentParser, out: str, outputs: str, save_ever
     g.add_argument("--overwrite", action="store_true", help="start afresh over an earlier run in <out>")
     g.add_argument("--save-every", type=int, default=save_every,
                    help="optimizer steps between resumable checkpoints; 0 = none in between")
-    g.add_argument("--nan-policy", default="skip", choices=["skip", "stop"], help="on a non-finite loss, on all ranks")
+    g.add_argument("--nan-policy", default="skip", choices=["skip", "stop"],
+                   help="on a non-finite loss or gradient norm, on all ranks")
     if shard:
         g.add_argument("--shard", default="ddp", choices=["ddp", "fsdp"], help="under torchrun: replicate what "
                        "trains (DDP) or shard it, its gradients and AdamW state (FSDP2)")
@@ -532,9 +539,10 @@ def parse_with_preset(parser: argparse.ArgumentParser, argv, phantom: dict) -> a
     defaults of the flags not given on the command line. --help shows both."""
     for a in parser._actions:
         if a.option_strings and a.help is not argparse.SUPPRESS and a.dest != "help":
-            shown = f"default: {a.default}" + (f"; phantom: {phantom[a.dest]}" if a.dest in phantom else "")
             own = (a.help or "").removesuffix(" (default: %(default)s)")   # BooleanOptionalAction's on Python 3.10
-            a.help = f"{own} ({shown.replace('%', '%%')})".strip()   # the help is a %-format; only `shown` is escaped
+            shown = [f"default: {a.default}"] if a.default is not None or "unset =" not in own else []  # help says
+            shown += [f"phantom: {phantom[a.dest]}"] if a.dest in phantom else []
+            a.help = (f"{own} ({'; '.join(shown).replace('%', '%%')})" if shown else own).strip()   # `shown` escaped
     known, _ = parser.parse_known_args(argv)
     if known.preset == "phantom":
         parser.set_defaults(**phantom)

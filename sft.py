@@ -1,7 +1,8 @@
 """Med3D-R1 stage 1: supervised fine-tuning of the bridge with the Residual Alignment gate and Abnormality Re-Weighting.
 
 The vision encoder (clip3d.py) and the LLM are frozen; the bridge (adaptive pooling + RAM gate, model.py, eq. 1-3)
-learns to speak to the LLM through report generation and VQA, under the re-weighted loss of eq. (4)-(5).
+learns to speak to the LLM through report generation and open and yes/no VQA (multiple choice is left to grpo.py),
+under the re-weighted loss of eq. (4)-(5).
 
 Deliberate choices:
 1. Trainable: the bridge only (the paper's projection layer). `--lora` (paper table 3) adds LoRA adapters to every
@@ -99,11 +100,12 @@ def parse_args(argv=None, phantom: dict = PHANTOM, doc: str = __doc__, prog: str
 
 # ---- examples: (volume, user text, target segments) -> token ids and ARW weights -------------------------------------
 
-def encode(tokenizer, prompt: str, segments: list[tuple[str, bool]], arw_lambda: float, max_len: int):
-    """Token ids of prompt + target + EOS; per-token weights 0 prompt, λ abnormal sentence, 1 other target. eq. (5)"""
+def encode(tokenizer, prompt: str, segments: list[tuple[str, bool]], arw_lambda: float, max_len: int, what=""):
+    """Token ids of prompt + target + EOS, cut at max_len; per-token weights 0 prompt, λ abnormal sentence, 1 other
+    target. eq. (5)"""
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if len(ids) >= max_len:
-        raise ValueError(f"prompt of {len(ids)} tokens does not fit --max-len {max_len}")
+        raise ValueError(f"{what}: a prompt of {len(ids)} tokens does not fit --max-len {max_len}")
     weights = [0.0] * len(ids)
     for text, abnormal in segments:  # piecewise, so each token inherits its sentence's label
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -127,19 +129,27 @@ def collate(encoded: list[tuple[list[int], list[float]]], pad_id: int):
     return input_ids, mask, weights
 
 
-def sft_examples(paths: dict, with_vqa: bool = True) -> list[dict]:
-    """Report generation (sentence-labelled targets) for every training volume, plus the training VQA items."""
+def sft_examples(paths: dict, with_vqa: bool = True, kinds=("open", "yes_no")) -> list[dict]:
+    """Report generation (sentence-labelled targets) for every training volume whose report has a findings or an
+    impression section, plus the training VQA's questions of `kinds` (the official SFT's: open and yes/no; multiple
+    choice is the RL stage's task; None: every kind), counted what is left out."""
     sentences = data.read_sentence_labels(paths["train_sentences"])
     examples = [{"volume": name, "user": data.report_instruction(s), "segments": data.report_target(s)}
-                for name, s in sorted(sentences.items())]
+                for name, s in sorted(sentences.items()) if s["findings"] or s["impressions"]]
+    skipped = Counter({f"{paths['train_sentences']}: reports with neither section": len(sentences) - len(examples)})
     if with_vqa:
-        skipped = Counter()
-        for item in data.read_vqa(paths["train_vqa"], skipped):
-            if item["kind"] != "report":  # reports come from the sentence labels above, with ARW weights
+        for item in data.read_vqa(paths["train_vqa"], vqa_skipped := Counter()):
+            if item["kind"] == "report":  # reports come from the sentence labels above, with ARW weights
+                continue
+            if kinds is None or item["kind"] in kinds:
                 examples.append({"volume": item["VolumeName"], "user": item["question"],
                                  "segments": [(item["answer"], False)]})
-        if +skipped:
-            print0(f"{paths['train_vqa']}: left out {', '.join(f'{n} {k}' for k, n in skipped.items() if n)}")
+            else:
+                vqa_skipped[f"{item['kind'].replace('_', '-')} questions"] += 1
+        skipped.update({f"{paths['train_vqa']}: {k}": n for k, n in vqa_skipped.items()})
+    for what, n in skipped.items():
+        if n:
+            print0(f"{what}: {n} left out")
     return examples
 
 
@@ -224,7 +234,8 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.base, self.scale, self.dropout = base, alpha / rank, nn.Dropout(dropout)
-        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
+        bound = 1 / math.sqrt(base.in_features)     # A ~ U(±1/√in), B = 0: PEFT's init, as the official run had it
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features).uniform_(-bound, bound))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -300,11 +311,13 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
     """Encode the examples, then the loop: cosine schedule, AdamW, resume, one train_step per global batch,
     metrics, resumable checkpoints. `image_input(volume names)` gives a micro-batch's image input."""
     rank, world, tokenizer = get_rank(), world_size(), net.vlm.tokenizer
-    encoded = [encode(tokenizer, net.vlm.prompt(e["user"]), e["segments"], args.arw_lambda, args.max_len)
-               for e in examples]
+    encoded = [encode(tokenizer, net.vlm.prompt(e["user"]), e["segments"], args.arw_lambda, args.max_len,
+                      f"example {i} ({e['volume']}, {e['user'][:40]!r})") for i, e in enumerate(examples)]
+    cut = sum(ids[-1] != tokenizer.eos_token_id for ids, _ in encoded)   # targets longer than --max-len
     forward = runtime.wrap(net, device, args.shard)
     params = [p for p in net.parameters() if p.requires_grad]  # after wrap: FSDP's shards
-    print0(f"{len(examples)} examples, {sum(p.numel() for p in params):,} trainable parameters, world {world}")
+    print0(f"{len(examples)} examples ({cut} cut at --max-len {args.max_len}), "
+           f"{sum(p.numel() for p in params):,} trainable parameters, world {world}")
     global_batch = args.batch_size * args.grad_accum * world
     steps_per_epoch = len(examples) // global_batch
     if steps_per_epoch == 0:
@@ -363,7 +376,8 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--{flag.replace('_', '-')} is required with --preset real")
     llm_dir, vision = Path(args.llm), Path(args.vision_weights)
     if not (llm_dir / "config.json").is_file():
-        raise SystemExit(f"{llm_dir} is not an LLM directory: run `python -m phantom warmup` first (or pass --llm)")
+        raise SystemExit(f"{llm_dir} is not an LLM directory (no config.json): " + (
+            "run `python -m phantom warmup` first (or pass --llm)" if args.preset == "phantom" else "check --llm"))
     if not vision.is_file():
         raise SystemExit(f"{vision} is missing: run `python clip3d.py` first (or pass --vision-weights)")
     _, _, _, device = runtime.setup_distributed()

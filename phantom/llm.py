@@ -27,7 +27,7 @@ CHATML_TEMPLATE = (
 def build_tiny_llm(texts: list[str], out_dir: str | Path, vocab_size: int = 2048, hidden: int = 256, layers: int = 4,
                    heads: int = 4, kv_heads: int = 2, intermediate: int | None = None, seed: int = 0) -> Path:
     """An untrained Qwen2-architecture LLM + byte-level BPE tokenizer (trained on `texts`) as an HF directory, loaded
-    like Qwen2.5-3B; eos <|im_end|>, pad <|endoftext|>, MLP 2 × hidden (Qwen2.5: ~5.4×; widths tried: docs/NOTES.md)."""
+    like Qwen2.5-3B; eos <|im_end|>, pad <|endoftext|>, MLP 2 × hidden (Qwen2.5: ~5.4×; docs/NOTES.md)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 

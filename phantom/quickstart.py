@@ -1,12 +1,13 @@
-"""The whole method on the phantom world in one command: every stage as its own process, then the time and results
-tables. It runs the stage commands README lists, under runs/, two at a time where neither reads the other's output,
-each on one CPU thread (the tiny models keep one core busy, and one thread gives the same numbers on any number of
-cores); each stage writes its output to runs/logs/<stage>.log. Run again after an interruption, it goes on: finished
-stages are skipped, one with a checkpoint resumes, any other starts afresh. Ctrl-C or SIGTERM stops the running
-stages after their current step, with resumable checkpoints.
+"""The whole method on the phantom world in one command, then the time and results tables.
+
+It runs the stage commands README lists, each as its own process under runs/, two at a time where neither reads the
+other's output, each on one CPU thread (the tiny models keep one core busy, and one thread gives the same numbers on
+any number of cores); each stage writes its output to runs/logs/<stage>.log. Run again after an interruption, it
+goes on: finished stages are skipped, one with a checkpoint resumes, any other starts afresh. Ctrl-C or SIGTERM stops
+the running stages after their current step, with resumable checkpoints.
 
 Run:
-  python -m phantom quickstart              # about 11 minutes on 2 idle CPU cores
+  python -m phantom quickstart              # about 16 minutes on 2 idle CPU cores
   python -m phantom quickstart --fresh      # forget earlier runs and redo every stage
   python -m phantom quickstart --long       # every validation question and table 4's GRPO run
 """

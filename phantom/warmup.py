@@ -8,7 +8,7 @@ memorised per scan) and list-copy exercises stand in for the in-context copying 
 
 Run:
   python -m phantom warmup                  # -> runs/warmup, an HF directory (sft.py's default --llm)
-  python -m phantom warmup --help           # sft.py's flags, with the warm-up's defaults
+  python -m phantom warmup --help           # sft.py's training and run-time flags apply, with the warm-up's defaults
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import runtime
 import sft
 from phantom.llm import mmvqa_target
 
-# The warm-up's defaults on top of sft.py's (the whole tiny LLM trains from scratch; at 1e-3 it never learned to copy).
+# The warm-up's defaults on top of sft.py's (the whole tiny LLM trains from scratch: lr 3e-4, docs/NOTES.md).
 WARMUP = dict(llm=None, vision_weights=None, vit_preset="tiny", lr=3e-4, epochs=2, batch_size=8, out="runs/warmup")
 BLANK = "blank"  # the label vector of the copy exercises: no finding
 
@@ -76,13 +76,13 @@ def copy_examples(n: int, seed: int) -> list[dict]:
 
 def warmup_examples(paths: dict, labels: dict, seed: int, think_per_scan: int = 6, no_think_per_scan: int = 1,
                     copy_per_scan: int = 6) -> tuple[list[dict], dict]:
-    """The warm-up's examples and the label vectors they read: the training reports and VQA answers with their scans'
-    labels, MMVQA questions about drawn label vectors (per training scan: think_per_scan with <think>,
-    no_think_per_scan without), and copy_per_scan list-copy exercises per training scan."""
+    """The warm-up's examples and the label vectors they read: the training reports and VQA answers (multiple choice
+    too) with their scans' labels, MMVQA questions about drawn label vectors (per training scan: think_per_scan with
+    <think>, no_think_per_scan without), and copy_per_scan list-copy exercises per training scan."""
     n_think, n_plain = think_per_scan * len(labels), no_think_per_scan * len(labels)
     drawn = drawn_labels(labels, n_think + n_plain, seed)
     items = data.build_mmvqa(drawn, seed)
-    examples = (sft.sft_examples(paths, with_vqa=True) + mmvqa_examples(items[:n_think], drawn, modes=(True,))
+    examples = (sft.sft_examples(paths, kinds=None) + mmvqa_examples(items[:n_think], drawn, modes=(True,))
                 + mmvqa_examples(items[n_think:], drawn, modes=(False,))
                 + copy_examples(copy_per_scan * len(labels), seed))
     return examples, {**labels, **drawn, BLANK: np.zeros(len(data.ABNORMALITIES), dtype=np.int64)}

@@ -642,7 +642,7 @@ def test_openai_labeller_against_a_local_server(fake_llm, tmp_path):
         again(["A new sentence about a nodule."])
     assert FakeLLM.requests == 3  # tried, retried by the client, failed loudly
     FakeLLM.mode = "garbage"
-    with pytest.raises(RuntimeError, match="unparseable reply: 'I cannot help"):
+    with pytest.raises(RuntimeError, match=r"fake-model\): unparseable reply: 'I cannot help"):   # asked once
         again(["Another new sentence."])
     assert FakeLLM.requests == 4  # a malformed reply is not asked again
     dead = data.OpenAILabeller("http://127.0.0.1:9/v1", "m", "NO_KEY_ENV", tmp_path / "c2", timeout=1, retries=0)
@@ -857,3 +857,16 @@ def test_write_json_from_many_threads_to_one_path(tmp_path):
         list(pool.map(lambda i: data.write_json(path, {"i": i, "pad": "x" * 100_000}), range(200)))
     assert json.loads(path.read_text())["pad"] == "x" * 100_000                    # whole, not interleaved
     assert [p.name for p in path.parent.iterdir()] == ["reply.json"]               # no temporary file left
+
+
+@pytest.mark.parametrize("cmd, shown", [
+    ("preprocess", ["(default: real)", "real: (1.5, 1.5, 3.0) mm, stored (256, 256, 128), cropped to (224, 224, 112)",
+                    "processes (default: 1)"]),
+    ("label", ["(default: rules)", "(default: runs/label_cache)", "(default: 3)"]),
+    ("mmvqa", ["(default: ctrate)", "RL subset: 0.05); unset = all"])])
+def test_data_commands_show_their_defaults(cmd, shown):
+    out = subprocess.run([sys.executable, "data.py", cmd, "--help"], cwd=Path(data.__file__).parent,
+                         capture_output=True, text=True, timeout=60)
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 0 and all(s in text for s in shown), text
+    assert "default: None" not in text and "default: False" not in text   # unset flags say so in words, or nothing

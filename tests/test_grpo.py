@@ -167,6 +167,17 @@ def test_rm_scorer_reads_the_chat_template_with_one_bos(tmp_path):
     assert score(["emphysema"], [REPORT]) == [0.5]                       # the raw score of exactly that input
 
 
+def test_model_scorers_need_a_local_directory_or_an_endpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")     # were the name tried on the Hub, this would fail differently
+    with pytest.raises(FileNotFoundError, match="rm:weqweasdas/RM-Mistral-7B is not a local model directory"):
+        make_consistency_scorer("rm:weqweasdas/RM-Mistral-7B")
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        make_consistency_scorer(f"rm:{tmp_path}")                       # a directory without a model
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(ValueError, match=r"\$OPENAI_BASE_URL"):
+        make_consistency_scorer("judge:deepseek-chat")
+
+
 class FakeJudge:
     def __init__(self, replies):
         self.replies, self.calls = list(replies), 0
@@ -401,8 +412,8 @@ def test_prompts_over_the_length_limit_stop_the_run_at_the_start(phantom_world, 
     limit = sorted(think)[len(qs) // 2]                                    # about half the questions are over it
     over = [i for i, n in enumerate(think) if n > limit]
     with pytest.raises(SystemExit, match=rf"{paths['mmvqa_rl']}: {len(over)} of {len(qs)} questions have a prompt "
-                       rf"over --max-prompt-len {limit} tokens, the first question {over[0]} "
-                       rf"\({qs[over[0]]['VolumeName']}, {think[over[0]]} tokens\)"):
+                       rf"over --max-prompt-len {limit} tokens \(the first: {qs[over[0]]['VolumeName']}, "
+                       rf"{think[over[0]]} tokens\); raise --max-prompt-len or leave these questions out"):
         grpo.main(run_args(phantom_world, sft_ckpt, tmp_path / "a", "--max-prompt-len", limit))
     assert not (tmp_path / "a").exists()                                   # stopped before anything was written
     fits = grpo.main(run_args(phantom_world, sft_ckpt, tmp_path / "b", "--steps", 1, "--no-think-frac", 1,

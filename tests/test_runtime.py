@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import clip3d
+import evaluate
 import grpo
 import runtime
 import sft
@@ -30,9 +31,11 @@ def test_help_shows_every_default_grouped_with_run_lines(stage):
         assert "optimisation:" in text and "run-time:" in text and "data:" in text
         for hidden in ("--stop-at", "--max-steps", "--inject-nan"):                 # test-only flags are hidden
             assert hidden not in text
-    # every visible option line (or its continuation) carries its default
-    blocks = text.split("\n  --")[1:]
-    assert blocks and all("default:" in b for b in blocks), [b for b in blocks if "default:" not in b][:3]
+    # every visible option line (or its continuation) carries its default, a None one said in words ("unset = ...")
+    blocks = [" ".join(b.split()) for b in text.split("\n  --")[1:]]
+    shown = lambda b: "default:" in b or "unset =" in b
+    assert blocks and all(shown(b) for b in blocks), [b for b in blocks if not shown(b)][:3]
+    assert not [b for b in blocks if "unset =" in b and "default: None" in b]     # one default, not two
 
 
 def test_paper_defaults_on_the_flags_phantom_overrides_in_one_dict():
@@ -44,6 +47,8 @@ def test_paper_defaults_on_the_flags_phantom_overrides_in_one_dict():
     assert (g.lr, g.group_size, g.kl_beta, g.max_new_tokens, g.freeze_encoder) == (1e-6, 4, 0.04, 512, False)
     c = clip3d.parse_args(["--preset", "real"])
     assert (c.lr, c.batch_size, c.epochs, c.vit) == (5e-5, 64, 39, "base")
+    e = evaluate.parse_args(["--preset", "real"])        # every valid question and report
+    assert (e.n_mmvqa, e.n_reports, e.max_new_tokens) == (0, 0, 512) and evaluate.parse_args([]).n_reports == 32
 
 
 def test_help_keeps_the_flags_own_format_and_escapes_only_the_defaults_shown():
@@ -55,10 +60,13 @@ def test_help_keeps_the_flags_own_format_and_escapes_only_the_defaults_shown():
     p.add_argument("--tag", default="5%", help="a tag")
     p.add_argument("--vqa", action=argparse.BooleanOptionalAction, default=True,
                    help="VQA items (default: %(default)s)")                  # what Python 3.10 makes of this flag
-    runtime.parse_with_preset(p, [], {"tag": "10%", "vqa": False})
+    p.add_argument("--enc", help="an encoder; unset = <data-root>/enc")
+    p.add_argument("--mb", type=int, help="micro-batch; unset = all", default=8)
+    runtime.parse_with_preset(p, [], {"tag": "10%", "vqa": False, "mb": None})
     text = " ".join(p.format_help().split())
     assert "warm-up, 3 % of the steps (default: 0.03)" in text and "n (int) (default: 4)" in text
     assert "a tag (default: 5%; phantom: 10%)" in text and "VQA items (default: True; phantom: False)" in text
+    assert "an encoder; unset = <data-root>/enc --mb" in text and "unset = all (default: 8; phantom: None)" in text
 
 
 def test_method_files_import_the_phantom_package_in_one_place_only():
@@ -127,7 +135,7 @@ def test_optimizer_step_skips_a_non_finite_loss(capsys):
     (w.sum() * float("nan")).backward()
     norm, applied = runtime.optimizer_step(opt, [w], 1.0, "skip", 7, torch.tensor(float("nan")))
     assert not applied and torch.equal(w.detach(), torch.ones(2)) and w.grad is None and math.isnan(norm)
-    assert "non-finite loss at step 7: skipping" in capsys.readouterr().out
+    assert "non-finite loss or gradient at step 8: skipping" in capsys.readouterr().out   # loop index 7: step 8
     (w.sum()).backward()
     _, applied = runtime.optimizer_step(opt, [w], 1.0, "skip", 8, torch.tensor(1.0))
     assert applied and not torch.equal(w.detach(), torch.ones(2))

@@ -80,6 +80,15 @@ def test_lora_starts_at_the_base_model_and_merges_exactly():
     assert isinstance(net.q_proj, torch.nn.Linear) and torch.allclose(net.q_proj(x), adapted, atol=1e-6)
 
 
+def test_lora_a_starts_as_peft_draws_it():
+    """A ~ U(±1/√in) (PEFT's kaiming_uniform with a = √5, the official run's adapters), so the adapters' first
+    updates are as large as the official run's: std 1/√(3·in), not the 1/√in of a normal draw."""
+    torch.manual_seed(0)
+    a = sft.LoRALinear(torch.nn.Linear(1024, 8), rank=64, alpha=128.0).lora_a
+    assert a.abs().max() <= 1 / 32 and a.abs().max() > 0.99 / 32
+    assert abs(a.std().item() * math.sqrt(3 * 1024) - 1) < 0.02
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_lora_adapts_every_linear_layer_of_the_llm_but_its_head(tied):
     """The official table-3 run put adapters on every linear layer of the language model (attention and MLP)."""
@@ -268,9 +277,56 @@ def test_phantom_sft_trains_on_reports_unless_vqa_is_asked(phantom_world, tiny_l
     plain = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "a", "--max-steps", 1))
     with_vqa = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "b", "--max-steps", 1, "--vqa"))
     assert plain["examples"] == reports
-    vqa = sum(v["kind"] != "report" for v in data.read_vqa(phantom_world["train_vqa"]))
+    vqa = sum(v["kind"] in ("open", "yes_no") for v in data.read_vqa(phantom_world["train_vqa"]))  # no multiple choice
     assert with_vqa["examples"] == reports + vqa
     assert sft.parse_args(["--preset", "real"]).vqa and not sft.parse_args(["--preset", "real"]).cache_features
+
+
+def test_sft_examples_are_reports_with_a_section_and_open_or_yes_no_questions(tmp_path, capsys):
+    sentences = tmp_path / "sentences.jsonl"
+    sentences.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"VolumeName": "train_1_a_1.nii.gz", "findings": [["Cardiomegaly.", 1]], "impressions": None},
+        {"VolumeName": "train_2_a_1.nii.gz", "findings": None, "impressions": None}]))       # "Not given." twice
+    vqa = tmp_path / "vqa.json"
+    turn = lambda q, a: [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]
+    vqa.write_text(json.dumps([
+        {"id": "long_answer_0", "image": "train_1_a_1.nii.gz", "conversations": turn("Why? <long_answer>", "Because.")},
+        {"id": "short_answer_1", "image": "train_1_a_1.nii.gz", "conversations": turn("Any? <short_answer>", "Yes.")},
+        {"id": "multiple_choice_2", "image": "train_1_a_1.nii.gz",
+         "conversations": turn("Which? (a) X (b) Y <multiple_choice>", "(b) Y")},
+        {"id": "report_generation_3", "image": "train_1_a_1.nii.gz",
+         "conversations": turn("Report. <report_generation>", "Findings: ...")}]))
+    paths = {"train_sentences": sentences, "train_vqa": vqa}
+    got = sft.sft_examples(paths)
+    assert [(e["volume"], e["user"]) for e in got] == [
+        ("train_1_a_1.nii.gz", "Write the findings of this chest CT scan inside <finding></finding>."),
+        ("train_1_a_1.nii.gz", "Why?"), ("train_1_a_1.nii.gz", "Any?")]
+    out = capsys.readouterr().out
+    assert f"{sentences}: reports with neither section: 1 left out" in out
+    assert f"{vqa}: multiple-choice questions: 1 left out" in out
+    assert [e["user"] for e in sft.sft_examples(paths, with_vqa=False)] == [got[0]["user"]]
+    assert len(sft.sft_examples(paths, kinds=None)) == 4                                    # the phantom warm-up's
+
+
+def test_targets_cut_at_max_len_are_counted_and_a_prompt_too_long_names_its_example(phantom_world, tiny_llm,
+                                                                                    vision_weights, tmp_path, capsys):
+    result = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "a", "--max-steps", 1,
+                               "--max-len", 400))
+    vlm, examples = result["net"].vlm, sft.sft_examples(phantom_world, with_vqa=False)
+    full = [sft.encode(vlm.tokenizer, vlm.prompt(e["user"]), e["segments"], 1.1, 10 ** 6)[0] for e in examples]
+    longer = sum(len(ids) > 400 for ids in full)
+    assert 0 < longer < len(full) and f"{len(full)} examples ({longer} cut at --max-len 400)" in capsys.readouterr().out
+    shortest = min(len(vlm.tokenizer(vlm.prompt(e["user"]), add_special_tokens=False)["input_ids"]) for e in examples)
+    with pytest.raises(ValueError, match=r"example 0 \(train_.*\.nii\.gz, 'Write the .*does not fit --max-len"):
+        sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "b", "--max-len", shortest))
+
+
+def test_a_missing_llm_directory_is_named_with_the_preset_s_remedy(tmp_path):
+    vit = tmp_path / "vision.safetensors"
+    vit.touch()
+    for preset, remedy in (("phantom", "run `python -m phantom warmup` first"), ("real", "check --llm")):
+        with pytest.raises(SystemExit, match=f"{tmp_path}/none is not an LLM directory .no config.json.: {remedy}"):
+            sft.main(["--preset", preset, "--llm", str(tmp_path / "none"), "--vision-weights", str(vit)])
 
 
 def test_a_feature_cache_too_big_for_host_memory_stops_at_the_start():
@@ -365,10 +421,11 @@ def test_nan_on_one_rank_is_handled_by_all(phantom_world, tiny_llm, vision_weigh
                                "--nan-policy", policy))
     log = run.stdout + run.stderr
     for rank in (0, 1):
-        assert f"[rank {rank}] non-finite loss at step 1: {'skipping' if policy == 'skip' else 'stopping'}" in log
+        action = "skipping" if policy == "skip" else "stopping"        # --inject-nan counts from 0, the logs from 1
+        assert f"[rank {rank}] non-finite loss or gradient at step 2: {action}" in log
     assert (run.returncode == 0) == (policy == "skip"), log[-3000:]
     if policy == "skip":
-        assert "step 2:" not in log  # only the poisoned step was dropped
+        assert "step 3:" not in log  # only the poisoned step was dropped
 
 
 @pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
