@@ -59,11 +59,7 @@ def sincos_pos_embed_3d(dim: int, grid: tuple[int, int, int]) -> torch.Tensor:
     per_axis = dim // 6 * 2
     omega = 1.0 / 10000 ** (torch.arange(per_axis // 2, dtype=torch.float64) / max(1, per_axis // 2))
     coords = torch.meshgrid(*[torch.arange(g, dtype=torch.float64) for g in grid], indexing="ij")
-    parts = []
-    for c in coords:
-        angles = c.reshape(-1, 1) * omega  # (N, per_axis / 2)
-        parts += [angles.sin(), angles.cos()]
-    emb = torch.cat(parts, dim=1)
+    emb = torch.cat([f(c.reshape(-1, 1) * omega) for c in coords for f in (torch.sin, torch.cos)], dim=1)  # per axis
     return F.pad(emb, (0, dim - emb.shape[1])).float()
 
 
@@ -243,8 +239,11 @@ def load_llm(llm_dir: str | Path, device: str | torch.device = "cpu", dtype: tor
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device, dtype = torch.device(device), dtype or torch.float32
-    llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype, local_files_only=True,
-                                               attn_implementation=attn_implementation(device))
+    llm, info = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype, local_files_only=True,
+                                                     attn_implementation=attn_implementation(device),
+                                                     output_loading_info=True)
+    if missing := sorted(info["missing_keys"]):   # transformers would start them at random, with a warning only
+        raise ValueError(f"{llm_dir}: {len(missing)} LLM weights are not in the checkpoint (the first: {missing[0]})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(llm_dir, local_files_only=True)
     except Exception as e:  # e.g. a tokenizer.json written by a newer tokenizers / transformers than this one

@@ -65,6 +65,28 @@ def test_auc_and_recall_helpers():
     assert math.isnan(clip3d.recall_at(np.full((3, 3), np.nan), np.eye(3, dtype=bool), 1))   # a diverged model
 
 
+def test_micro_batches_split_each_global_batch_over_ranks_and_micro_steps():
+    """Step s takes global batch s of the epoch's seeded permutation; micro-step m on rank r takes its slice
+    m * world + r, so 2 ranks x 2 micro-batches see the samples 1 rank x 4 micro-batches sees, in order; each epoch
+    is a new permutation without repeats, and a resumed run continues the same sequence."""
+    from types import SimpleNamespace
+    n, steps = 20, 6                                                # 2 steps of 8 per epoch, 4 samples left over
+    one_args = SimpleNamespace(seed=0, batch_size=8, accum=4, micro_batch=2)
+    two_args = SimpleNamespace(seed=0, batch_size=8, accum=2, micro_batch=2)
+    one = list(clip3d.micro_batches(n, 0, steps, one_args, 0, 1))
+    two = [list(clip3d.micro_batches(n, 0, steps, two_args, r, 2)) for r in range(2)]
+    assert len(one) == steps * 4 and all(len(mb) == 2 for mb in one) and [len(t) for t in two] == [steps * 2] * 2
+    for s in range(steps):
+        for m in range(2):
+            for r in range(2):
+                assert two[r][s * 2 + m] == one[s * 4 + m * 2 + r]
+    epochs = [[k for mb in one[e * 8:(e + 1) * 8] for k in mb] for e in range(3)]
+    for e, keys in enumerate(epochs):
+        assert {k[0] for k in keys} == {e} and len({k[1] for k in keys}) == 16
+    assert [k[1] for k in epochs[0]] != [k[1] for k in epochs[1]]   # reshuffled every epoch
+    assert list(clip3d.micro_batches(n, 3, steps, one_args, 0, 1)) == one[3 * 4:]
+
+
 def test_validation_encodes_text_without_dropout(phantom_world, tmp_path, monkeypatch):
     """validate() switches the model to eval for every pass, the text encoder's included, and back to train after."""
     modes, encode = [], clip3d.encode_texts

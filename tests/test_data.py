@@ -81,6 +81,17 @@ def test_mmvqa_on_real_valid_labels_key_positive_distractors_negative():
 
 
 @needs_real
+def test_mmvqa_key_is_a_random_positive_not_always_the_first():
+    """One item per volume: the key is drawn among the volume's positives, so every abnormality can be asked about,
+    not only the first positive in ABNORMALITIES order."""
+    labels = data.read_labels(CTRATE / "valid_predicted_labels.csv")
+    items = data.build_mmvqa(labels, seed=0)
+    first = {n: data.ABNORMALITIES[int(np.flatnonzero(v == 1)[0])] for n, v in labels.items() if (v == 1).sum() >= 2}
+    is_first = [it["options"][it["answer"]] == first[it["VolumeName"]] for it in items if it["VolumeName"] in first]
+    assert len(is_first) > 100 and sum(is_first) < 0.8 * len(is_first)
+
+
+@needs_real
 def test_real_radchestct_labels_map_84_to_18():
     labels = data.read_radchestct_labels(RAD / "imgtest_abnormality_labels_84.csv")
     assert len(labels) == 360
@@ -672,6 +683,12 @@ def test_label_cli_with_openai_labeller(fake_llm, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------ VQA, prompts and targets ---------------------------------------
+
+def test_split_sentences_only_at_a_capital_digit_or_bracket():
+    """A '.' followed by a lower-case word (an abbreviation) does not end the sentence."""
+    assert data.split_sentences("Nodule approx. measuring 5 mm, i.e. small. Heart normal. 2. Trachea open.") == [
+        "Nodule approx. measuring 5 mm, i.e. small.", "Heart normal.", "2. Trachea open."]
+
 
 def test_read_vqa_both_formats(tmp_path):
     ctchat = [{"id": "short_answer_1", "image": "train_1_a_1.nii.gz", "conversations": [

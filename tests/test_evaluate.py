@@ -648,6 +648,44 @@ def test_reasoning_grades_each_record_against_its_own_question_and_the_scans_rep
     assert out["offline"]["per_item"] == {"0": 1.0, "1": 1.0} and out["n_valid"] == 2
 
 
+def test_summary_accuracy_per_scan_and_per_abnormality():
+    """Per-scan accuracy is the mean of the scans' own accuracies, reconstructions of one scan counted together, so a
+    scan asked three times weighs as much as a scan asked once; per abnormality: count and accuracy of its items."""
+    rec = lambda name, ok, key: {"VolumeName": name, "correct": ok, "key_option": key, "path": "parsed",
+                                 "output": "<answer>A</answer>", "n_options": 4}
+    records = [rec("valid_1_a_1.nii.gz", True, "Emphysema"), rec("valid_1_a_2.nii.gz", True, "Emphysema"),
+               rec("valid_1_a_2.nii.gz", True, "Atelectasis"), rec("valid_2_a_1.nii.gz", False, "Atelectasis")]
+    s = E.summarize_mmvqa(records, think=False)
+    assert s["accuracy"] == 0.75 and s["n_scans"] == 2
+    assert s["per_scan_accuracy"] == pytest.approx((1.0 + 0.0) / 2)
+    assert s["per_abnormality"] == {"Atelectasis": {"n": 2, "accuracy": 0.5}, "Emphysema": {"n": 2, "accuracy": 1.0}}
+    five = E.summarize_mmvqa(records[:2] + [{**r, "n_options": 5} for r in records[2:]], think=False)
+    assert five["chance"] == pytest.approx((2 / 4 + 2 / 5) / 4)          # chance: the mean of 1 / options
+    wrong = E.summarize_mmvqa([{**r, "correct": False} for r in records], think=False)
+    assert wrong["p_above_chance"] == pytest.approx(1.0)             # one-sided: below chance is no evidence
+
+
+def test_mcnemar_reports_each_runs_own_accuracy():
+    t = E.mcnemar([True, True, True, False], [False, True, False, False])
+    assert (t["acc_a"], t["acc_b"], t["a_only"], t["b_only"], t["n"]) == (0.75, 0.25, 2, 0, 4)
+
+
+@pytest.mark.parametrize("reply, ok", [('{"score": 100}', True), ('{"score": 0}', True), ('{"score": -1}', False)])
+def test_parse_judge_reply_accepts_both_ends_of_the_scale(reply, ok):
+    assert (E.parse_judge_reply(reply, ["score"], 0, 100) is not None) == ok
+
+
+def test_positional_bias_densities_integrate_to_one_for_each_kind(tmp_path):
+    """Densities per bin, not counts: each kind's histogram integrates to 1 whatever its number of sentences."""
+    with open(tmp_path / "labelled.jsonl", "w") as f:
+        f.write(json.dumps({"VolumeName": "v1", "findings": [["a", False], ["b", True], ["c", True]],
+                            "impressions": [["d", True]]}) + "\n")
+    out = E.positional_bias(tmp_path / "labelled.jsonl", bins=4)
+    assert out["abnormal"]["n_sentences"] == 3 and out["normal"]["n_sentences"] == 1
+    for kind in ("normal", "abnormal"):                                   # densities are rounded to 4 places
+        assert sum(d * 0.25 for d in out[kind]["density"]) == pytest.approx(1.0, abs=1e-4)
+
+
 def test_scan_id_groups_reconstructions():
     assert E.scan_id("valid_12_a_2.nii.gz") == E.scan_id("/x/valid_12_a_1.nii.gz") == "valid_12_a"
     assert E.scan_id("trn24737.npz") == "trn24737"

@@ -1,4 +1,5 @@
 """Tests for grpo.py: rewards on adversarial completions, the loss against a hand computation, the training loop."""
+import argparse
 import json
 import math
 import os
@@ -297,6 +298,73 @@ def test_completion_mask_through_first_eos_and_placeholder_cut():
     assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 0, 0, 0]]     # EOS itself is trained on
     assert lengths.tolist() == [3, 4, 1, 1] and finished.tolist() == [True, False, False, True]
     assert ids[2].tolist() == [5, PAD, PAD, PAD] and torch.equal(ids[[0, 1, 3]], completion[[0, 1, 3]])
+
+
+def test_group_advantages_are_exactly_zero_for_equal_rewards_of_any_group_size():
+    """Choice 3: a group whose rewards are all equal carries no signal. In float32 the mean of G equal rewards can be
+    off by one ulp (1.8 over G = 3), which divided by std + 1e-4 would push every completion by ~1e-3."""
+    for G in (3, 6, 7, 8):
+        for value in (0.8, 1.3, 1.8, 2.6, 2.8):                           # r_fmt + r_acc + r_con sums
+            r = torch.tensor([value] * G + [0.0] * (G - 1) + [1.0])
+            adv = group_advantages(r, G)
+            assert torch.equal(adv[:G], torch.zeros(G)), (G, value)
+            assert adv[G:].abs().sum() > 0                                  # the mixed group still has a signal
+
+
+def test_consistency_scores_each_rationale_against_its_own_report():
+    """Completions without a <think> text are skipped (0), and the rest must still be paired with their own scan's
+    report, not with the reports of the rows before them."""
+    other = "Findings: Pleural effusion on the left. No emphysema."
+    score = make_consistency_scorer("offline")
+    thinks = ["", "Emphysema and coronary artery wall calcification.", "", "Pleural effusion."]
+    reports = [other, REPORT, REPORT, other]
+    # REPORT affirms the emphysema and the calcification the second rationale names (level 1.0); `other` affirms the
+    # effusion the last one names (1.0); crossed, each rationale agrees with nothing its report affirms (0.0)
+    assert score(thinks, reports) == [0.0, 1.0, 0.0, 1.0]
+    assert score([thinks[1], thinks[3]], [other, REPORT]) == [0.0, 0.0]
+
+
+def test_row_logprobs_score_at_the_sampling_temperature():
+    """Choice 1: completions are scored at the temperature they were sampled at, each row with its own question's
+    image (rows are question-major, G per question; a micro-batch may start inside a group)."""
+    calls = []
+
+    class Stub:
+        def image_embeds(self, x):
+            return x * 10.0
+
+        def token_logprobs(self, input_ids, attention_mask, image, temperature, last):
+            calls.append((input_ids, image, temperature, last))
+            return torch.zeros(input_ids.shape[0], last)
+
+    G, x = 3, torch.arange(2.0).view(2, 1, 1)                              # question q's "volume" is q
+    args = argparse.Namespace(group_size=G, temperature=0.7)
+    ids = torch.arange(2 * G).view(-1, 1).expand(-1, 5)
+    grpo.row_logprobs(Stub(), x, ids, torch.ones_like(ids), slice(2, 5), 4, args)
+    rows, image, temperature, last = calls[-1]
+    assert temperature == 0.7 and last == 4
+    assert rows[:, 0].tolist() == [2, 3, 4] and image.flatten().tolist() == [0.0, 10.0, 10.0]  # q0, q1, q1
+
+
+def test_rank_questions_cover_an_epoch_in_disjoint_batches_split_over_ranks(monkeypatch):
+    """Each step takes the next global batch of a seeded permutation, no question repeats within an epoch, the next
+    epoch draws a new order, and 2 ranks take disjoint halves of the batch 1 rank takes."""
+    n, batch = 11, 4
+    per_epoch = n // batch
+    epoch = lambda e: [grpo.rank_questions(n, batch, 3, e * per_epoch + k) for k in range(per_epoch)]
+    first = epoch(0)
+    assert all(len(b) == batch for b in first)
+    flat = [i for b in first for i in b]
+    assert len(set(flat)) == len(flat) == per_epoch * batch and set(flat) <= set(range(n))
+    assert epoch(1) != first and epoch(0) == first                          # reshuffled, yet a function of the step
+    assert all(len(b) == batch for b in epoch(1))
+    monkeypatch.setattr(grpo, "world_size", lambda: 2)
+    for step in range(per_epoch):
+        shares = []
+        for rank in range(2):
+            monkeypatch.setattr(grpo, "get_rank", lambda: rank)
+            shares.append(grpo.rank_questions(n, batch, seed=3, step=step))
+        assert [len(s) for s in shares] == [2, 2] and sorted(shares[0] + shares[1]) == sorted(first[step])
 
 
 # --------------------------------------------------------------------------------------------------------------------

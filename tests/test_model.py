@@ -2,6 +2,7 @@
 import argparse
 import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -149,6 +150,64 @@ def test_ram_gate_interpolates_towards_anchor():
         torch.testing.assert_close(bridge(tokens), plain(tokens), atol=1e-5, rtol=0)
 
 
+def test_sincos_position_embedding_follows_its_formula_and_token_order():
+    """A third of the channels per axis, sin(p * w_i) then cos(p * w_i) with w_i = 10000^(-i / (dim/6)), tokens
+    x-major with z fastest (Conv3d(...).flatten(2)), left-over channels zero; written out here on a 2 x 3 x 4 grid."""
+    dim, grid = 14, (2, 3, 4)                                     # 14 // 6 * 2 = 4 channels per axis, 2 left over
+    emb = M.sincos_pos_embed_3d(dim, grid)
+    assert emb.shape == (24, dim) and emb.dtype == torch.float32
+    omega = [1.0, 1.0 / 100]                                      # 10000^(-0/2), 10000^(-1/2)
+    for x in range(2):
+        for y in range(3):
+            for z in range(4):
+                row = []
+                for p in (x, y, z):
+                    row += [math.sin(p * w) for w in omega] + [math.cos(p * w) for w in omega]
+                expected = torch.tensor(row + [0.0, 0.0])
+                torch.testing.assert_close(emb[(x * 3 + y) * 4 + z], expected, atol=1e-6, rtol=0)
+
+
+def test_vit_tokens_are_the_patches_in_conv3d_order_without_the_cls_token():
+    """ViT3D's output token i is patch (x, y, z) with i = (x * gy + y) * gz + z, after the patch projection, its own
+    position embedding (row 1 + i: row 0 belongs to the cls token) and the final norm. With no blocks, each token is
+    computed here from its patch directly, on a grid of unequal sides."""
+    torch.manual_seed(0)
+    vit = M.ViT3D(img_size=(32, 48, 16), patch_size=(16, 16, 8), width=24, depth=0, heads=4, mlp_dim=48).eval()
+    with torch.no_grad():
+        vit.pos_embed.normal_()
+        vit.cls_token.normal_()
+        vit.norm.weight.normal_()
+        vit.norm.bias.normal_()
+    assert vit.grid == (2, 3, 2)
+    x = torch.randn(2, 1, 32, 48, 16)
+    patches = x[:, 0].reshape(2, 2, 16, 3, 16, 2, 8).permute(0, 1, 3, 5, 2, 4, 6).reshape(2, 12, 16 * 16 * 8)
+    w = vit.patch_embed.proj.weight.reshape(24, -1)
+    tokens = patches @ w.T + vit.patch_embed.proj.bias + vit.pos_embed[0, 1:]
+    expected = torch.nn.functional.layer_norm(tokens, (24,), vit.norm.weight, vit.norm.bias, vit.norm.eps)
+    with torch.no_grad():
+        torch.testing.assert_close(vit(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_bridge_pools_each_2x2x2_cell_of_the_encoder_grid_into_one_image_token():
+    """The bridge reads the (B, N, C) encoder tokens in the ViT's order (x-major, z fastest), standardises them per
+    position and channel, and its pooling mixes exactly the 8 tokens of one 2 x 2 x 2 cell into image token
+    (X * GY + Y) * GZ + Z, then projection, LayerNorm, position embedding, LayerNorm (no RAM gate here)."""
+    torch.manual_seed(0)
+    C, D, grid = 8, 12, (4, 2, 6)
+    bridge = M.Bridge(C, grid, D, torch.randn(D), ram=False)
+    with torch.no_grad():
+        bridge.feat_mean.normal_()
+        bridge.feat_std.uniform_(0.5, 2.0)
+        bridge.pos_embed.normal_()
+    tokens = torch.randn(2, 4 * 2 * 6, C)
+    z = ((tokens - bridge.feat_mean) / bridge.feat_std).reshape(2, 2, 2, 1, 2, 3, 2, C)   # (B, X, dx, Y, dy, Z, dz, C)
+    cells = z.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(2, 6, 2, 2, 2, C)                  # (B, cell, dx, dy, dz, C)
+    pooled = torch.einsum("bjxyzc,dcxyz->bjd", cells, bridge.pool.weight) + bridge.pool.bias
+    x = bridge.proj_norm(bridge.proj(pooled))
+    with torch.no_grad():
+        torch.testing.assert_close(bridge(tokens), bridge.norm(x + bridge.pos_embed), atol=1e-5, rtol=1e-5)
+
+
 # ---- tiny LLM and the VLM ------------------------------------------------------------------------------------------
 
 def test_tiny_llm_is_a_normal_hf_directory(tiny_llm):
@@ -163,6 +222,22 @@ def test_tiny_llm_is_a_normal_hf_directory(tiny_llm):
     # tags survive decoding with skip_special_tokens (rewards parse them)
     ids = tok("<think>a nodule</think><answer>C</answer>", add_special_tokens=False)["input_ids"]
     assert tok.decode(ids, skip_special_tokens=True) == "<think>a nodule</think><answer>C</answer>"
+
+
+def test_an_llm_directory_missing_weights_is_an_error_not_a_random_start(tiny_llm, tmp_path):
+    """transformers starts a weight absent from the checkpoint at random, with a warning only; a VLM built or loaded
+    from such a directory would train or answer with it. load_llm names the directory and the first missing weight."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    llm, _ = M.load_llm(tiny_llm)                                            # the whole directory loads
+    shutil.copytree(tiny_llm, tmp_path / "llm")
+    (weights,) = (tmp_path / "llm").glob("*.safetensors")
+    state = load_file(weights)
+    dropped = sorted(k for k in state if k.endswith("mlp.up_proj.weight"))[-1]
+    save_file({k: v for k, v in state.items() if k != dropped}, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'llm'}: 1 LLM weights are not in the checkpoint "
+                                         rf"\(the first: {dropped}\)"):
+        M.load_llm(tmp_path / "llm")
 
 
 def test_anchor_is_the_embedding_mean(tiny_llm, vlm):

@@ -141,6 +141,50 @@ def test_optimizer_step_skips_a_non_finite_loss(capsys):
     assert applied and not torch.equal(w.detach(), torch.ones(2))
 
 
+def test_cosine_schedule_warms_up_linearly_then_decays_to_the_floor():
+    """Linear warm-up reaching base_lr at the last warm-up step (never 0 at step 0: the first update counts), then
+    base * (r + (1 - r) * (1 + cos(pi * progress)) / 2), held at the floor past the last step; by hand, 4 + 8 steps."""
+    lr = lambda step, ratio=0.0: runtime.cosine_lr(step, 12, 4, 2.0, ratio)
+    assert [lr(s) for s in range(4)] == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    for step, progress in ((4, 0.0), (6, 0.25), (8, 0.5), (10, 0.75), (12, 1.0), (20, 1.0)):
+        assert lr(step) == pytest.approx(2.0 * (1 + math.cos(math.pi * progress)) / 2, abs=1e-12)
+        assert lr(step, 0.1) == pytest.approx(2.0 * (0.1 + 0.9 * (1 + math.cos(math.pi * progress)) / 2))
+    assert lr(8) == pytest.approx(1.0) and lr(12) == pytest.approx(0.0, abs=1e-12) and lr(12, 0.1) == pytest.approx(0.2)
+    assert runtime.cosine_lr(0, 10, 0, 3.0) == 3.0                         # no warm-up: start at the peak
+
+
+def test_optimizer_step_clips_to_the_norm_and_zero_means_no_clipping(capsys):
+    """--grad-clip c rescales the gradient to norm c when it is larger; 0 turns clipping off (the full step). The norm
+    returned is the one before clipping. Gradient (3, 4): norm 5."""
+    for clip, moved in ((1.0, [0.06, 0.08]), (10.0, [0.3, 0.4]), (0.0, [0.3, 0.4])):
+        w = torch.nn.Parameter(torch.zeros(2))
+        opt = torch.optim.SGD([w], lr=0.1)
+        (-(w * torch.tensor([3.0, 4.0])).sum()).backward()
+        norm, applied = runtime.optimizer_step(opt, [w], clip, "skip", 0, torch.tensor(1.0))
+        assert applied and norm.item() == pytest.approx(5.0)
+        assert w.detach().tolist() == pytest.approx(moved), clip
+
+
+def test_optimizer_step_skips_a_non_finite_gradient_under_a_finite_loss(capsys):
+    """An overflowing backward can leave inf / NaN gradients under a finite loss: the update is skipped, the weights
+    keep their values."""
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    w.grad = torch.tensor([1.0, float("inf")])
+    norm, applied = runtime.optimizer_step(opt, [w], 1.0, "skip", 3, torch.tensor(0.5))
+    assert not applied and not math.isfinite(norm) and torch.equal(w.detach(), torch.ones(2))
+    assert "non-finite loss or gradient at step 4: skipping" in capsys.readouterr().out
+
+
+def test_latest_train_state_is_the_newest_complete_checkpoint(tmp_path):
+    for step in (1, 2, 3, 10):
+        runtime.save_train_state(tmp_path, step, {"step": step}, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000003", "step_00000010"]
+    (tmp_path / "step_00000011").mkdir()                                   # a directory without its state.pt
+    assert runtime.latest_train_state(tmp_path)["step"] == 10
+    assert runtime.latest_train_state(tmp_path / "none") is None
+
+
 def test_a_checkpoint_records_the_code_and_package_versions(tmp_path):
     run = runtime.Run(tmp_path, resume=False)
     run.save(1, {})

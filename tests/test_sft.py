@@ -139,6 +139,75 @@ def test_lora_merges_into_bf16_weights_with_one_rounding():
     assert torch.equal(net.q_proj.weight, (weight + delta).to(torch.bfloat16))
 
 
+def test_epoch_batches_are_full_disjoint_reshuffled_each_epoch_and_length_sorted_within_windows():
+    """Choice 5: every global batch is full, no example repeats within an epoch, batches are cut from length-sorted
+    windows of 16 batches but come in a shuffled order, and each epoch has its own permutation (a function of
+    (seed, epoch) only)."""
+    lengths = [(i * 37) % 101 for i in range(203)]                     # 203 = 50 batches of 4 and 3 left over
+    gb = 4
+    batches = sft.epoch_batches(lengths, gb, seed=0, epoch=0)
+    assert len(batches) == len(lengths) // gb and all(len(b) == gb for b in batches)
+    flat = [i for b in batches for i in b]
+    assert len(set(flat)) == len(flat)
+    for b in batches:                                                  # longest first inside a batch
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+    assert sft.epoch_batches(lengths, gb, 0, 0) == batches             # deterministic
+    assert sft.epoch_batches(lengths, gb, 0, 1) != batches             # a new order in the next epoch
+    # the batches of one window of 16 hold the window's examples sorted by length: consecutive batches of the
+    # unshuffled order would be non-increasing in length; the shuffled order is not
+    maxima = [max(lengths[i] for i in b) for b in batches]
+    assert any(a < b for a, b in zip(maxima[:16], maxima[1:16]))
+
+
+def test_feature_statistics_are_exact_for_any_count_and_finite_on_near_constant_channels():
+    """set_feature_statistics: the mean and spread over every named volume (the last, partial batch of 8 included),
+    as a direct computation gives them, floored at a fifth of the median spread; channels that barely vary (air,
+    padding) get the floor, never NaN from a rounding-negative variance."""
+    g = torch.Generator().manual_seed(0)
+    n, N, C = 41, 8, 64                                                # 41 = 5 batches of 8 and one of 1
+    all_tokens = (torch.randn(1, N, C, generator=g) * 3 + torch.randn(n, N, C, generator=g)).float()
+    air = all_tokens[:, :, -C // 4:]                                   # a quarter of the channels: the same in
+    air[:] = air[1:2]                                                  # every volume but one, one float32
+    air[0] = torch.nextafter(air[1], torch.full_like(air[1], math.inf))  # step above (rounding noise)
+    names = [f"v{i}" for i in range(n)]
+
+    class Tokens:
+        def encode(self, batch_names):
+            return all_tokens[[names.index(b) for b in batch_names]]
+
+    bridge = model.Bridge(C, (2, 2, 2), 16, torch.zeros(16))
+    sft.set_feature_statistics(bridge, Tokens(), names)
+    t = all_tokens.double()
+    mean, std = t.mean(0), t.std(0, unbiased=False)
+    floor = 0.2 * std.median()
+    assert torch.isfinite(bridge.feat_std).all() and (bridge.feat_std > 0).all()
+    torch.testing.assert_close(bridge.feat_mean, mean.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bridge.feat_std, std.clamp(min=floor).float(), rtol=1e-4, atol=1e-7)
+    assert torch.allclose(bridge.feat_std[..., -C // 4:], floor.float())  # the near-constant channels: the floor
+
+
+def test_a_merged_lora_llm_saves_and_reloads_as_the_adapted_model(tmp_path):
+    """What sft.main writes with --lora: merge_lora replaces every adapter by its merged linear layer, and the saved
+    LLM, read back by transformers, computes what the adapted model computed."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    llm = Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1)).eval()
+    adapters = sft.add_lora(llm, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for adapter in adapters:
+            adapter.lora_b.normal_(std=0.5)
+    ids = torch.randint(0, 32, (2, 7))
+    with torch.no_grad():
+        adapted = llm(ids).logits
+    sft.merge_lora(llm)
+    assert not any(isinstance(m, sft.LoRALinear) for m in llm.modules())
+    llm.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(Qwen2ForCausalLM.from_pretrained(tmp_path).eval()(ids).logits, adapted,
+                                   atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # runs of sft.main on the small phantom world with the untrained tiny LLM and a random encoder
 # ---------------------------------------------------------------------------------------------------------------------
