@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--epochs", type=int, default=39)
     g.add_argument("--warmup-frac", type=float, default=0.03)
     g.add_argument("--grad-clip", type=float, default=1.0)
-    g = runtime.run_flags(p, "runs/clip3d", "vision_encoder.safetensors, ckpt/, metrics.jsonl", 1000, shard=False)
+    g = runtime.run_flags(p, "runs/clip3d", "vision_encoder.safetensors, config.json, ckpt/", 1000, shard=False)
     g.add_argument("--eval-every", type=int, default=1000, help="steps between validations; 0 = at the end only")
     g.add_argument("--max-steps", type=int, default=0, help=HIDDEN)     # stop after this many steps (0: all epochs)
     return runtime.parse_with_preset(p, argv, PHANTOM)

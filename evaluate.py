@@ -706,7 +706,7 @@ def parse_args(argv=None):
     g.add_argument("--judge-retries", type=int, default=2)
     g.add_argument("--judge-workers", type=int, default=4, help="concurrent requests")
     g = p.add_argument_group("output")
-    g.add_argument("--out", default="runs/eval", help="results.json, results.md, positional_bias.png, judge_cache/")
+    g.add_argument("--out", default="runs/eval", help="results.{json,md}, cases/, positional_bias.png, judge_cache/")
     g.add_argument("--case-sheets", type=int, default=4, help="questions per set drawn as <out>/cases/*.png; 0 = none")
     return parse_with_preset(p, argv, PHANTOM)
 

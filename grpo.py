@@ -390,7 +390,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--grad-clip", type=float, default=1.0, help="0 = off")
     g.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the ViT frozen (the paper trains the whole model)")
-    g = runtime.run_flags(p, "runs/grpo", "vlm/, ckpt/, metrics.jsonl", save_every=20)
+    g = runtime.run_flags(p, "runs/grpo", "vlm/, ckpt/", save_every=20)
     g.add_argument("--micro-batch", type=int, default=0, help="rows per policy/reference pass; 0 = all (choice 7)")
     g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True, help="less memory (choice 7)")
     g.add_argument("--eval-every", type=int, default=10, help="steps between validation accuracies; 0 = off")

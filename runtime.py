@@ -519,7 +519,7 @@ def run_flags(parser: argparse.ArgumentParser, out: str, outputs: str, save_ever
     """The "run-time" group with the flags of `Run` and the loop every training stage shares; the stage adds its own
     to the group returned."""
     g = parser.add_argument_group("run-time")
-    g.add_argument("--out", default=out, help=outputs)
+    g.add_argument("--out", default=out, help=f"{outputs}, metrics.jsonl, curves.png")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under <out>/ckpt")
     g.add_argument("--overwrite", action="store_true", help="start afresh over an earlier run in <out>")
     g.add_argument("--save-every", type=int, default=save_every,

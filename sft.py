@@ -89,7 +89,7 @@ def parse_args(argv=None, phantom: dict = PHANTOM, doc: str = __doc__, prog: str
     g.add_argument("--grad-clip", type=float, default=1.0, help="0 = off")
     g.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=False,
                    help="encode each volume once and reuse its encoder tokens")
-    g = runtime.run_flags(p, "runs/sft", "vlm/, ckpt/, metrics.jsonl", save_every=100)
+    g = runtime.run_flags(p, "runs/sft", "vlm/, ckpt/", save_every=100)
     g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute the LLM's activations in the backward pass (less memory, one more forward)")
     g.add_argument("--log-every", type=int, default=10)
