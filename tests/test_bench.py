@@ -1,6 +1,7 @@
 """Tests for bench.py: it runs at tiny sizes, writes the JSON a README is written from, and its checks can fail."""
 import importlib.util
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -8,6 +9,9 @@ import torch
 
 import bench
 import data
+import grpo
+import model
+import sft
 from phantom.llm import build_tiny_llm, phantom_texts
 
 PRE_KEYS = {"volume", "ours", "ctclip", "decode", "per_sample"}
@@ -64,16 +68,35 @@ def test_hu_agreement_check_detects_mismatches(tmp_path):
 
 
 def test_measure_reports_median_and_peak_memory():
-    r = bench.measure(lambda: np.ones((32, 1024, 1024), np.float32).sum(), 3)   # 128 MB temporary
+    calls = []
+    r = bench.measure(lambda: calls.append(1) or np.ones((32, 1024, 1024), np.float32).sum(), 3)   # 128 MB temporary
+    assert len(calls) == 4                                                   # one untimed warm-up call, three timed
     assert len(r["sec_all"]) == 3 and r["sec"] == pytest.approx(sorted(r["sec_all"])[1], abs=1e-3)
     assert 100 < r["peak_mb"] < 400 and r["out"] == 32 * 1024 * 1024
 
 
-def test_sft_step_with_and_without_cached_features(phantom_world, llm_dir):
-    args = bench.parse_args(["--sft-presets", "tiny", "--sft-steps", "1", "--sft-batch", "2"])
+def test_sft_step_with_and_without_cached_features(phantom_world, llm_dir, monkeypatch):
+    """Both settings run sft.train_step itself (one untimed first step, then one call per timed step) and train the
+    bridge only; the cached setting never runs the ViT (that is what --cache-features saves)."""
+    steps, calls, vit_calls, real_step = 2, [], [], sft.train_step
+
+    def spy_step(net, *a, **k):
+        vlm = net.vlm
+        before = {n: p.detach().clone() for n, p in vlm.named_parameters()}
+        out = real_step(net, *a, **k)
+        moved = {n.split(".")[0] for n, p in vlm.named_parameters() if not torch.equal(p, before[n])}
+        calls.append((len(vit_calls), moved))
+        return out
+    monkeypatch.setattr(sft, "train_step", spy_step)
+    monkeypatch.setattr(model.ViT3D, "__call__", lambda self, *a, **k: vit_calls.append(1) or
+                        torch.nn.Module.__call__(self, *a, **k))
+    args = bench.parse_args(["--sft-presets", "tiny", "--sft-steps", str(steps), "--sft-batch", "2"])
     res = bench.bench_sft(args, phantom_world, llm_dir)
     t = res["tiny"]
-    assert t["steps_per_s"] > 0 and t["cached_steps_per_s"] > 0 and len(t["sec_all"]) == 1
+    assert t["steps_per_s"] > 0 and t["cached_steps_per_s"] > 0
+    assert len(t["sec_all"]) == len(t["cached_sec_all"]) == steps
+    assert len(calls) == 2 * (steps + 1) and all(moved == {"bridge"} for _, moved in calls)
+    assert [n for n, _ in calls] == [1, 2, 3, 3, 3, 3]    # the ViT ran once per plain step, never in a cached one
 
 
 @pytest.mark.slow
@@ -84,6 +107,18 @@ def test_grpo_ours_vs_trl(phantom_world, llm_dir, tmp_path):
     for side in ("ours", "trl"):
         assert res[side]["sec_per_step"] > 0 and 1 <= res[side]["completion_len"] <= 6
     assert res["ratio_trl_over_ours"] == pytest.approx(res["trl"]["sec_per_step"] / res["ours"]["sec_per_step"])
+
+
+def test_grpo_bench_times_grpo_train_step_without_trl(phantom_world, llm_dir, tmp_path, monkeypatch):
+    """Without TRL (as CI installs it) our side of item 3 still runs: grpo.train_step once untimed, then once per
+    timed step, and TRL's absence is reported, not raised."""
+    monkeypatch.setitem(sys.modules, "trl", None)                  # `from trl import ...` raises ImportError
+    calls, real_step = [], grpo.train_step
+    monkeypatch.setattr(grpo, "train_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
+    args = bench.parse_args(["--grpo-prompts", "1", "--grpo-steps", "2", "--grpo-new-tokens", "6"])
+    res = bench.bench_grpo(args, phantom_world, llm_dir, tmp_path)
+    assert len(calls) == 3 and len(res["ours"]["sec_all"]) == 2 and "TRL not installed" in res["trl_skipped"]
+    assert 0 < res["ours"]["update_sec"] < res["ours"]["sec_per_step"] and 1 <= res["ours"]["completion_len"] <= 6
 
 
 def test_cuda_benchmark_code_path_on_cpu(phantom_world, llm_dir):

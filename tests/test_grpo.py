@@ -554,6 +554,7 @@ def test_one_and_two_processes_agree(phantom_world, sft_ckpt, tmp_path, reductio
                     str(driver), *two], check=True, env=env, capture_output=True)
     rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
             for d in ("one", "two")]
+    assert len(rows[0]) == len(rows[1]) > 0                                 # zip below would hide a short run
     for r1, r2 in zip(*rows):
         assert r1["sample"] == r2["sample"]
         for key in ("reward", "r_fmt", "r_acc", "r_con", "completion_len", "zero_std_frac", "kl", "grad_norm"):

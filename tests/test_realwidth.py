@@ -142,14 +142,15 @@ PASSES = [  # (stage, precision, grad-ckpt, rows, tokens, scored): shapes the fi
 
 def test_planner_against_measured_passes(qwen):
     """bench.MEASURED scaled to this 2-layer LLM against the peak live bytes of a forward + backward pass of it, within
-    15 % (parameter gradients left out: the plan counts them apart); and a base-ViT block's saved bytes."""
+    8 % (README says 7 %; parameter gradients left out: the plan counts them apart); and a base-ViT block's saved
+    bytes."""
     vlm = model.VLM.build(qwen, vit_preset="tiny")
     copies = 2 * sum(p.numel() for p in vlm.llm.parameters())              # bf16 autocast's copies of fp32 weights
     for stage, precision, ckpt, rows, n, t in PASSES:
         acts, logits = bench.llm_activations(bench.MEASURED, stage, precision, ckpt, 2, rows, n, t)
         plan = acts + logits + copies * (stage == "grpo" and precision == "bf16")
         got = bench.pass_bytes(vlm, stage, precision, ckpt, rows, n, t)["peak"]
-        assert plan == pytest.approx(got, rel=0.15), (stage, precision, ckpt, plan, got)
+        assert plan == pytest.approx(got, rel=0.08), (stage, precision, ckpt, plan, got)   # 1.006-1.064 measured
     block = sum(p.numel() for p in model.ViT3D.from_preset("base").blocks[0].parameters())
     assert bench.vit_saved("base", "bf16", False, 1) == pytest.approx(
         bench.vit_tokens("base") * bench.MEASURED["vit_block"]["bf16"] + 2 * block, rel=0.02)
