@@ -321,7 +321,7 @@ def main(argv=None) -> dict:
     net = CLIP3D(vit, text, args.embed_dim).to(device)
     ddp = runtime.wrap_ddp(net, device)
     opt = runtime.adamw(list(net.parameters()), args.lr, args.weight_decay, betas=(0.9, 0.95))
-    run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at,
+    run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at, args=vars(args),
                       curves=("loss", "lr", "zs_auc_mean", "v2r_R@1", "v2r_R@5", "r2v_R@5"),
                       save_every=args.save_every, save_last=True)   # the encoder file is written with each save
     if run.state is not None:

@@ -257,7 +257,11 @@ class VolumeCache:
     def load(self, name) -> np.ndarray:
         if name not in self:
             raise KeyError(f"volume {name!r} is not in the cache {self.dir}")
-        return np.load(self._files[volume_key(name)], mmap_mode="r")
+        arr = np.load(path := self._files[volume_key(name)], mmap_mode="r")
+        if arr.shape != self.preset.shape or arr.dtype != np.int16:   # never cropped or padded into shape silently
+            raise ValueError(f"{path}: {arr.dtype} {arr.shape}, not the int16 {self.preset.shape} of {self.dir}'s "
+                             f"preset.json; preprocess it again")
+        return arr
 
     def batch(self, names) -> torch.Tensor:
         """(B, 1, X, Y, Z): the model inputs of these volumes (online_transform without augmentation)."""
@@ -599,20 +603,24 @@ _TAGS = re.compile(r"<image>|<(?:report_generation|long_answer|short_answer|mult
 
 def read_vqa(json_path, skipped: Counter | None = None) -> list[dict]:
     """CT-CHAT VQA JSON (LLaVA style) or Med3D-R1 VQA JSON -> [{VolumeName, question, answer, kind}], one per
-    question/answer turn; <image> and task tokens are stripped. Text-only items (no image) and a last question
-    without an answer are skipped, and counted in `skipped` if given."""
+    question/answer turn; <image> and task tokens are stripped. Text-only items (no image) and questions without an
+    answer (a last turn, or an empty answer) are skipped, and counted in `skipped` if given; turns must alternate
+    human, gpt."""
     out, skipped = [], Counter() if skipped is None else skipped
     for i, item in enumerate(json.load(open(json_path))):
         where = f"{json_path} item {i}"
         check_fields(where, item, {})
         if "conversations" in item:
-            check_fields(where, item, {"conversations": list})
+            check_fields(where, item, {"conversations": list, **({"image": str} if item.get("image") else {})})
             turns = item["conversations"] if item.get("image") else []
             for j, turn in enumerate(turns):
                 check_fields(f"{where} turn {j}", turn, {"value": str})
+                if turn.get("from", ("human", "gpt")[j % 2]) != ("human", "gpt")[j % 2]:
+                    raise ValueError(f"{where} turn {j}: from {turn['from']!r}, not {('human', 'gpt')[j % 2]!r} "
+                                     f"(turns alternate question, answer)")
             skipped["text-only items"] += not item.get("image")
-            skipped["questions without an answer"] += len(turns) % 2
-            for q, a in zip(turns[0::2], turns[1::2]):
+            skipped["questions without an answer"] += len(turns) % 2 + sum(not a["value"].strip() for a in turns[1::2])
+            for q, a in ((q, a) for q, a in zip(turns[0::2], turns[1::2]) if a["value"].strip()):
                 task = next((t for t in _TASKS if f"<{t}>" in q["value"]), item.get("id", "").rsplit("_", 1)[0])
                 kind, answer = _TASKS.get(task, "open"), a["value"].strip()
                 if kind == "yes_no" and not re.match(r"(yes|no)\b", answer, re.I):
@@ -623,6 +631,9 @@ def read_vqa(json_path, skipped: Counter | None = None) -> list[dict]:
             check_fields(where, item, {"Question": str, "Answer": object, "Image Path": str})
             choices = {c: item.get(f"Choice {c}") for c in "ABCD" if item.get(f"Choice {c}")}
             question, answer = item["Question"].strip(), str(item["Answer"]).strip()
+            if not answer:
+                skipped["questions without an answer"] += 1
+                continue
             if choices and {v.strip().lower() for v in choices.values()} <= {"yes", "no"}:
                 kind = "yes_no"
             elif choices:
@@ -809,9 +820,14 @@ def think_text(completion: str) -> str:
 # ================================================ the data root and the command line ============================
 def paths(root, preset: str = "real") -> dict[str, Path]:
     """Where every stage finds its inputs under a data root: the downloads under dataset/, what this file's CLI writes,
-    clip3d.py's local text encoder. With preset "phantom" the phantom world is built there when missing."""
+    clip3d.py's local text encoder. With preset "phantom" the phantom world is built there when missing; a root that
+    holds other data is never touched."""
     if preset == "phantom":
         import phantom
+        if not Path(root, "phantom.json").exists() and [d for d in ("dataset", "cache", "sentences", "mmvqa")
+                                                        if Path(root, d).is_dir() and any(Path(root, d).iterdir())]:
+            raise SystemExit(f"{root} holds data that is not a phantom world, which --preset phantom would replace: "
+                             f"pass --preset real")
         return phantom.ensure_world(root)
     root = Path(root)
     ds, cache, sents, mm = root / "dataset", root / "cache", root / "sentences", root / "mmvqa"

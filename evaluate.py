@@ -733,6 +733,10 @@ def find_checkpoints(args) -> tuple[list[tuple[str, Path]], dict]:
                          + f" (runs with a checkpoint under {args.runs}: {', '.join(present) or 'none'}; any "
                          "checkpoint dir: --ckpt DIR)")
     found = [(n, d) for n, d in where.items() if n not in missing]
+    for c in map(Path, args.ckpt or []):   # each checked now: a bad one found after the first run's work loses it
+        if not (c / "config.json").is_file():
+            hint = f"; {c / 'vlm'} is one" if (c / "vlm" / "config.json").is_file() else ""
+            raise SystemExit(f"--ckpt {c} is not a VLM checkpoint (no config.json){hint}")
     found += [(Path(c).parent.name if Path(c).name == "vlm" else Path(c).name, Path(c)) for c in args.ckpt or []]
     first = {}
     for label, d in found:   # results.json keys runs by label: one would overwrite the other
@@ -795,6 +799,8 @@ def main(argv=None) -> dict | None:
     if args.compare:
         return compare(args.compare)
     tasks, out_dir = set(args.tasks.split(",")), Path(args.out)
+    if unknown := tasks - {"mmvqa", "reports", "reasoning", "bias"}:
+        raise SystemExit(f"--tasks: no task {', '.join(sorted(unknown))} (mmvqa, reports, reasoning, bias)")
     rank, _, _, device = setup_distributed()   # cuda:LOCAL_RANK when there is a GPU, else cpu
     model_tasks = tasks & {"mmvqa", "reports", "reasoning"}
     paths = eval_paths(args) if model_tasks or not args.bias_reports else {}

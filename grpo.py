@@ -444,7 +444,7 @@ def main(argv=None) -> dict:
     if len(questions) < global_batch:
         raise SystemExit(f"{len(questions)} RL questions < one global batch of {global_batch}")
     optimizer = runtime.adamw(params, args.lr, args.weight_decay)
-    run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at,
+    run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at, args=vars(args),
                       curves=("reward", "r_fmt", "r_acc", "r_con", "reward_std", "kl", "completion_len", "truncated",
                               "val_acc"), save_every=args.save_every)
     if run.state is not None:

@@ -195,7 +195,11 @@ def save_train_state(ckpt_root: str | Path, step: int, state: dict, keep: int = 
 def latest_train_state(ckpt_root: str | Path) -> dict | None:
     """Load the newest complete training state under ckpt_root, or None if there is none."""
     done = sorted(p for p in Path(ckpt_root).glob("step_*") if (p / "state.pt").is_file())
-    return torch.load(done[-1] / "state.pt", map_location="cpu", weights_only=True) if done else None
+    try:
+        return torch.load(done[-1] / "state.pt", map_location="cpu", weights_only=True) if done else None
+    except Exception as e:   # cut short or overwritten: name it, and the older one a resume can fall back on
+        older = f"; delete {done[-1]} to resume from {done[-2]}" if len(done) > 1 else ""
+        raise RuntimeError(f"{done[-1] / 'state.pt'} cannot be read ({type(e).__name__}: {e}){older}") from e
 
 
 def local_dir(path, what: str = "") -> None:
@@ -370,17 +374,25 @@ def json_safe(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+# Flags a resumed run may change: where and how often it writes, how it stops, memory and speed options.
+RESUME_MAY_CHANGE = {"out", "resume", "overwrite", "stop_at", "save_every", "nan_policy", "workers", "eval_every",
+                     "log_every", "grad_ckpt", "micro_batch", "cache_features"}
+
+
 class Run:
     """A stage's output folder: metrics.jsonl, resumable checkpoints under ckpt/, and stop requests.
 
-    A fresh run starts a new metrics.jsonl and removes an earlier run's checkpoints. With resume=True the newest
-    complete checkpoint is loaded (`run.state`, or None), this rank's RNG state restored, and metrics.jsonl keeps the
-    rows up to the step resumed from. `skipped` counts the optimizer steps the loop skipped (a non-finite loss or
-    gradient), over the whole run: it is saved with each checkpoint and resumed. Create it after the model is built
-    (building consumes RNG), before the loop."""
+    A fresh run starts a new metrics.jsonl and removes an earlier run's checkpoints (with --overwrite also its other
+    outputs: vlm/, curves.png, the encoder and its config.json). With resume=True the newest complete checkpoint is
+    loaded (`run.state`, or None), this rank's RNG state restored, and metrics.jsonl keeps the rows up to the step
+    resumed from; a checkpoint written with other flags (`args`, except RESUME_MAY_CHANGE) or another world size is
+    refused: the run would not continue as it began. `skipped` counts the optimizer steps the loop skipped (a
+    non-finite loss or gradient), over the whole run: it is saved with each checkpoint and resumed. Create it after
+    the model is built (building consumes RNG), before the loop."""
 
     def __init__(self, out: str | Path, resume: bool, overwrite: bool = False, stop_at: int | None = None,
-                 keep: int = 2, curves: tuple[str, ...] = (), save_every: int = 0, save_last: bool = False):
+                 keep: int = 2, curves: tuple[str, ...] = (), save_every: int = 0, save_last: bool = False,
+                 args: dict | None = None):
         global _stop_signal
         if resume and overwrite:
             raise SystemExit("--resume and --overwrite exclude each other: continue the earlier run or start afresh")
@@ -397,8 +409,14 @@ class Run:
         self.start = self.state["step"] if self.state is not None else 0
         self.skipped = self.state.get("skipped", 0) if self.state is not None else 0
         if self.state is not None:
-            rngs = self.state["rng"]
-            set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
+            rngs, saved = self.state["rng"], self.state.get("args") or {}
+            changed = [f"--{k.replace('_', '-')} {saved[k]} -> {v}" for k, v in (args or {}).items()
+                       if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != v]
+            changed += [f"world size {len(rngs)} -> {self.world}"] if len(rngs) != self.world else []
+            if changed:
+                raise SystemExit(f"{self.out}: its checkpoint was written with other settings ({'; '.join(changed)}): "
+                                 f"resume with the checkpoint's, or start afresh with --overwrite")
+            set_rng_state(rngs[self.rank])
             print0(f"resumed from step {self.start}")
         elif resume:
             print0(f"no checkpoint under {self.out / 'ckpt'}: starting from step 0")
@@ -409,9 +427,11 @@ class Run:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             metrics = self.out / "metrics.jsonl"
-            if self.state is None:
-                shutil.rmtree(self.out / "ckpt", ignore_errors=True)
-                metrics.unlink(missing_ok=True)
+            if self.state is None:   # --overwrite: the earlier run's outputs go too, none may pass for this run's
+                for old in ["ckpt", "metrics.jsonl"] + overwrite * ["vlm", "curves.png", "vision_encoder.safetensors",
+                                                                    "config.json"]:
+                    shutil.rmtree(self.out / old, ignore_errors=True) if (self.out / old).is_dir() else \
+                        (self.out / old).unlink(missing_ok=True)
             elif metrics.exists():
                 rows, torn = [], 0
                 for line in filter(str.strip, metrics.read_text().splitlines()):

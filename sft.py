@@ -324,8 +324,8 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
         raise SystemExit(f"{len(examples)} examples < one global batch of {global_batch}")
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or 10**12)
     optimizer = runtime.adamw(params, args.lr, args.weight_decay)
-    run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at, curves=("loss", "lr", "grad_norm"),
-                      save_every=args.save_every)
+    run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at, args=vars(args),
+                      curves=("loss", "lr", "grad_norm"), save_every=args.save_every)
     if run.state is not None:
         runtime.load_train_state(forward, optimizer, run.state)
     lengths = [len(ids) for ids, _ in encoded]

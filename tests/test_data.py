@@ -724,6 +724,23 @@ def test_read_vqa_both_formats(tmp_path):
     assert got[1]["answer"] == "C) Right lung"
 
 
+def test_read_vqa_skips_empty_answers_and_refuses_malformed_conversations(tmp_path):
+    turn = lambda who, text: {"from": who, "value": text}
+    item = lambda *turns, image="train_1_a_1.nii.gz": {"id": "q_0", "image": image, "conversations": list(turns)}
+    path, skipped = tmp_path / "v.json", Counter()
+    path.write_text(json.dumps([item(turn("human", "<image>\nWhy? <long_answer>"), turn("gpt", " "),
+                                     turn("human", "Any effusion? <short_answer>"), turn("gpt", "No.")),
+                                {"Image Path": "/d/train_2_a_1.nii.gz", "Question": "Size?", "Answer": ""}]))
+    assert [q["question"] for q in data.read_vqa(path, skipped)] == ["Any effusion?"]     # no EOS-only target
+    assert skipped["questions without an answer"] == 2
+    path.write_text(json.dumps([item(turn("gpt", "No."), turn("human", "<image>\nAny effusion? <short_answer>"))]))
+    with pytest.raises(ValueError, match=rf"{path} item 0 turn 0: from 'gpt', not 'human' .turns alternate"):
+        data.read_vqa(path)                                              # else question and answer swap silently
+    path.write_text(json.dumps([item(turn("human", "<image>\nWhy?"), turn("gpt", "So."), image=["a.nii.gz"])]))
+    with pytest.raises(ValueError, match=rf"{path} item 0.*image"):
+        data.read_vqa(path)
+
+
 def test_report_target_and_instruction():
     sents = {"findings": [("Heart is normal.", False), ("A nodule.", True)], "impressions": [("Nodule.", True)]}
     seg = data.report_target(sents)
@@ -874,6 +891,35 @@ def test_write_json_from_many_threads_to_one_path(tmp_path):
         list(pool.map(lambda i: data.write_json(path, {"i": i, "pad": "x" * 100_000}), range(200)))
     assert json.loads(path.read_text())["pad"] == "x" * 100_000                    # whole, not interleaved
     assert [p.name for p in path.parent.iterdir()] == ["reply.json"]               # no temporary file left
+
+
+def test_a_cached_volume_of_another_shape_or_type_is_an_error_naming_its_file(phantom_world, tmp_path):
+    import shutil
+    cache = tmp_path / "cache"
+    shutil.copytree(phantom_world["train_cache"], cache)
+    vc = data.VolumeCache(cache)
+    name, other = vc.names[0], vc.names[1]
+    good = vc.batch([name])
+    path = cache / f"{data.volume_key(name)}.npy"
+    np.save(path, np.ascontiguousarray(np.load(path).transpose(2, 1, 0)))       # (Z, Y, X): cropped and padded before
+    with pytest.raises(ValueError, match=rf"{path}: int16 \(36, 72, 72\), not the int16 \(72, 72, 36\) of"):
+        vc.batch([name])
+    np.save(path, np.load(cache / f"{data.volume_key(other)}.npy").astype(np.float32))
+    with pytest.raises(ValueError, match=r"float32 \(72, 72, 36\), not the int16"):
+        vc.load(name)
+    assert good.shape == (1, 1, 64, 64, 32)
+
+
+def test_the_phantom_preset_never_replaces_other_data(tmp_path):
+    """A stage run without --preset real on a real data root (the default preset is the phantom world's) must stop
+    before writing: building the phantom world there would delete the dataset and its caches."""
+    volume = data.ctrate_path(tmp_path / "dataset" / "train_fixed", "train_1_a_1.nii.gz")
+    volume.parent.mkdir(parents=True)
+    volume.write_bytes(b"a real volume")
+    with pytest.raises(SystemExit, match=f"{tmp_path} holds data that is not a phantom world.*pass --preset real"):
+        data.paths(tmp_path, "phantom")
+    assert volume.read_bytes() == b"a real volume" and sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
+    assert data.paths(tmp_path)["train_volumes"] == tmp_path / "dataset" / "train_fixed"   # the real preset reads it
 
 
 @pytest.mark.parametrize("cmd, shown", [

@@ -517,6 +517,22 @@ def test_two_checkpoints_with_one_label_are_an_error(tmp_path):
         E.find_checkpoints(args)
 
 
+def test_a_misspelled_task_or_a_bad_ckpt_stops_before_any_work(tmp_path):
+    """Both used to cost results: unknown tasks were ignored (an empty results.json replaced the earlier one), and a
+    bad --ckpt after a good one stopped the run after the good one's work, with nothing written."""
+    (tmp_path / "good").mkdir()
+    (tmp_path / "good" / "config.json").write_text("{}")
+    (tmp_path / "run" / "vlm").mkdir(parents=True)
+    (tmp_path / "run" / "vlm" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"--tasks: no task mmvq, report \(mmvqa, reports, reasoning, bias\)"):
+        E.main(["--tasks", "mmvq,report", "--out", str(tmp_path / "out")])
+    args = E.parse_args(["--ckpt", str(tmp_path / "good"), "--ckpt", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match=f"--ckpt {tmp_path / 'run'} is not a VLM checkpoint .no config.json.; "
+                                         f"{tmp_path / 'run' / 'vlm'} is one"):
+        E.find_checkpoints(args)
+    assert not (tmp_path / "out").exists()
+
+
 def test_report_subset_leaves_out_reports_without_text(phantom_world, tmp_path):
     import csv
     import hashlib

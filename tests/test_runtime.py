@@ -102,6 +102,26 @@ def test_fresh_run_replaces_metrics_and_checkpoints_resume_keeps_rows_up_to_its_
     assert not (tmp_path / "ckpt").exists() and (tmp_path / "metrics.jsonl").read_text() == ""
 
 
+def test_resume_refuses_other_flags_or_another_world_size_and_overwrite_clears_old_outputs(tmp_path):
+    args = {"lr": 1e-3, "batch_size": 2, "out": str(tmp_path), "resume": False, "save_every": 10, "ram": True}
+    run = runtime.Run(tmp_path, resume=False, args=args)
+    run.save(2, {"args": args})
+    run.close()
+    again = {**args, "resume": True, "save_every": 5}                       # where and how often it saves: may change
+    assert runtime.Run(tmp_path, resume=True, args=again).start == 2
+    with pytest.raises(SystemExit, match=r"other settings \(--lr 0.001 -> 0.05; --ram True -> False\): resume with"):
+        runtime.Run(tmp_path, resume=True, args={**again, "lr": 0.05, "ram": False})
+    state = torch.load(next((tmp_path / "ckpt").glob("step_*")) / "state.pt", weights_only=True)
+    runtime.save_train_state(tmp_path / "ckpt", 3, {**state, "step": 3, "rng": state["rng"] * 2})   # 2 ranks wrote it
+    with pytest.raises(SystemExit, match=r"world size 2 -> 1"):
+        runtime.Run(tmp_path, resume=True, args=again)
+    for old in ("vlm/config.json", "curves.png", "vision_encoder.safetensors", "config.json"):
+        (tmp_path / old).parent.mkdir(exist_ok=True)
+        (tmp_path / old).write_text("the earlier run's")
+    runtime.Run(tmp_path, resume=False, overwrite=True, args=args).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]   # nothing left to pass for this run's
+
+
 def test_resume_drops_a_torn_metrics_line_and_refuses_overwrite(tmp_path, capsys):
     run = runtime.Run(tmp_path, resume=False)
     for step in (1, 2, 3):
@@ -183,6 +203,16 @@ def test_latest_train_state_is_the_newest_complete_checkpoint(tmp_path):
     (tmp_path / "step_00000011").mkdir()                                   # a directory without its state.pt
     assert runtime.latest_train_state(tmp_path)["step"] == 10
     assert runtime.latest_train_state(tmp_path / "none") is None
+
+
+def test_an_unreadable_checkpoint_is_named_with_the_older_one_to_fall_back_on(tmp_path):
+    for step in (1, 2):
+        runtime.save_train_state(tmp_path, step, {"step": step})
+    newest = tmp_path / "step_00000002" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[:100])                            # cut short by a full disk
+    with pytest.raises(RuntimeError, match=rf"{newest} cannot be read .*; delete {newest.parent} to resume from "
+                                           rf"{tmp_path / 'step_00000001'}"):
+        runtime.latest_train_state(tmp_path)
 
 
 def test_a_checkpoint_records_the_code_and_package_versions(tmp_path):
