@@ -113,6 +113,8 @@ def test_grpo_refuses_a_bad_file_before_loading_a_model(phantom_world, tmp_path,
 @pytest.mark.parametrize("flag", ["--mmvqa-ctrate", "--mmvqa-radchestct"])
 def test_evaluate_refuses_a_bad_file_before_loading_a_model(phantom_world, tmp_path, flag):
     bad = write(tmp_path / "bad.json", [item(), item(options={"A": "x", "B": "y"}, answer="D")])
+    (tmp_path / "no_model").mkdir()
+    (tmp_path / "no_model" / "config.json").write_text("{}")   # passes evaluate's first look; loading it would fail
     with pytest.raises(ValueError, match=f'^{bad} item 1: answer "D" is not one of its options A, B$'):
         E.main(["--data-root", str(phantom_world["root"]), "--ckpt", str(tmp_path / "no_model"), "--tasks", "mmvqa",
                 flag, str(bad), "--out", str(tmp_path / "o")])
