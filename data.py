@@ -598,6 +598,7 @@ THINK_FORMAT = ("Think step by step inside one <think></think> block, then give 
 NO_THINK_FORMAT = "Give only the letter of the correct option inside one <answer></answer> block, nothing else."
 _TASKS = {"report_generation": "report", "long_answer": "open", "short_answer": "yes_no",
           "multiple_choice": "multiple_choice"}  # CT-CHAT task token -> question kind
+ROLES = ("human", "gpt")  # a CT-CHAT conversation's turns: question, answer, question, ...
 _TAGS = re.compile(r"<image>|<(?:report_generation|long_answer|short_answer|multiple_choice)>")
 
 
@@ -615,12 +616,13 @@ def read_vqa(json_path, skipped: Counter | None = None) -> list[dict]:
             turns = item["conversations"] if item.get("image") else []
             for j, turn in enumerate(turns):
                 check_fields(f"{where} turn {j}", turn, {"value": str})
-                if turn.get("from", ("human", "gpt")[j % 2]) != ("human", "gpt")[j % 2]:
-                    raise ValueError(f"{where} turn {j}: from {turn['from']!r}, not {('human', 'gpt')[j % 2]!r} "
+                if turn.get("from", ROLES[j % 2]) != ROLES[j % 2]:
+                    raise ValueError(f"{where} turn {j}: from {turn['from']!r}, not {ROLES[j % 2]!r} "
                                      f"(turns alternate question, answer)")
+            answered = [(q, a) for q, a in zip(turns[0::2], turns[1::2]) if a["value"].strip()]
             skipped["text-only items"] += not item.get("image")
-            skipped["questions without an answer"] += len(turns) % 2 + sum(not a["value"].strip() for a in turns[1::2])
-            for q, a in ((q, a) for q, a in zip(turns[0::2], turns[1::2]) if a["value"].strip()):
+            skipped["questions without an answer"] += (len(turns) + 1) // 2 - len(answered)
+            for q, a in answered:
                 task = next((t for t in _TASKS if f"<{t}>" in q["value"]), item.get("id", "").rsplit("_", 1)[0])
                 kind, answer = _TASKS.get(task, "open"), a["value"].strip()
                 if kind == "yes_no" and not re.match(r"(yes|no)\b", answer, re.I):

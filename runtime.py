@@ -427,11 +427,15 @@ class Run:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             metrics = self.out / "metrics.jsonl"
-            if self.state is None:   # --overwrite: the earlier run's outputs go too, none may pass for this run's
-                for old in ["ckpt", "metrics.jsonl"] + overwrite * ["vlm", "curves.png", "vision_encoder.safetensors",
-                                                                    "config.json"]:
-                    shutil.rmtree(self.out / old, ignore_errors=True) if (self.out / old).is_dir() else \
-                        (self.out / old).unlink(missing_ok=True)
+            if self.state is None:   # with --overwrite the earlier run's outputs go too: none may pass for this run's
+                earlier = ["ckpt", "metrics.jsonl"]
+                if overwrite:
+                    earlier += ["vlm", "curves.png", "vision_encoder.safetensors", "config.json"]
+                for path in (self.out / name for name in earlier):
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
             elif metrics.exists():
                 rows, torn = [], 0
                 for line in filter(str.strip, metrics.read_text().splitlines()):

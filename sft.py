@@ -100,7 +100,8 @@ def parse_args(argv=None, phantom: dict = PHANTOM, doc: str = __doc__, prog: str
 
 # ---- examples: (volume, user text, target segments) -> token ids and ARW weights -------------------------------------
 
-def encode(tokenizer, prompt: str, segments: list[tuple[str, bool]], arw_lambda: float, max_len: int, what=""):
+def encode(tokenizer, prompt: str, segments: list[tuple[str, bool]], arw_lambda: float, max_len: int,
+           what: str = "SFT example"):
     """Token ids of prompt + target + EOS, cut at max_len; per-token weights 0 prompt, λ abnormal sentence, 1 other
     target. eq. (5)"""
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
