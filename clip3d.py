@@ -49,7 +49,7 @@ import runtime
 from runtime import HIDDEN, autocast, get_rank, print0, world_size
 
 # The phantom world's overrides of BrgSA's settings (lr 5e-5, batch 64, 39 epochs, base ViT).
-PHANTOM = dict(vit="tiny", lr=1e-3, batch_size=16, micro_batch=None, epochs=12, warmup_frac=0.1, max_text_len=256,
+PHANTOM = dict(vit="tiny", lr=1e-3, batch_size=16, micro_batch=0, epochs=12, warmup_frac=0.1, max_text_len=256,
                eval_every=100, save_every=100, workers=0, augment=False)
 
 
@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--batch-size", type=int, default=64, help="global batch per optimizer step")
     g.add_argument("--micro-batch", type=int, default=8,
-                   help="per-rank micro-batch, None = all of it (memory only: InfoNCE sees the global batch, choice 2)")
+                   help="per-rank micro-batch, 0 = all of it (memory only: InfoNCE sees the global batch, choice 2)")
     g.add_argument("--epochs", type=int, default=39)
     g.add_argument("--warmup-frac", type=float, default=0.03)
     g.add_argument("--grad-clip", type=float, default=1.0)
@@ -289,10 +289,9 @@ def train_step(ddp: nn.Module, net: CLIP3D, optimizer, micro_batches: list[tuple
 def main(argv=None) -> dict:
     args = parse_args(argv)
     rank, _, world, device = runtime.setup_distributed()
-    if args.micro_batch is None:
-        args.micro_batch = args.batch_size // world
+    args.micro_batch = args.micro_batch or max(1, args.batch_size // world)
     args.accum = args.batch_size // (args.micro_batch * world)
-    if args.accum * args.micro_batch * world != args.batch_size:
+    if args.micro_batch < 0 or args.accum * args.micro_batch * world != args.batch_size:
         raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of micro-batch x world "
                          f"({args.micro_batch} x {world})")
     paths = data.paths(args.data_root, args.preset)
@@ -318,7 +317,7 @@ def main(argv=None) -> dict:
     text = AutoModel.from_pretrained(args.text_encoder)
     if getattr(text, "pooler", None) is not None:
         text.pooler = None
-    net = CLIP3D(vit, text, args.embed_dim).to(device)
+    net = CLIP3D(vit, text, args.embed_dim).to(device).train()   # from_pretrained gave the text encoder eval mode
     ddp = runtime.wrap_ddp(net, device)
     opt = runtime.adamw(list(net.parameters()), args.lr, args.weight_decay, betas=(0.9, 0.95))
     run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at, args=vars(args),

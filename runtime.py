@@ -78,11 +78,6 @@ def all_ranks_finite(*values: torch.Tensor) -> bool:
     return bool(all_reduce(ok, "min").item() > 0)
 
 
-def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """True if `flag` is true on any rank (used for stop requests such as SIGTERM)."""
-    return bool(all_reduce(torch.tensor([float(flag)], device=device), "max").item() > 0)
-
-
 def compute_dtype(device: torch.device | str) -> torch.dtype:
     """The one precision choice: every forward pass computes in it (autocast) and frozen weights are stored in it.
     bf16 on CUDA (tensor cores, half the memory), fp32 on the CPU (the phantom world and the tests stay exact)."""
@@ -374,9 +369,10 @@ def json_safe(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-# Flags a resumed run may change: where and how often it writes, how it stops, memory and speed options.
+# Flags a resumed run may change: where and how often it writes, how it stops, memory and speed options (and clip3d's
+# accum, which follows from micro_batch).
 RESUME_MAY_CHANGE = {"out", "resume", "overwrite", "stop_at", "save_every", "nan_policy", "workers", "eval_every",
-                     "log_every", "grad_ckpt", "micro_batch", "cache_features"}
+                     "log_every", "grad_ckpt", "micro_batch", "accum", "cache_features"}
 
 
 class Run:
@@ -478,8 +474,12 @@ class Run:
         return stop
 
     def should_stop(self, step: int, device: torch.device | str = "cpu") -> bool:
-        """True on every rank once any rank received SIGINT or SIGTERM, or at --stop-at."""
-        return any_rank(_stop_signal is not None, device) or step == self.stop_at
+        """True on every rank once any rank received SIGINT or SIGTERM, or at --stop-at. A rank that was not signalled
+        takes on the signal, so that every rank reports it and exits with its status (exit_code)."""
+        global _stop_signal
+        signum = int(all_reduce(torch.tensor([float(_stop_signal or 0)], device=device), "max").item())
+        _stop_signal = _stop_signal or signum or None
+        return bool(signum) or step == self.stop_at
 
     def stopped(self, step: int) -> None:
         """The one line a stopped run prints after saving its checkpoint."""

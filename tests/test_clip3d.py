@@ -87,12 +87,17 @@ def test_micro_batches_split_each_global_batch_over_ranks_and_micro_steps():
     assert list(clip3d.micro_batches(n, 3, steps, one_args, 0, 1)) == one[3 * 4:]
 
 
-def test_validation_encodes_text_without_dropout(phantom_world, tmp_path, monkeypatch):
-    """validate() switches the model to eval for every pass, the text encoder's included, and back to train after."""
-    modes, encode = [], clip3d.encode_texts
+def test_training_steps_use_dropout_and_validation_does_not(phantom_world, tmp_path, monkeypatch):
+    """Every training step runs the whole model in train mode, the text encoder included (from_pretrained returns it
+    in eval mode, and a real encoder such as CXR-BERT has dropout), from the first step on, so that a resumed run
+    trains as the run it continues; validate() switches to eval for every pass and back to train after."""
+    modes, encode, steps, step = [], clip3d.encode_texts, [], clip3d.train_step
     monkeypatch.setattr(clip3d, "encode_texts", lambda net, *a, **k: modes.append(net.training) or encode(net, *a, **k))
-    clip3d.main([str(a) for a in run_args(phantom_world, tmp_path, "--max-steps", 1, "--eval-every", 0)])
-    assert modes == [False, False]                                 # reports, then the zero-shot prompts
+    monkeypatch.setattr(clip3d, "train_step", lambda ddp, net, *a, **k: steps.append(
+        {m.training for m in net.modules()}) or step(ddp, net, *a, **k))
+    clip3d.main([str(a) for a in run_args(phantom_world, tmp_path, "--max-steps", 2, "--eval-every", 1)])
+    assert steps == [{True}, {True}]
+    assert modes == [False, False] * 2                             # reports, then the zero-shot prompts
 
 
 GRAD_SCRIPT = """
@@ -300,6 +305,16 @@ def test_stop_request_saves_then_resume_replays_the_uninterrupted_run(phantom_wo
     assert losses(stopped) == losses(full)
     a, b = load_file(full / "vision_encoder.safetensors"), load_file(stopped / "vision_encoder.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resume_may_change_the_micro_batch(phantom_world, tmp_path):
+    """--micro-batch is a memory option (gradient caching keeps the loss of the whole batch): a resume may change it,
+    although the number of micro-steps it sets is saved with the run's settings."""
+    clip3d.main([str(a) for a in run_args(phantom_world, tmp_path, "--max-steps", 2, "--stop-at", 1)])
+    clip3d.main([str(a) for a in run_args(phantom_world, tmp_path, "--max-steps", 2, "--resume", "--micro-batch", 2)])
+    assert len(losses(tmp_path)) == 2 and all(math.isfinite(x) for x in losses(tmp_path))
+    with pytest.raises(SystemExit, match="micro-batch x world"):
+        clip3d.main([str(a) for a in run_args(phantom_world, tmp_path / "odd", "--micro-batch", 3)])
 
 
 def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits(phantom_world, tmp_path):

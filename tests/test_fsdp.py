@@ -22,15 +22,15 @@ from test_sft import ADAM_NOISE, sft_args
 from test_sft import tiny_llm, vision_weights  # noqa: F401  fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
-# grpo.main with the stand-in accuracy reward of test_grpo.py (rewards differ within a group); with SIGTERM_ONCE set,
-# each rank sends itself SIGTERM while it scores its first completion, as a scheduler's preemption would
+# grpo.main with the stand-in accuracy reward of test_grpo.py (rewards differ within a group); the rank named by
+# SIGTERM_RANK sends itself SIGTERM while it scores its first completion, as a preemption that reaches one process
 GRPO_DRIVER = f"""import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
 import grpo, runtime
 grpo.accuracy_reward = lambda completion, answer, options=None: float(len(completion) % 3 == 0)
 score, fired = grpo.format_reward, []
 def format_reward(completion):
-    if os.environ.get("SIGTERM_ONCE") and not fired:
+    if os.environ.get("SIGTERM_RANK") == os.environ["RANK"] and not fired:
         fired.append(os.kill(os.getpid(), signal.SIGTERM))
     return score(completion)
 grpo.format_reward = format_reward
@@ -73,11 +73,11 @@ def test_grpo_equals_one_process_and_resumes_a_sigterm_exactly(phantom_world, sf
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)  # test_grpo.py's 2-rank DDP tolerance (DDP and
     # FSDP both measured 1.6e-5: Adam magnifying float noise from another summation order)
 
-    stopped = torchrun(driver, two(tmp_path / "resumed"), SIGTERM_ONCE="1")
+    stopped = torchrun(driver, two(tmp_path / "resumed"), SIGTERM_RANK="1")
     log = stopped.stdout + stopped.stderr
-    assert "stopped by SIGTERM after step 1" in log and "--resume" in log, log[-3000:]
-    # torchrun's summary: each rank exits 143 after the checkpoint is written (a barrier), except that torchrun
-    # terminates a rank still shutting down (-15) once the other has exited
+    assert "stopped by SIGTERM after step 1" in log and "--resume" in log, log[-3000:]   # rank 0 prints it
+    # torchrun's summary: each rank, the one not signalled too, exits 143 after the checkpoint is written (a
+    # barrier), except that torchrun terminates a rank still shutting down (-15) once the other has exited
     assert sorted(re.findall(r"exitcode\s+:\s*(-?\d+)", log)) in (["143", "143"], ["-15", "143"]), log[-3000:]
     assert (tmp_path / "resumed" / "ckpt" / "step_00000001" / "state.pt").is_file()
     assert not (tmp_path / "resumed" / "vlm").exists()
