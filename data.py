@@ -170,7 +170,12 @@ def read_ctrate_volume(path, meta_row: dict, how: dict | None = None) -> tuple[n
         hu = ornt.apply_orientation(hu, to_lps)
         how.update(values="HU as stored (v2)", orientation="".join(nib.aff2axcodes(affine)) + " -> LPS by the affine")
         return check_finite(hu, path), spacing
-    rescale = {k: float(meta_row[k]) for k in ("RescaleSlope", "RescaleIntercept")}  # v1: raw values -> HU, once
+    cells = {k: meta_row.get(k) for k in ("RescaleSlope", "RescaleIntercept")}      # v1: raw values -> HU, once
+    try:
+        rescale = {k: float(v) for k, v in cells.items()}
+    except (TypeError, ValueError):   # e.g. an empty cell, as pandas writes a missing value
+        raise VolumeReadError(f"{path}: RescaleSlope, RescaleIntercept {list(cells.values())} in the metadata CSV "
+                              f"are not numbers (v1 raw values cannot become HU)") from None
     if bad := [f"{k} is {v}" for k, v in rescale.items() if not np.isfinite(v)]:
         raise VolumeReadError(f"{path}: {', '.join(bad)} in the metadata CSV (v1 raw values cannot become HU)")
     hu = check_finite(hu * rescale["RescaleSlope"] + rescale["RescaleIntercept"], path)
@@ -302,8 +307,9 @@ def _preprocess_one(job) -> dict:
 def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL, workers=1,
                    spacing=(0.8, 0.8, 0.8), no_chest=None, progress=True) -> dict:
     """Preprocess every volume under src into out (resumable). Returns counts {'written', 'skipped' (done before),
-    'bad' (listed with the reason in out/bad_files.jsonl), 'excluded' (no-chest list and KNOWN_BAD), 'not_volume'
-    ({kind: count} of the other files under src, e.g. {'*.nii': 2})}: every file under src is counted once."""
+    'bad' (listed with the reason in out/bad_files.jsonl), 'excluded' (no-chest list and KNOWN_BAD), 'removed'
+    (excluded volumes an earlier run had cached: taken out of the cache), 'not_volume' ({kind: count} of the other
+    files under src, e.g. {'*.nii': 2})}: every file under src is counted once, 'removed' aside."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise FileNotFoundError(f"source folder {src} does not exist")
@@ -319,7 +325,14 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
     other = Counter(f"*{p.suffix}" if p.suffix else p.name for p in src.rglob("*")
                     if p.is_file() and not p.name.endswith(ext))
     files = [p for p in found if volume_key(p.name) not in excluded]
-    done = {volume_key(json.loads(l)["VolumeName"]) for l in open(manifest)} if manifest.exists() else set()
+    cached = [json.loads(l) for l in open(manifest)] if manifest.exists() else []
+    if removed := [r for r in cached if volume_key(r["VolumeName"]) in excluded]:   # cached before they were excluded
+        cached = [r for r in cached if r not in removed]
+        (tmp := out / "manifest.jsonl.tmp").write_text("".join(json.dumps(r) + "\n" for r in cached))
+        os.replace(tmp, manifest)                                  # the manifest first: it never names a deleted file
+        for r in removed:
+            (out / r["file"]).unlink(missing_ok=True)
+    done = {volume_key(r["VolumeName"]) for r in cached}
     jobs = []
     for p in files:
         name = p.name if fmt == "ctrate" else volume_key(p.name)
@@ -338,7 +351,7 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
     if pool:
         pool.close(); pool.join()
     return {"written": len(jobs) - n_bad, "skipped": len(files) - len(jobs), "bad": n_bad,
-            "excluded": len(found) - len(files), "not_volume": dict(sorted(other.items()))}
+            "excluded": len(found) - len(files), "removed": len(removed), "not_volume": dict(sorted(other.items()))}
 
 
 # ================================================ reports and labels =============================================
@@ -869,7 +882,8 @@ def main(argv=None):
     a = command("preprocess", ".nii.gz / .npz -> int16 .npy cache (resumable)")
     a.add_argument("--src", required=True, help="folder searched recursively for *.nii.gz (ctrate) or *.npz")
     a.add_argument("--metadata", help="CT-RATE metadata CSV (required for --format ctrate)")
-    a.add_argument("--out", required=True, help="cache folder: <volume key>.npy, bad_files.jsonl")
+    a.add_argument("--out", required=True,
+                   help="cache folder: <volume key>.npy, manifest.jsonl, preset.json, bad_files.jsonl")
     a.add_argument("--format", choices=["ctrate", "radchestct"], default="ctrate", help="input format")
     a.add_argument("--preset", choices=list(PRESETS), default="real", help="; ".join(
         f"{p.name}: {p.spacing} mm, stored {p.shape}, cropped to {p.crop} when read" for p in PRESETS.values()))
@@ -903,7 +917,8 @@ def main(argv=None):
                                tuple(args.spacing), args.no_chest)
         other, bad_list = stats["not_volume"], Path(args.out) / "bad_files.jsonl"
         kinds = f" ({', '.join(f'{k}: {n}' for k, n in other.items())})" if other else ""
-        line = (f"{stats['written']} written, {stats['skipped']} already done, {stats['excluded']} excluded, "
+        removed = f" ({stats['removed']} taken out of the cache)" if stats["removed"] else ""
+        line = (f"{stats['written']} written, {stats['skipped']} already done, {stats['excluded']} excluded{removed}, "
                 f"{stats['bad']} bad{f' (see {bad_list})' if stats['bad'] else ''}, "
                 f"{sum(other.values())} not a volume{kinds}")
         if stats["bad"]:

@@ -348,7 +348,7 @@ def test_preprocess_dir_is_resumable_and_records_bad_files(tmp_path):
     (tmp_path / "no_chest.txt").write_text("dataset/valid/valid_6/valid_6_a/valid_6_a_1.nii.gz\n")
     assert data.preprocess_dir(src, out, "ctrate", meta, data.PHANTOM, no_chest=tmp_path / "no_chest.txt",
                                progress=False) == {"written": 3, "skipped": 0, "bad": 2, "excluded": 1,
-                                                   "not_volume": {}}
+                                                   "removed": 0, "not_volume": {}}
     bad = [json.loads(l) for l in open(out / "bad_files.jsonl")]
     assert {b["VolumeName"] for b in bad} == {"valid_4_a_1.nii.gz", "valid_5_a_1.nii.gz"}
     assert all(b["VolumeName"][:-7] in b["error"] for b in bad)
@@ -371,6 +371,29 @@ def test_preprocess_dir_is_resumable_and_records_bad_files(tmp_path):
     assert cache.keep_cached(items[:1], "v", "questions", said.append) == items[:1] and len(said) == 1
     with pytest.raises(ValueError, match="another preset"):
         data.preprocess_dir(src, out, "ctrate", meta, data.REAL, progress=False)
+
+
+def test_a_volume_excluded_after_it_was_cached_leaves_the_cache(tmp_path):
+    """Preprocessing resumed with a --no-chest list takes the volumes it names out of the cache an earlier run wrote
+    (manifest and file), so that no stage trains on a head CT; the rest stays done."""
+    src, out, meta = tmp_path / "valid_fixed", tmp_path / "cache", tmp_path / "meta.csv"
+    names = [f"valid_{i}_a_1.nii.gz" for i in (1, 2)]
+    for name in names:
+        vol = np.full((30, 30, 12), -1000, np.int16)
+        vol[10:20, 10:20, 4:8] = 100
+        write_nifti(data.ctrate_path(src, name), vol)
+    with open(meta, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=world.METADATA_COLUMNS, restval="")
+        w.writeheader()
+        w.writerows(meta_row(n, xy=(2.0, 2.0), z=5.0) for n in names)
+    assert data.preprocess_dir(src, out, "ctrate", meta, data.PHANTOM, progress=False)["written"] == 2
+    (tmp_path / "no_chest.txt").write_text(f"{names[1]}\n")
+    stats = data.preprocess_dir(src, out, "ctrate", meta, data.PHANTOM, no_chest=tmp_path / "no_chest.txt",
+                                progress=False)
+    assert (stats["skipped"], stats["excluded"], stats["removed"]) == (1, 1, 1)
+    assert data.VolumeCache(out).names == names[:1] and not (out / "valid_2_a_1.npy").exists()
+    assert data.main(["preprocess", "--src", str(src), "--metadata", str(meta), "--out", str(out), "--preset",
+                      "phantom", "--no-chest", str(tmp_path / "no_chest.txt")]) is None   # nothing left to remove
 
 
 def real_meta_rows() -> dict[str, dict]:
@@ -428,7 +451,7 @@ def test_non_finite_voxels_or_rescale_parameters_make_bad_files_never_cache_entr
     meta, out = write_meta_csv(tmp_path / "meta.csv", [rows[n] for n in cases]), tmp_path / "cache"
     with np.errstate(over="ignore"):
         stats = data.preprocess_dir(src, out, "ctrate", meta, SMALL, progress=False)
-    assert stats == {"written": 2, "skipped": 0, "bad": 7, "excluded": 0, "not_volume": {}}
+    assert stats == {"written": 2, "skipped": 0, "bad": 7, "excluded": 0, "removed": 0, "not_volume": {}}
     bad = {b["VolumeName"]: b["error"] for b in map(json.loads, open(out / "bad_files.jsonl"))}
     assert set(bad) == {n for n, (_, reason) in cases.items() if reason}
     assert all(e.startswith(f"{data.ctrate_path(src, n)}: ") and cases[n][1] in e for n, e in bad.items())
@@ -458,7 +481,7 @@ def test_any_failure_is_listed_and_the_run_goes_on(tmp_path, workers):
     rows[names[0]] = {**rows[names[0]], "RescaleSlope": ""}  # an empty cell: float('') raises a plain ValueError
     meta, out = write_meta_csv(tmp_path / "meta.csv", [rows[n] for n in names]), tmp_path / "cache"
     stats = data.preprocess_dir(src, out, "ctrate", meta, SMALL, workers=workers, progress=False)
-    assert stats == {"written": 4, "skipped": 0, "bad": 2, "excluded": 0, "not_volume": {}}
+    assert stats == {"written": 4, "skipped": 0, "bad": 2, "excluded": 0, "removed": 0, "not_volume": {}}
     bad = {b["VolumeName"]: b["error"] for b in map(json.loads, open(out / "bad_files.jsonl"))}
     assert bad[names[0]] == f"{data.ctrate_path(src, names[0])}: ValueError: could not convert string to float: ''"
     assert bad[names[1]].startswith(f"{data.ctrate_path(src, names[1])}: TypeError: Cannot cast array data from ")
@@ -497,6 +520,16 @@ def test_a_crash_leaves_no_npy_outside_the_manifest(tmp_path, monkeypatch):
 
 
 @needs_real
+def test_an_empty_rescale_cell_of_a_raw_volume_is_named(tmp_path):
+    """A v1 volume (raw values) whose metadata row has an empty RescaleIntercept (pandas' NaN) fails naming the
+    file and the cells, not with a bare float() error."""
+    name, row = next(iter(real_meta_rows().items()))
+    write_nifti(path := tmp_path / name, chest() + 1024)
+    with pytest.raises(data.VolumeReadError, match=rf"{name}: RescaleSlope, RescaleIntercept \['1', ''\] in the "
+                                                   "metadata CSV are not numbers"):
+        data.read_ctrate_volume(path, {**row, "RescaleSlope": "1", "RescaleIntercept": ""})
+
+
 def test_summary_counts_every_file_and_the_cli_fails_on_bad_files(tmp_path, capsys):
     rows = real_meta_rows()
     names = sorted(rows)[:4]
@@ -522,7 +555,9 @@ def test_summary_counts_every_file_and_the_cli_fails_on_bad_files(tmp_path, caps
         "(v1 raw values cannot become HU)"]
     stats = data.preprocess_dir(src, out, "ctrate", meta, data.PHANTOM, no_chest=tmp_path / "no_chest.txt",
                                 progress=False)
-    assert stats == {"written": 0, "skipped": 2, "bad": 1, "excluded": 1, "not_volume": {"*.nii": 2, "*.txt": 1}}
+    assert stats == {"written": 0, "skipped": 2, "bad": 1, "excluded": 1, "removed": 0,
+                     "not_volume": {"*.nii": 2, "*.txt": 1}}
+    del stats["removed"]                                          # cache entries, not files under src
     assert sum(stats.pop("not_volume").values()) + sum(stats.values()) == sum(p.is_file() for p in src.rglob("*"))
     write_nifti(data.ctrate_path(src, names[3]), hu)  # HU: the rescale parameters are not needed
     assert data.main(argv) is None
