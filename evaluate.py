@@ -7,7 +7,7 @@ Deliberate choices:
    A metric that cannot run (no Java, no BERT dir, no judge) is null with its reason; "Mean" averages those that ran.
 2. LLM judge (LLM score, reasoning quality): an OpenAI-compatible endpoint, fixed prompts, temperature 0, strict JSON,
    an on-disk cache of valid replies; the key stays in the environment. A failed reply is null and counted.
-3. MMVQA answer = grpo.parse_answer, else (paper §4.3) the option whose embedding is most cosine-similar to the output
+3. MMVQA answer = data.parse_answer, else (paper §4.3) the option whose embedding is most cosine-similar to the output
    (a local sentence encoder, else the LLM's mean input embeddings). An empty output is wrong. Each path is counted.
 4. Accuracy also per abnormality and per scan (reconstructions of one scan share their labels: each scan counts once).
 5. Significance against a reference run (default sft): paired t-test on per-report scores, exact McNemar on answers.
@@ -57,7 +57,8 @@ from tqdm import tqdm
 
 import data
 import model
-from grpo import answer_only_reward, format_reward, offline_consistency, parse_answer, think_text
+from data import parse_answer, think_text
+from grpo import answer_only_reward, decode, format_reward, offline_consistency
 from runtime import autocast, cleanup_distributed, compute_dtype, get_rank, make_parser, parse_with_preset, print0
 from runtime import json_safe, data_flags, local_dir, setup_distributed, versions, world_size
 
@@ -138,8 +139,8 @@ def report_metrics(hyps: list[str], refs: list[str], bert_model: str | None = No
         scorers.append(("CIDEr", Cider(), res))
     else:   # its IDF over a single document is 0 for every n-gram, so CIDEr-D would always be 0
         missing["CIDEr"] = f"CIDEr-D needs at least 2 reports (IDF over the scored set); {len(hyps)} scored"
-    if shutil.which("java"):   # an empty hypothesis would stall METEOR's stdin protocol, so it gets one token
-        scorers.insert(0, ("METEOR", _meteor(), {i: [h[0] or "empty"] for i, h in res.items()}))
+    if shutil.which("java"):   # an empty hypothesis would stall METEOR's stdin protocol: one token that matches nothing
+        scorers.insert(0, ("METEOR", _meteor(), {i: [h[0] or "qzqzqz"] for i, h in res.items()}))
     else:
         missing["METEOR"] = "METEOR 1.5 needs Java: no `java` on PATH"
     for name, scorer, hyp in scorers:
@@ -186,9 +187,9 @@ def paired_test(a: dict, b: dict) -> dict:
 
 
 def mcnemar(a: list[bool], b: list[bool]) -> dict:
-    """Exact McNemar test for paired right/wrong answers (binomial test on the discordant pairs)."""
+    """Exact McNemar test for paired right/wrong answers (binomial test on the discordant pairs; none: p = 1)."""
     a_only, b_only = sum(x and not y for x, y in zip(a, b)), sum(y and not x for x, y in zip(a, b))
-    p = stats.binomtest(a_only, a_only + b_only).pvalue if a_only + b_only else None
+    p = stats.binomtest(a_only, a_only + b_only).pvalue if a_only + b_only else 1.0
     return {"n": len(a), "acc_a": float(np.mean(a)), "acc_b": float(np.mean(b)), "a_only": a_only, "b_only": b_only,
             "p": p}
 
@@ -365,9 +366,12 @@ def case_sheet(png: Path, cache, q: dict, findings: list[str], recs: dict, qset:
 
 # =============================== MMVQA answers: the parser, then cosine similarity ===============================
 def resolve_answer(output: str, options: dict, embed=None) -> tuple[str | None, str]:
-    """(letter | None, path): "parsed" (grpo.parse_answer), "similarity" (the option text most cosine-similar to the
-    output, tags removed; paper §4.3) or "none" (empty output, or no embedder)."""
+    """(letter | None, path): "parsed" (data.parse_answer: the <answer> block, else a lone option letter, which is
+    also what an answer tag left unclosed holds), "similarity" (the option text most cosine-similar to the output,
+    tags removed; paper §4.3) or "none" (empty output, or no embedder)."""
     letter = parse_answer(output, options=options)
+    if letter is None and "answer>" in output:   # e.g. "<answer>B" cut by EOS: read without the answer tags
+        letter = parse_answer(output.replace("<answer>", " ").replace("</answer>", " "), options=options)
     if letter in options:
         return letter, "parsed"
     text = data.TAG.sub(" ", output).strip()
@@ -439,8 +443,9 @@ def summarize_mmvqa(records: list[dict], think: bool) -> dict:
 # ================================ model-driven evaluation: greedy, batched, sharded ================================
 def generate_all(vlm, cache, jobs: list[tuple[str, str]], batch_size: int, max_new_tokens: int,
                  desc: str) -> list[tuple[str, bool]]:
-    """Greedy (completion, ended with EOS) for (VolumeName, user text) jobs, in job order, on every rank. Global batch
-    k runs on rank k % world, so each batch (and its padding) is the same with or without torchrun."""
+    """Greedy (completion, ended with EOS) for (VolumeName, user text) jobs, in job order, on every rank; completions
+    read as GRPO's rewards read them (grpo.decode: special tokens kept). Global batch k runs on rank k % world, so
+    each batch (and its padding) is the same with or without torchrun."""
     rank, world = get_rank(), world_size()
     batches = [list(range(i, min(i + batch_size, len(jobs)))) for i in range(0, len(jobs), batch_size)]
     mine = {}
@@ -452,9 +457,8 @@ def generate_all(vlm, cache, jobs: list[tuple[str, str]], batch_size: int, max_n
             image_embeds = vlm.image_embeds(volumes.to(vlm.device))                      # (B, N_img, D)
             completion, lengths, finished = vlm.generate(input_ids, attention_mask, image_embeds,
                                                          max_new_tokens=max_new_tokens, temperature=0.0)
-        for row, i in enumerate(idx):
-            mine[i] = (vlm.tokenizer.decode(completion[row, :lengths[row]].tolist(), skip_special_tokens=True),
-                       bool(finished[row]))
+        texts = decode(vlm.tokenizer, completion, lengths, finished)
+        mine.update({i: (texts[row], bool(finished[row])) for row, i in enumerate(idx)})
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, mine)
@@ -479,10 +483,12 @@ def evaluate_mmvqa(vlm, cache, items: list[dict], embed, args, desc: str) -> dic
 
 
 def generate_reports(vlm, cache, reports: dict, names: list[str], args, desc: str) -> list[tuple[str, bool]]:
-    """Table 2's generated reports, tags removed, and whether each ended with EOS, in `names` order (every rank)."""
+    """Table 2's generated reports, tags and special tokens removed, and whether each ended with EOS, in `names`
+    order (every rank)."""
     outputs = generate_all(vlm, cache, [(n, data.report_instruction(reports[n])) for n in names], args.batch_size,
                            args.max_report_tokens, desc)
-    return [(" ".join(data.TAG.sub(" ", t).split()), finished) for t, finished in outputs]
+    special = re.compile("|".join(map(re.escape, vlm.tokenizer.all_special_tokens)))
+    return [(" ".join(special.sub(" ", data.TAG.sub(" ", t)).split()), finished) for t, finished in outputs]
 
 
 def score_reports(generated: list[tuple[str, bool]], reports: dict, names: list[str], args, judge) -> dict:
@@ -498,7 +504,7 @@ def score_reports(generated: list[tuple[str, bool]], reports: dict, names: list[
 
 def evaluate_reasoning(judge, mmvqa: dict, questions: list[dict], reports: dict) -> dict:
     """Table 4: the think outputs of CT-RATE questions whose scan has a report text, graded against it offline
-    (grpo.offline_consistency, 0-1, per question index) and, when an endpoint is configured, by the judge. Record i
+    (grpo.offline_consistency, 0-1) and, when an endpoint is configured, by the judge; per question index. Record i
     answers questions[i]; scans match reports by data.volume_key (an MCQ item's VolumeName may be a path)."""
     by_key = {data.volume_key(k): v for k, v in reports.items()}
     recs = [(i, r) for i, r in enumerate(mmvqa.get("CT-RATE", {}).get("think", {}).get("records", []))
@@ -513,7 +519,9 @@ def evaluate_reasoning(judge, mmvqa: dict, questions: list[dict], reports: dict)
     if judge is not None:
         asked = [questions[i] for i, _ in recs]
         assert all(q["VolumeName"] == r["VolumeName"] for q, (_, r) in zip(asked, recs)), "records != questions"
-        out = {**out, **reasoning_scores(judge, [q["question"] for q in asked], thinks, texts)}
+        judged = reasoning_scores(judge, [q["question"] for q in asked], thinks, texts)
+        judged["per_item"] = {str(i): grades for (i, _), grades in zip(recs, judged["per_item"])}
+        out = {**out, **judged}
         out.pop("missing")
     return out
 
@@ -543,10 +551,14 @@ def significance(runs: dict, reference: str) -> dict:
             continue
         tests = {f"reports/{m}": paired_test(items, ref_items[m])
                  for m, items in run.get("reports", {}).get("per_item", {}).items() if m in ref_items}
-        if "offline" in run.get("reasoning", {}) and "offline" in ref.get("reasoning", {}):   # keyed by question index
+        reasoning = [x.get("reasoning", {}) for x in (run, ref)]
+        if all("offline" in r for r in reasoning):                  # per_item keyed by question index
             think = [x.get("mmvqa", {}).get("CT-RATE", {}).get("think", {"records": []}) for x in (run, ref)]
-            tests["reasoning/offline"] = unpaired(*think) or paired_test(run["reasoning"]["offline"]["per_item"],
-                                                                         ref["reasoning"]["offline"]["per_item"])
+            grades = {"offline": [r["offline"]["per_item"] for r in reasoning]}
+            if all(r.get("means") for r in reasoning):              # both judged: each criterion as well
+                grades.update({f"judge/{k}": [{i: g and g[k] for i, g in r["per_item"].items()} for r in reasoning]
+                               for k in JUDGE_CRITERIA})
+            tests.update({f"reasoning/{name}": unpaired(*think) or paired_test(*pair) for name, pair in grades.items()})
         for qset, prompts in run.get("mmvqa", {}).items():
             for prompt, summary in prompts.items():
                 other = ref.get("mmvqa", {}).get(qset, {}).get(prompt)
@@ -604,10 +616,10 @@ def markdown(results: dict) -> str:
     pval = lambda p: "—" if p is None else f"{p:.2g}"
     row = lambda *cells: "| " + " | ".join(map(str, cells)) + " |"
 
-    def cell(x: float | None, test: dict | None) -> str:   # a percentage, * for p < 0.05, † for p < 0.005
+    def cell(x: float | None, test: dict | None, scale: float = 100) -> str:   # * for p < 0.05, † for p < 0.005
         p = (test or {}).get("p")
         mark = "" if p is None else "†" if p < 0.005 else "*" if p < 0.05 else ""
-        return ("—" if x is None else f"{100 * x:.2f}") + mark
+        return ("—" if x is None else f"{scale * x:.2f}") + mark
 
     def table(title: str | None, note: str | None, columns: list[str]) -> list[str]:   # blank lines between blocks
         blocks = [f"## {title}"] * bool(title) + [note] * bool(note) + [row(*columns)]
@@ -655,11 +667,16 @@ def markdown(results: dict) -> str:
                              f"t-test p = {pval(t['p'])}.")
     judged = {k: r["reasoning"] for k, r in runs.items() if r.get("reasoning", {}).get("means")}
     if judged:
-        lines += table("Reasoning quality (0-5, LLM judge), paper table 4", None,
-                       ["Run", "Clinical", "Clarity", "Diff. Dx", "Concis", "judged"])
+        lines += table("Reasoning quality (0-5, LLM judge), paper table 4", f"\\* p < 0.05, † p < 0.005 vs. `{ref}` "
+                       "(paired t-test).", ["Run", "Clinical", "Clarity", "Diff. Dx", "Concis", "judged"])
         for label, r in judged.items():
-            cells = ["—" if r["means"][k] is None else f"{r['means'][k]:.2f}" for k in JUDGE_CRITERIA]
+            cells = [cell(r["means"][k], tests[label].get(f"reasoning/judge/{k}"), 1) for k in JUDGE_CRITERIA]
             lines.append(row(label, *cells, f"{r['n_valid']}/{r['n']}"))
+        for a, b in PAIRS:
+            pair = results["significance"].get(f"{a} vs {b}", {})
+            if f"reasoning/judge/{JUDGE_CRITERIA[0]}" in pair:
+                lines.append(f"\n`{a}` vs `{b}`, paired t-test p: " + ", ".join(
+                    f"{k} {pval(pair[f'reasoning/judge/{k}'].get('p'))}" for k in JUDGE_CRITERIA) + ".")
     if "positional_bias" in results:
         b = results["positional_bias"]
         means = [f"{k} {b[k]['mean_position'] or float('nan'):.3f} (n={b[k]['n_sentences']})"
@@ -692,7 +709,7 @@ def parse_args(argv=None):
     g.add_argument("--bias-reports", help="figure 1: a reports CSV or labelled-sentences JSONL; unset = train CSV")
     g = p.add_argument_group("generation")
     g.add_argument("--batch-size", type=int, default=32, help="per rank")
-    g.add_argument("--max-new-tokens", type=int, default=512, help="MMVQA completion tokens (as GRPO's)")
+    g.add_argument("--max-new-tokens", type=int, default=512, help="MMVQA completion tokens")
     g.add_argument("--max-report-tokens", type=int, default=1024, help="generated reports")
     g = p.add_argument_group("metrics")
     g.add_argument("--bert-model", default=None, help="LOCAL dir of the BERTScore model (e.g. roberta-large)")

@@ -8,6 +8,7 @@ import shutil
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -110,6 +111,12 @@ def test_scores_equal_pycocoevalcap_own_output(metrics):
         assert "Meteor" in metrics["implementations"]["METEOR"]
 
 
+@pytest.mark.skipif(not JAVA, reason="METEOR 1.5 runs in Java")
+def test_an_empty_report_scores_no_meteor_even_against_the_word_empty():
+    out = E.report_metrics(["", "The lungs are clear."], ["The gallbladder is empty.", "The lungs are clear."])
+    assert out["per_item"]["METEOR"][0] == 0 and out["per_item"]["METEOR"][1] > 0.9
+
+
 def test_meteor_without_java_is_null_with_reason(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))            # no java on PATH
     out = E.report_metrics(HYPS[:2], REFS[:2])
@@ -178,6 +185,7 @@ def test_mcnemar_and_compare(tmp_path):
     from scipy import stats
     t = E.mcnemar([True, True, True, False, True], [False, False, False, False, True])
     assert (t["a_only"], t["b_only"]) == (3, 0) and t["p"] == pytest.approx(stats.binomtest(3, 3).pvalue)
+    assert E.mcnemar([True, False], [True, False])["p"] == 1.0    # no discordant pair: no evidence of a difference
     recs = lambda flags: {"records": [{"correct": f} for f in flags]}
     for name, flags, bleu in (("a", [True, True, False], {"v1": 0.5, "v2": 0.7}),
                               ("b", [False, True, False], {"v1": 0.1, "v2": 0.2})):
@@ -240,6 +248,7 @@ def bag_of_words(texts):
     ("<think>fluid at the base</think><answer>C</answer>", "C", "parsed"),
     ("<think>x</think>\n<answer> (c) </answer>", "C", "parsed"),
     ("D", "D", "parsed"),                                       # lone letter without tags
+    ("<think>x</think><answer>B", "B", "parsed"),              # an answer tag left open (EOS came first)
     ("B) Atelectasis", "B", "parsed"),
     ("<think>…</think><answer>Pleural effusion</answer>", "C", "similarity"),   # option text, no letter
     ("<answer>A or B</answer> there is a hiatal hernia", "A", "similarity"),   # two letters: parser refuses
@@ -485,6 +494,26 @@ def test_evaluate_end_to_end(eval_setup, server, tmp_path):
     assert "| sft | ✓ | 1.1 |" in md and "| Run | Clinical | Clarity | Diff. Dx | Concis |" in md
 
 
+def test_outputs_are_read_as_grpo_reads_them(eval_setup, monkeypatch):
+    """A completion with a stray special token: its format is broken, as GRPO's format reward (which sees special
+    tokens) has it, and never counted well-formed; the report text leaves the token and the tags out."""
+    import data
+    import model
+    world, root = eval_setup
+    vlm, cache = model.VLM.load(root / "runs/sft/vlm"), data.VolumeCache(world["valid_cache"])
+    tok = vlm.tokenizer
+    ids = tok("<think>x</think><|vision_start|><answer>A</answer>", add_special_tokens=False)["input_ids"]
+    row = torch.tensor(ids + [tok.eos_token_id, tok.pad_token_id])
+    monkeypatch.setattr(vlm, "generate", lambda input_ids, *a, **k: (row.repeat(len(input_ids), 1), torch.full(
+        (len(input_ids),), len(ids) + 1), torch.ones(len(input_ids), dtype=torch.bool)))   # the EOS counted
+    (text, finished), = E.generate_all(vlm, cache, [(cache.names[0], "Which?")], 1, 8, "test")
+    assert text == "<think>x</think><|vision_start|><answer>A</answer>" and finished
+    assert not E.follows_format(text, think=True) and E.resolve_answer(text, {"A": "a", "B": "b"}) == ("A", "parsed")
+    reports = {cache.names[0]: {"findings": "x", "impressions": None}}
+    args = SimpleNamespace(batch_size=1, max_report_tokens=8)
+    assert E.generate_reports(vlm, cache, reports, cache.names[:1], args, "test") == [("x A", True)]
+
+
 def test_run_selection(phantom_world, tmp_path, capsys):
     """Default: the quick start's runs that exist, never a stray folder; a named run that does not exist is an error."""
     runs = tmp_path / "runs"
@@ -612,11 +641,11 @@ def test_p_values_against_guessing_and_the_consistency_ablation_pair():
     report = {"findings": "Pleural effusion on the left.", "impressions": None}
     questions = [{"VolumeName": r["VolumeName"], "question": "Q?"} for r in records]
 
-    def run(thinks):       # a run whose rationales are `thinks`, graded offline against the report
+    def run(thinks, judge=None):       # a run whose rationales are `thinks`, graded offline against the report
         recs = [{**r, "output": f"<think>{t}</think><answer>A</answer>"} for r, t in zip(records, thinks)]
         mmvqa = {"CT-RATE": {"think": E.summarize_mmvqa(recs, think=True)}}
         return {"mmvqa": mmvqa, "ram": True, "arw_lambda": 1.1,
-                "reasoning": E.evaluate_reasoning(None, mmvqa, questions, {r["VolumeName"]: report for r in records})}
+                "reasoning": E.evaluate_reasoning(judge, mmvqa, questions, {r["VolumeName"]: report for r in records})}
     agree, deny = "Pleural effusion is present.", "No pleural effusion."
     runs = {"sft": run([deny] * 10), "grpo": run([agree] * 8 + [deny] * 2), "grpo_nocon": run([agree] * 2 + [deny] * 8)}
     g = runs["grpo"]["reasoning"]
@@ -630,6 +659,22 @@ def test_p_values_against_guessing_and_the_consistency_ablation_pair():
         assert "mmvqa/CT-RATE/think" in tests[f"{label} vs sft"] and "reasoning/offline" in tests[f"{label} vs sft"]
     md = E.markdown({"runs": runs, "reference": "sft", "significance": tests, "provenance": {"git_commit": "x"}})
     assert "| grpo | 0.800 | 10 |" in md and "`grpo` − `grpo_nocon`: +0.600 over 10 questions" in md
+
+    class Judge:   # grades a rationale that agrees with the report 4 on every criterion, one that denies it 1
+        model = "stub"
+
+        def ask_all(self, prompts, parse):
+            return [{k: 4 if agree in p else 1 for k in E.JUDGE_CRITERIA} for p in prompts], []
+    judged = {"sft": run([deny] * 10, Judge()), "grpo": run([agree] * 8 + [deny] * 2, Judge()),
+              "grpo_nocon": run([agree] * 2 + [deny] * 8, Judge())}
+    tests = E.significance(judged, "sft")
+    for k in E.JUDGE_CRITERIA:   # each criterion tested by question, as the offline grade, for table 4's claim
+        pair = tests["grpo vs grpo_nocon"][f"reasoning/judge/{k}"]
+        expected = stats.ttest_rel([4] * 8 + [1] * 2, [4] * 2 + [1] * 8).pvalue
+        assert pair["n"] == 10 and pair["p"] == pytest.approx(expected)
+        assert tests["grpo vs sft"][f"reasoning/judge/{k}"]["mean_a"] == pytest.approx(3.4)
+    md = E.markdown({"runs": judged, "reference": "sft", "significance": tests, "provenance": {"git_commit": "x"}})
+    assert "| grpo | 3.40† | 3.40† | 3.40† | 3.40† | 10/10 |" in md and "`grpo` vs `grpo_nocon`, paired t-test p" in md
     # runs that answered other questions (here: the same scans, another order) are not paired by question index
     shuffled = run([agree] * 8 + [deny] * 2)
     shuffled["mmvqa"]["CT-RATE"]["think"]["records"].reverse()
