@@ -26,7 +26,7 @@ Deliberate choices:
 Run:
   python grpo.py                                          # 1 CPU, phantom world (needs runs/sft/vlm)
   python grpo.py --preset real --data-root /data/ct-rate --sft runs/sft/vlm            # 1 GPU
-  torchrun --standalone --nproc_per_node 8 grpo.py --preset real --data-root /data/ct-rate   # 8 GPUs
+  torchrun --standalone --nproc_per_node 8 grpo.py --preset real --data-root /data/ct-rate --shard fsdp   # 8 GPUs
 """
 from __future__ import annotations
 
@@ -86,10 +86,10 @@ def discretise(score: float, thresholds: list[float], levels: list[float]) -> fl
     return levels[sum(t <= score for t in thresholds)]
 
 
-CON_DEFAULTS = {  # scorer -> (thresholds, levels)
+CON_DEFAULTS = {  # scorer -> (thresholds, levels): the paper's example levels (§3.3), our thresholds
     "offline": ([0.25, 0.5, 1.0], [0.0, 0.5, 0.8, 1.0]),
-    "rm": ([0.0, 0.2, 0.5, 1.0, 1.6], [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]),          # RM-Mistral-7B raw scores
-    "judge": ([0.25, 0.5, 1.0], [0.0, 0.5, 0.8, 1.0]),                            # judge grade / 10
+    "rm": ([0.0, 0.2, 0.5, 1.0, 1.6], [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]),   # the official code's, on RM-Mistral-7B's score
+    "judge": ([0.25, 0.5, 1.0], [0.0, 0.5, 0.8, 1.0]),                    # on the judge's grade / 10
 }
 RM_QUESTION = "Radiology report of this chest CT:\n{report}\n\nExplain, step by step, what the CT shows."
 JUDGE_PROMPT = ("You grade a model's diagnostic reasoning about a chest CT against the radiologist's report.\n"
@@ -239,7 +239,7 @@ def decode(tokenizer, ids: torch.Tensor, lengths: torch.Tensor, finished: torch.
 
 @torch.no_grad()
 def validate(vlm, questions: list[dict], volumes, max_new_tokens: int, batch: int = 16) -> dict:
-    """Greedy MMVQA accuracy (grpo.parse_answer, as evaluate.py) and format rate; each rank a share, summed."""
+    """Greedy MMVQA accuracy (data.parse_answer, evaluate's first path) and format rate; each rank a share, summed."""
     mine, counts = questions[get_rank()::world_size()], torch.zeros(3, dtype=torch.float64, device=vlm.device)
     for i in range(0, len(mine), batch):
         chunk = mine[i:i + batch]
@@ -302,7 +302,7 @@ def train_step(net, ref: model.VLM, optimizer, qs: list[dict], x: torch.Tensor |
     # 4. loss and update, in micro-batches (choice 7): old = the rollout policy, ref = the SFT model, both no-grad
     n = input_ids.shape[0]
     chunks = [slice(i, min(i + (args.micro_batch or n), n)) for i in range(0, n, args.micro_batch or n)]
-    weight = 1.0   # this rank's share of a mean over all ranks' rows or tokens, relative to the ranks' average
+    # share (per chunk), weight (whole batch): this rank's part of the all-rank mean, relative to the ranks' average
     if args.loss_reduction == "token":   # the mean over every rank's tokens: DDP averages the ranks' gradients
         tokens = all_reduce(mask.sum().float(), "sum").clamp(min=1) / world_size()
         share, weight = [float(mask[c].sum().clamp(min=1) / tokens) for c in chunks], float(mask.sum() / tokens)

@@ -315,7 +315,7 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
     encoded = [encode(tokenizer, net.vlm.prompt(e["user"]), e["segments"], args.arw_lambda, args.max_len,
                       f"example {i} ({e['volume']}, {e['user'][:40]!r})") for i, e in enumerate(examples)]
     cut = sum(ids[-1] != tokenizer.eos_token_id for ids, _ in encoded)   # targets longer than --max-len
-    forward = runtime.wrap(net, device, args.shard)
+    wrapped = runtime.wrap(net, device, args.shard)
     params = [p for p in net.parameters() if p.requires_grad]  # after wrap: FSDP's shards
     print0(f"{len(examples)} examples ({cut} cut at --max-len {args.max_len}), "
            f"{sum(p.numel() for p in params):,} trainable parameters, world {world}")
@@ -328,7 +328,7 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
     run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at, args=vars(args),
                       curves=("loss", "lr", "grad_norm"), save_every=args.save_every)
     if run.state is not None:
-        runtime.load_train_state(forward, optimizer, run.state)
+        runtime.load_train_state(wrapped, optimizer, run.state)
     lengths = [len(ids) for ids, _ in encoded]
     inject_step, inject_rank = map(int, args.inject_nan.split(":")) if args.inject_nan else (-1, -1)
     bar = tqdm(total=total_steps, initial=run.start, disable=rank != 0, desc=desc)
@@ -346,7 +346,7 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
             if (step, rank) == (inject_step, inject_rank):
                 image = image * float("nan")
             micro.append(collate([encoded[i] for i in idx], tokenizer.pad_token_id) + (image,))
-        loss, grad_norm, applied = train_step(forward, optimizer, micro, params, args, step, device)
+        loss, grad_norm, applied = train_step(wrapped, optimizer, micro, params, args, step, device)
         run.skipped += not applied
         losses.append(loss)
         bar.update(1)
@@ -358,14 +358,14 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
             run.log(row)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         done = step + 1
-        if run.end_step(done, total_steps, lambda: {**runtime.train_state(forward, optimizer), "args": vars(args)},
+        if run.end_step(done, total_steps, lambda: {**runtime.train_state(wrapped, optimizer), "args": vars(args)},
                         device):
             break
     bar.close()
     run.close()
     done = run.start + len(losses)
     if done == total_steps:
-        runtime.unshard_for_saving(forward)
+        runtime.unshard_for_saving(wrapped)
     return {"losses": losses, "step": done, "interrupted": done < total_steps, "net": net, "examples": len(examples),
             "skipped": run.skipped}
 

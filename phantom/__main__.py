@@ -24,19 +24,18 @@ def main(argv=None) -> None:
                        ("dataset", "write only the raw dataset (CT-RATE v2 layout + RAD-ChestCT subset)")):
         a = sub.add_parser(name, help=text)
         if name == "world":
-            a.add_argument("--root", default="runs/phantom")
+            a.add_argument("--root", default="runs/phantom", help="every stage's --data-root (default: %(default)s)")
+            a.add_argument("-v", "--verbose", action="store_true", help="print every path")
         else:
-            a.add_argument("--out", required=True)
-        a.add_argument("--n-train", type=int, default=None, help="training volumes (default 400)")
-        a.add_argument("--n-valid", type=int, default=None, help="validation volumes (default 340)")
-        a.add_argument("--n-rad", type=int, default=None, help="RAD-ChestCT-format volumes (default 340)")
-        a.add_argument("--seed", type=int, default=None, help="default 0")
-        a.add_argument("-v", "--verbose", action="store_true", help="print every path")
+            a.add_argument("--out", required=True, help="the dataset's folder")
+        default = "default: the existing world's, else" if name == "world" else "default:"
+        for key, what in (("n_train", "training volumes"), ("n_valid", "validation volumes"),
+                          ("n_rad", "RAD-ChestCT volumes"), ("seed", "seed")):
+            a.add_argument("--" + key.replace("_", "-"), type=int, help=f"{what} ({default} {PHANTOM_DEFAULTS[key]})")
     args = ap.parse_args(argv)
     if args.cmd == "dataset":
-        d = PHANTOM_DEFAULTS
-        make_phantom(args.out, args.n_train or d["n_train"], args.n_valid or d["n_valid"],
-                     d["n_rad"] if args.n_rad is None else args.n_rad, args.seed or 0)
+        make_phantom(args.out, *[PHANTOM_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k)
+                                 for k in ("n_train", "n_valid", "n_rad", "seed")])
         print(f"phantom dataset written to {args.out}")
         return
     paths = ensure_world(args.root, args.n_train, args.n_valid, args.n_rad, args.seed, progress=True)

@@ -8,7 +8,7 @@ memorised per scan) and list-copy exercises stand in for the in-context copying 
 
 Run:
   python -m phantom warmup                  # -> runs/warmup, an HF directory (sft.py's default --llm)
-  python -m phantom warmup --help           # sft.py's training and run-time flags apply, with the warm-up's defaults
+  python -m phantom warmup --help           # sft.py's training and run-time flags, with the warm-up's defaults
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ from phantom.llm import mmvqa_target
 # The warm-up's defaults on top of sft.py's (the whole tiny LLM trains from scratch: lr 3e-4, docs/NOTES.md).
 WARMUP = dict(llm=None, vision_weights=None, vit_preset="tiny", lr=3e-4, epochs=2, batch_size=8, out="runs/warmup")
 BLANK = "blank"  # the label vector of the copy exercises: no finding
+NOT_READ = ("preset", "vqa", "no_ram", "vision_weights", "lora", "lora_rank", "lora_alpha", "lora_dropout",
+            "feature_stats", "cache_features", "grad_ckpt")   # sft.py flags it refuses: phantom world, whole LLM
 
 
 class FindingCode(nn.Module):
@@ -45,15 +47,11 @@ class FindingCode(nn.Module):
         return self.norm((labels.float() @ self.code)[:, None] + self.pos)
 
 
-def mmvqa_examples(items: list[dict], labels: dict, modes=(True, False)) -> list[dict]:
-    """MMVQA questions with mmvqa_target answers, each with (True) and / or without (False) <think>."""
-    examples = []
-    for item in items:
-        present = [n for n, y in zip(data.ABNORMALITIES, labels[item["VolumeName"]]) if y]
-        for think in modes:
-            examples.append({"volume": item["VolumeName"], "user": data.mmvqa_prompt(item, think),
-                             "segments": [(mmvqa_target(item, present, think), False)]})
-    return examples
+def mmvqa_examples(items: list[dict], labels: dict, think: bool) -> list[dict]:
+    """MMVQA questions with mmvqa_target answers, with or without <think>."""
+    present = lambda item: [n for n, y in zip(data.ABNORMALITIES, labels[item["VolumeName"]]) if y]
+    return [{"volume": item["VolumeName"], "user": data.mmvqa_prompt(item, think),
+             "segments": [(mmvqa_target(item, present(item), think), False)]} for item in items]
 
 
 def drawn_labels(labels: dict, n: int, seed: int) -> dict:
@@ -82,8 +80,8 @@ def warmup_examples(paths: dict, labels: dict, seed: int, think_per_scan: int = 
     n_think, n_plain = think_per_scan * len(labels), no_think_per_scan * len(labels)
     drawn = drawn_labels(labels, n_think + n_plain, seed)
     items = data.build_mmvqa(drawn, seed)
-    examples = (sft.sft_examples(paths, kinds=None) + mmvqa_examples(items[:n_think], drawn, modes=(True,))
-                + mmvqa_examples(items[n_think:], drawn, modes=(False,))
+    examples = (sft.sft_examples(paths, kinds=None) + mmvqa_examples(items[:n_think], drawn, think=True)
+                + mmvqa_examples(items[n_think:], drawn, think=False)
                 + copy_examples(copy_per_scan * len(labels), seed))
     return examples, {**labels, **drawn, BLANK: np.zeros(len(data.ABNORMALITIES), dtype=np.int64)}
 
@@ -103,7 +101,9 @@ def save_llm_dir(vlm: model.VLM, code: FindingCode, out: Path, meta: dict) -> No
 
 
 def main(argv=None) -> dict:
-    args = sft.parse_args(argv, WARMUP, __doc__, "python -m phantom warmup")
+    args, default = (sft.parse_args(a, WARMUP, __doc__, "python -m phantom warmup") for a in (argv, []))
+    if given := [f"--{k.replace('_', '-')}" for k in NOT_READ if getattr(args, k) != getattr(default, k)]:
+        raise SystemExit(f"python -m phantom warmup does not read {', '.join(given)}: leave them out")
     _, _, _, device = runtime.setup_distributed()
     paths = data.paths(args.data_root, "phantom")
     runtime.seed_everything(args.seed)

@@ -63,6 +63,16 @@ def test_warmup_mmvqa_questions_ask_about_drawn_labels(phantom_world):
     assert len({e["user"] for e in copies}) == len(copies)  # each exercise is new
 
 
+def test_warmup_refuses_the_sft_flags_it_does_not_read(tmp_path):
+    """The warm-up takes sft.py's parser; a flag it would ignore (or the real preset, which would drop its defaults
+    and train into runs/sft) stops it before any work, each named."""
+    for argv, named in ((["--preset", "real"], "--preset"), (["--no-vqa", "--lora-rank", "8"], "--vqa, --lora-rank"),
+                        (["--no-ram", "--grad-ckpt"], "--no-ram, --grad-ckpt")):
+        with pytest.raises(SystemExit, match=f"does not read {named}: leave them out"):
+            warmup.main([*argv, "--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "none").exists() and not (tmp_path / "out").exists()
+
+
 def test_ensure_world_builds_the_tiny_llm_once_and_it_learns_the_phantom_language(phantom_world):
     out = phantom_world["tiny_llm"]
     assert out == Path(phantom_world["root"]) / "tiny_llm"
