@@ -262,10 +262,9 @@ LOGGED = ["r_fmt", "r_acc", "r_con", "reward", "reward_std", "zero_std_frac", "c
 
 def train_step(net, ref: model.VLM, optimizer, qs: list[dict], x: torch.Tensor | None, consistency, args, step: int,
                question_ids: list[int]) -> dict:
-    """One GRPO step on this rank's questions `qs` (each with its scan's "report": data.attach_reports; their volumes
-    x: (Q, 1, X, Y, Z), or None for text-only prompts). `net` is PolicyLogprobs, DDP-wrapped under torchrun. Returns
-    the step's logging sums (all ranks), the gradient norm, whether the update was applied, the decoded completions
-    and the phases' seconds."""
+    """One GRPO step on this rank's questions `qs` (each with its scan's "report": data.attach_reports; volumes x:
+    (Q, 1, X, Y, Z), or None for text-only prompts); `net`: PolicyLogprobs, DDP-wrapped under torchrun. Returns the
+    step's logging sums (all ranks), gradient norm, whether the update applied, decoded completions, phase seconds."""
     vlm, G, t0 = getattr(net, "module", net).vlm, args.group_size, time.perf_counter()
     thinks = [asks_think(args.seed, step, i, args.no_think_frac) for i in question_ids]
     prompt_ids, prompt_mask = vlm.tokenize([vlm.prompt(data.mmvqa_prompt(q, think=t), with_image=x is not None)
@@ -291,7 +290,8 @@ def train_step(net, ref: model.VLM, optimizer, qs: list[dict], x: torch.Tensor |
     r_fmt = torch.tensor([(format_reward(t) if th else answer_only_reward(t)) * f
                           for t, th, f in zip(texts, row_think, finished.tolist())])
     r_acc = torch.tensor([accuracy_reward(t, q["answer"], q["options"]) for t, q in zip(texts, row_q)])
-    r_con = torch.tensor(consistency([think_text(t) for t in texts], [q["report"] for q in row_q]))
+    rationales = [think_text(t) if th else "" for t, th in zip(texts, row_think)]   # none asked for: r_con 0
+    r_con = torch.tensor(consistency(rationales, [q["report"] for q in row_q]))
     rewards = r_fmt + r_acc + r_con                                             # (Q*G,)
 
     # 3. group-normalised advantages; a group holding an excluded (NaN) judge score is left out of the loss

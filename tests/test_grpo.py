@@ -469,6 +469,20 @@ def test_no_think_share_of_the_rl_questions(phantom_world, sft_ckpt, tmp_path, m
                                                               for q in range(8)]
 
 
+def test_a_question_asked_without_think_earns_no_consistency_reward(phantom_world, sft_ckpt, tmp_path, monkeypatch):
+    """A rationale the no-think prompt did not ask for is not scored: r_con would otherwise win back the format
+    reward the completion lost by writing it."""
+    seen, make = [], grpo.make_consistency_scorer
+    monkeypatch.setattr(grpo, "make_consistency_scorer", lambda *a, **k: (
+        lambda thinks, reports: seen.append(thinks) or make(*a, **k)(thinks, reports)))
+    completion = "<think>Pleural effusion.</think><answer>A</answer>"    # whatever the prompt asked for
+    monkeypatch.setattr(grpo, "decode", lambda tokenizer, ids, *a: [completion] * len(ids))
+    for frac, rationale in ((0, "Pleural effusion."), (1, "")):
+        seen.clear()
+        grpo.main(run_args(phantom_world, sft_ckpt, tmp_path / str(frac), "--steps", 1, "--no-think-frac", frac))
+        assert seen == [[rationale] * 2 * 4]                   # 2 questions x G = 4
+
+
 def test_prompts_over_the_length_limit_stop_the_run_at_the_start(phantom_world, sft_ckpt, tmp_path):
     """--max-prompt-len (the official 1024): a prompt over it stops the run before any step, naming how many questions
     and the first; only the variants that can be asked count (the no-think prompt is shorter than the think one)."""
