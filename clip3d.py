@@ -46,7 +46,7 @@ from transformers import AutoModel, AutoTokenizer
 import data
 import model as M
 import runtime
-from runtime import HIDDEN, autocast, get_rank, print0, world_size
+from runtime import HIDDEN, at_least, autocast, get_rank, print0, world_size
 
 # The phantom world's overrides of BrgSA's settings (lr 5e-5, batch 64, 39 epochs, base ViT).
 PHANTOM = dict(vit="tiny", lr=1e-3, batch_size=16, micro_batch=0, epochs=12, warmup_frac=0.1, max_text_len=256,
@@ -56,26 +56,26 @@ PHANTOM = dict(vit="tiny", lr=1e-3, batch_size=16, micro_batch=0, epochs=12, war
 def parse_args(argv=None) -> argparse.Namespace:
     p = runtime.make_parser(__doc__)
     g = runtime.data_flags(p)
-    g.add_argument("--max-text-len", type=int, default=512, help="text tokens (findings + impressions) per report")
-    g.add_argument("--workers", type=int, default=8, help="DataLoader workers per rank")
+    g.add_argument("--max-text-len", type=at_least(1), default=512, help="tokens of a report (findings + impressions)")
+    g.add_argument("--workers", type=at_least(0), default=8, help="DataLoader workers per rank")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True, help="random training crops")
     g = p.add_argument_group("model")
     g.add_argument("--vit", default="base", choices=list(M.VIT_PRESETS), help="ViT3D preset")
     g.add_argument("--vit-init", default=None, help="ViT3D weights to start from (.pth/.safetensors, BrgSA layout)")
     g.add_argument("--text-encoder", help="local HF encoder dir, e.g. CXR-BERT; unset = <data-root>/text_encoder")
-    g.add_argument("--embed-dim", type=int, default=256, help="shared embedding width")
+    g.add_argument("--embed-dim", type=at_least(1), default=256, help="shared embedding width")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=5e-5)
-    g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--batch-size", type=int, default=64, help="global batch per optimizer step")
-    g.add_argument("--micro-batch", type=int, default=8,
+    g.add_argument("--lr", type=at_least(0.0), default=5e-5)
+    g.add_argument("--weight-decay", type=at_least(0.0), default=0.05)
+    g.add_argument("--batch-size", type=at_least(1), default=64, help="global batch per optimizer step")
+    g.add_argument("--micro-batch", type=at_least(0), default=8,
                    help="per-rank micro-batch, 0 = all of it (memory only: InfoNCE sees the global batch, choice 2)")
-    g.add_argument("--epochs", type=int, default=39)
-    g.add_argument("--warmup-frac", type=float, default=0.03)
-    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--epochs", type=at_least(1), default=39)
+    g.add_argument("--warmup-frac", type=at_least(0.0, 1.0), default=0.03)
+    g.add_argument("--grad-clip", type=at_least(0.0), default=1.0)
     g = runtime.run_flags(p, "runs/clip3d", "vision_encoder.safetensors, config.json, ckpt/", 1000, shard=False)
-    g.add_argument("--eval-every", type=int, default=1000, help="steps between validations; 0 = at the end only")
-    g.add_argument("--max-steps", type=int, default=0, help=HIDDEN)     # stop after this many steps (0: all epochs)
+    g.add_argument("--eval-every", type=at_least(0), default=1000, help="steps between validations; 0 = at the end")
+    g.add_argument("--max-steps", type=at_least(0), default=0, help=HIDDEN)  # stop after N steps (0: all epochs)
     return runtime.parse_with_preset(p, argv, PHANTOM)
 
 

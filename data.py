@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from runtime import at_least
+
 REPORT_COLUMNS = ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"]
 # CT-RATE's 18 abnormalities, in its label columns' order, and the RAD-ChestCT labels each is read from (BrgSA's
 # mapping; no official one exists); Mosaic attenuation pattern has no source.
@@ -564,9 +566,21 @@ def label_reports(reports: dict, out_path, labeller=None, workers=1, progress=Tr
     os.replace(out_path.with_suffix(".tmp"), out_path)
 
 
+def read_json(path, lines: bool = False):
+    """A JSON file, or (lines=True) the records of a JSON-lines file, blank lines skipped. A byte-order mark is read
+    past; text that does not parse is an error naming the file (and line)."""
+    out, text = [], Path(path).read_text(encoding="utf-8-sig")
+    for n, chunk in enumerate(text.splitlines() if lines else [text], 1):
+        try:
+            out += [json.loads(chunk)] if chunk.strip() or not lines else []
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}{f' line {n}' if lines else ''}: not valid JSON ({e})") from None
+    return out if lines else out[0]
+
+
 def read_sentence_labels(jsonl) -> dict[str, dict]:
     """{VolumeName: {'findings': [(sentence, abnormal)]|None, 'impressions': [...]|None}}."""
-    recs = map(json.loads, open(jsonl))
+    recs = read_json(jsonl, lines=True)
     return {r["VolumeName"]: {k: [(s, bool(a)) for s, a in r[k]] if r[k] else None for k in ("findings", "impressions")}
             for r in recs}
 
@@ -621,7 +635,7 @@ def read_vqa(json_path, skipped: Counter | None = None) -> list[dict]:
     answer (a last turn, or an empty answer) are skipped, and counted in `skipped` if given; turns must alternate
     human, gpt."""
     out, skipped = [], Counter() if skipped is None else skipped
-    for i, item in enumerate(json.load(open(json_path))):
+    for i, item in enumerate(read_json(json_path)):
         where = f"{json_path} item {i}"
         check_fields(where, item, {})
         if "conversations" in item:
@@ -680,7 +694,7 @@ def read_questions(json_path) -> list[dict]:
     """Official MCQ items [{VolumeName, question, options: {letter: text}, answer}], checked before any model work:
     ValueError '<file> item <i>: ...' (i from 0) for a missing or mistyped field, an option letter that is not one
     capital letter, fewer than 2 options, or an answer that is not one of the item's letters."""
-    items = json.loads(Path(json_path).read_text())
+    items = read_json(json_path)
     if not isinstance(items, list):
         raise ValueError(f"{json_path}: must be a list of questions, got {type(items).__name__}")
     for i, q in enumerate(items):
@@ -839,11 +853,7 @@ def paths(root, preset: str = "real") -> dict[str, Path]:
     holds other data is never touched."""
     if preset == "phantom":
         import phantom
-        if not Path(root, "phantom.json").exists() and [d for d in ("dataset", "cache", "sentences", "mmvqa")
-                                                        if Path(root, d).is_dir() and any(Path(root, d).iterdir())]:
-            raise SystemExit(f"{root} holds data that is not a phantom world, which --preset phantom would replace: "
-                             f"pass --preset real")
-        return phantom.ensure_world(root)
+        return phantom.ensure_world(root)   # refuses a root that holds other data
     root = Path(root)
     ds, cache, sents, mm = root / "dataset", root / "cache", root / "sentences", root / "mmvqa"
     meta, reports, labels = ds / "metadata", ds / "radiology_text_reports", ds / "multi_abnormality_labels"
@@ -887,9 +897,9 @@ def main(argv=None):
     a.add_argument("--format", choices=["ctrate", "radchestct"], default="ctrate", help="input format")
     a.add_argument("--preset", choices=list(PRESETS), default="real", help="; ".join(
         f"{p.name}: {p.spacing} mm, stored {p.shape}, cropped to {p.crop} when read" for p in PRESETS.values()))
-    a.add_argument("--workers", type=int, default=1, help="processes")
+    a.add_argument("--workers", type=at_least(1), default=1, help="processes")
     a.add_argument("--no-chest", help="no_chest_{train,valid}.txt: volumes to exclude")
-    a.add_argument("--spacing", type=float, nargs=3, default=(0.8, 0.8, 0.8), help="RAD-ChestCT voxel size (mm)")
+    a.add_argument("--spacing", type=at_least(0.001), nargs=3, default=(0.8, 0.8, 0.8), help="RAD-ChestCT voxel (mm)")
     a = command("label", "split reports into sentences and label each normal/abnormal")
     a.add_argument("--reports", required=True, help="CT-RATE reports CSV")
     a.add_argument("--out", required=True, help="sentence labels, JSON lines")
@@ -898,16 +908,16 @@ def main(argv=None):
     a.add_argument("--model", help="model name; unset = $OPENAI_MODEL")
     a.add_argument("--api-key-env", default="OPENAI_API_KEY", help="NAME of the env variable holding the key")
     a.add_argument("--cache", default="runs/label_cache", help="reply cache folder")
-    a.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
-    a.add_argument("--retries", type=int, default=3, help="the client's retries, with back-off (errors, 429)")
-    a.add_argument("--workers", type=int, default=1, help="parallel requests (openai labeller)")
+    a.add_argument("--timeout", type=at_least(0.0), default=60.0, help="seconds per request")
+    a.add_argument("--retries", type=at_least(0), default=3, help="the client's retries, with back-off (errors, 429)")
+    a.add_argument("--workers", type=at_least(1), default=1, help="parallel requests (openai labeller)")
     a = command("mmvqa", "build MMVQA questions (official MCQ format) from a label CSV")
     a.add_argument("--labels", required=True, help="CT-RATE or RAD-ChestCT labels CSV")
     a.add_argument("--out", required=True, help="questions JSON")
     a.add_argument("--format", choices=["ctrate", "radchestct"], default="ctrate", help="labels format")
     a.add_argument("--seed", type=int, default=0, help="options' order and the RL subset")
     a.add_argument("--per-label", action="store_true", help="one question per positive label, not per volume")
-    a.add_argument("--rl-frac", type=float, help="fraction of patients kept (the RL subset: 0.05); unset = all")
+    a.add_argument("--rl-frac", type=at_least(0.0, 1.0), help="share of patients kept (RL subset: 0.05); unset = all")
     args = ap.parse_args(argv)
 
     if args.cmd == "preprocess":
@@ -921,8 +931,8 @@ def main(argv=None):
         line = (f"{stats['written']} written, {stats['skipped']} already done, {stats['excluded']} excluded{removed}, "
                 f"{stats['bad']} bad{f' (see {bad_list})' if stats['bad'] else ''}, "
                 f"{sum(other.values())} not a volume{kinds}")
-        if stats["bad"]:
-            raise SystemExit(line)  # exit code 1, the line on stderr
+        if stats["bad"] or not any(stats[k] for k in ("written", "skipped", "bad", "excluded")):
+            raise SystemExit(line + (f": no {args.format} volume under --src" if not stats["bad"] else ""))   # exit 1
         print(line)
     elif args.cmd == "label":
         try:
@@ -934,7 +944,7 @@ def main(argv=None):
         print(f"sentence labels written to {args.out}")
     elif args.cmd == "mmvqa":
         labels = read_labels(args.labels) if args.format == "ctrate" else read_radchestct_labels(args.labels)
-        if args.rl_frac:
+        if args.rl_frac is not None:
             keep = set(rl_subset(list(labels), args.rl_frac, args.seed))
             labels = {n: v for n, v in labels.items() if n in keep}
         stats = {}

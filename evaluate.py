@@ -60,7 +60,7 @@ import model
 from data import parse_answer, think_text
 from grpo import answer_only_reward, decode, format_reward, offline_consistency
 from runtime import autocast, cleanup_distributed, compute_dtype, get_rank, make_parser, parse_with_preset, print0
-from runtime import json_safe, data_flags, local_dir, setup_distributed, versions, world_size
+from runtime import at_least, json_safe, data_flags, local_dir, setup_distributed, versions, world_size
 
 TEXT_METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-1", "ROUGE-2", "ROUGE-L", "CIDEr",
                 "BERT-F1", "LLM-score"]
@@ -580,7 +580,7 @@ def compare(specs: list[str]) -> dict:
         path = next((spec[:i] for i in cuts if Path(spec[:i]).is_file()), None)
         if path is None:
             raise SystemExit(f"--compare {spec}: no results file (RESULTS_JSON[:LABEL])")
-        loaded = json.loads(Path(path).read_text())["runs"]
+        loaded = data.read_json(path)["runs"]
         label = spec[len(path) + 1:] or next(iter(loaded), None)
         if label not in loaded:
             raise SystemExit(f"--compare {spec}: {path} has no run {label!r} "
@@ -704,27 +704,27 @@ def parse_args(argv=None):
     g = data_flags(p)
     g.add_argument("--mmvqa-ctrate", default=None, help="MCQ JSON, official format; unset = <root>/mmvqa/valid.json")
     g.add_argument("--mmvqa-radchestct", default=None, help="MCQ JSON; unset = <root>/mmvqa/radchestct.json")
-    g.add_argument("--n-mmvqa", type=int, default=0, help="questions per set: the first N with a cached scan; 0 = all")
-    g.add_argument("--n-reports", type=int, default=0, help="valid reports to generate (0 = all)")
+    g.add_argument("--n-mmvqa", type=at_least(0), default=0, help="first N per set (with a cached scan); 0 = all")
+    g.add_argument("--n-reports", type=at_least(0), default=0, help="valid reports to generate (0 = all)")
     g.add_argument("--bias-reports", help="figure 1: a reports CSV or labelled-sentences JSONL; unset = train CSV")
     g = p.add_argument_group("generation")
-    g.add_argument("--batch-size", type=int, default=32, help="per rank")
-    g.add_argument("--max-new-tokens", type=int, default=512, help="MMVQA completion tokens")
-    g.add_argument("--max-report-tokens", type=int, default=1024, help="generated reports")
+    g.add_argument("--batch-size", type=at_least(1), default=32, help="per rank")
+    g.add_argument("--max-new-tokens", type=at_least(1), default=512, help="MMVQA completion tokens")
+    g.add_argument("--max-report-tokens", type=at_least(1), default=1024, help="generated reports")
     g = p.add_argument_group("metrics")
     g.add_argument("--bert-model", default=None, help="LOCAL dir of the BERTScore model (e.g. roberta-large)")
-    g.add_argument("--bert-layers", type=int, default=None, help="unset = bert-score's choice for the dir name")
+    g.add_argument("--bert-layers", type=at_least(1), default=None, help="unset = bert-score's choice for the dir name")
     g.add_argument("--sentence-encoder", default=None, help="local dir for the MMVQA similarity fallback")
     g = p.add_argument_group("judge", "an OpenAI-compatible endpoint; the key is read from the environment only")
     g.add_argument("--judge-base-url", default=None, help="or $JUDGE_BASE_URL, e.g. https://api.deepseek.com/v1")
     g.add_argument("--judge-model", default=None, help="or $JUDGE_MODEL, e.g. deepseek-chat")
     g.add_argument("--judge-api-key-env", default="JUDGE_API_KEY", help="NAME of the env variable holding the key")
-    g.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per request")
-    g.add_argument("--judge-retries", type=int, default=2)
-    g.add_argument("--judge-workers", type=int, default=4, help="concurrent requests")
+    g.add_argument("--judge-timeout", type=at_least(0.0), default=60.0, help="seconds per request")
+    g.add_argument("--judge-retries", type=at_least(0), default=2)
+    g.add_argument("--judge-workers", type=at_least(1), default=4, help="concurrent requests")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="runs/eval", help="results.{json,md}, cases/, positional_bias.png, judge_cache/")
-    g.add_argument("--case-sheets", type=int, default=4, help="questions per set drawn as <out>/cases/*.png; 0 = none")
+    g.add_argument("--case-sheets", type=at_least(0), default=4, help="questions per set drawn in <out>/cases/*.png")
     return parse_with_preset(p, argv, PHANTOM)
 
 

@@ -47,7 +47,7 @@ import data
 import model
 import runtime
 from data import parse_answer, think_text
-from runtime import all_reduce, autocast, get_rank, print0, world_size
+from runtime import all_reduce, at_least, autocast, get_rank, print0, world_size
 
 # ==== Rewards: pure functions of (completion text, example) ===========================================================
 
@@ -362,7 +362,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = runtime.make_parser(__doc__)
     g = runtime.data_flags(p)
     g.add_argument("--sft", default="runs/sft/vlm", help="SFT checkpoint: the initial policy and the reference")
-    g.add_argument("--eval-n", type=int, default=500, help="validation questions: the first n with a cached volume")
+    g.add_argument("--eval-n", type=at_least(0), default=500, help="validation questions (the first n with a volume)")
     g = p.add_argument_group("rewards")
     g.add_argument("--consistency", default="offline",
                    help="offline | rm:PATH | judge:MODEL (endpoint, key: OPENAI_BASE_URL, OPENAI_API_KEY) | none")
@@ -372,28 +372,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a failed judge call stops the run, or its group is left out of the loss and counted")
     g = p.add_argument_group("GRPO")
     g.add_argument("--group-size", type=int, default=4, help="G completions per question")
-    g.add_argument("--batch-size", type=int, default=2, help="questions per rank and step")
-    g.add_argument("--max-prompt-len", type=int, default=1024, help="prompt tokens, image included; longer: error")
-    g.add_argument("--max-new-tokens", type=int, default=512)
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature = scoring temperature")
-    g.add_argument("--clip-eps", type=float, default=0.2)
-    g.add_argument("--kl-beta", type=float, default=0.04)
-    g.add_argument("--no-think-frac", type=float, default=0.0,
+    g.add_argument("--batch-size", type=at_least(1), default=2, help="questions per rank and step")
+    g.add_argument("--max-prompt-len", type=at_least(1), default=1024, help="prompt tokens with image; longer: error")
+    g.add_argument("--max-new-tokens", type=at_least(1), default=512)
+    g.add_argument("--temperature", type=at_least(0.0), default=1.0, help="sampling temperature = scoring temperature")
+    g.add_argument("--clip-eps", type=at_least(0.0), default=0.2)
+    g.add_argument("--kl-beta", type=at_least(0.0), default=0.04)
+    g.add_argument("--no-think-frac", type=at_least(0.0, 1.0), default=0.0,
                    help="share of the questions asked without <think> (format reward: one answer block alone)")
-    g.add_argument("--mu", type=int, default=1, help="policy iterations per rollout batch")
+    g.add_argument("--mu", type=at_least(1), default=1, help="policy iterations per rollout batch")
     g.add_argument("--loss-reduction", default="sequence", choices=["sequence", "token"])
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=1e-6)
-    g.add_argument("--steps", type=int, default=1000)
-    g.add_argument("--warmup-frac", type=float, default=0.0)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--grad-clip", type=float, default=1.0, help="0 = off")
+    g.add_argument("--lr", type=at_least(0.0), default=1e-6)
+    g.add_argument("--steps", type=at_least(1), default=1000)
+    g.add_argument("--warmup-frac", type=at_least(0.0, 1.0), default=0.0)
+    g.add_argument("--weight-decay", type=at_least(0.0), default=0.0)
+    g.add_argument("--grad-clip", type=at_least(0.0), default=1.0, help="0 = off")
     g.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the ViT frozen (the paper trains the whole model)")
     g = runtime.run_flags(p, "runs/grpo", "vlm/, ckpt/", save_every=20)
-    g.add_argument("--micro-batch", type=int, default=0, help="rows per policy/reference pass; 0 = all (choice 7)")
+    g.add_argument("--micro-batch", type=at_least(0), default=0, help="rows per policy/ref. pass, 0 = all (choice 7)")
     g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True, help="less memory (choice 7)")
-    g.add_argument("--eval-every", type=int, default=10, help="steps between validation accuracies; 0 = off")
+    g.add_argument("--eval-every", type=at_least(0), default=10, help="steps between validation accuracies; 0 = off")
     args = runtime.parse_with_preset(p, argv, PHANTOM)
     if args.group_size < 2:
         p.error("--group-size must be at least 2: advantages compare the samples of a group")

@@ -147,7 +147,8 @@ def load_vision_weights(vit: ViT3D, path: str | Path) -> ViT3D:
         state = (load_file(path) if path.suffix == ".safetensors"
                  else torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:   # missing, truncated, or pickled objects that weights_only refuses: name the file
-        raise RuntimeError(f"{path}: cannot load encoder weights ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        why = (str(e).splitlines() or ["no message"])[0]   # a first line (an empty file's EOFError has none)
+        raise RuntimeError(f"{path}: cannot load encoder weights ({type(e).__name__}: {why})") from e
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

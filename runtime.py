@@ -414,6 +414,9 @@ class Run:
                                  f"resume with the checkpoint's, or start afresh with --overwrite")
             set_rng_state(rngs[self.rank])
             print0(f"resumed from step {self.start}")
+        elif resume and earlier:   # a finished run saved no checkpoint after its last step, or none was written yet
+            raise SystemExit(f"{self.out} holds a run ({', '.join(earlier)}) but no checkpoint to resume from: start "
+                             f"afresh with --overwrite (or choose another --out)")
         elif resume:
             print0(f"no checkpoint under {self.out / 'ckpt'}: starting from step 0")
         _stop_signal = None
@@ -524,6 +527,20 @@ def plot_curves(metrics: str | Path, series: tuple[str, ...], png: str | Path) -
 HIDDEN = argparse.SUPPRESS  # help text of flags only the tests use (--stop-at, --max-steps, --inject-nan)
 
 
+def at_least(low: int | float, high: float = math.inf):
+    """An argparse type: a number of low's type (int or float) in [low, high], so that a value no run can use (a
+    batch of 0, a negative learning rate, a share above 1) stops at the command line, not deep inside the run or in
+    a run that seems to succeed."""
+    def number(text: str):
+        value = type(low)(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be at least {low}" + (f" and at most {high}" if high < math.inf
+                                                                             else "") + f", not {text}")
+        return value
+    number.__name__ = type(low).__name__   # argparse's message for text that is no number: "invalid int value"
+    return number
+
+
 def make_parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
     """A stage's parser: the docstring's first line as description, its run lines (from "Run:") as epilog."""
     return argparse.ArgumentParser(prog=prog, description=doc.strip().split("\n")[0], epilog=doc[doc.index("Run:"):],
@@ -546,7 +563,7 @@ def run_flags(parser: argparse.ArgumentParser, out: str, outputs: str, save_ever
     g.add_argument("--out", default=out, help=f"{outputs}, metrics.jsonl, curves.png")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under <out>/ckpt")
     g.add_argument("--overwrite", action="store_true", help="start afresh over an earlier run in <out>")
-    g.add_argument("--save-every", type=int, default=save_every,
+    g.add_argument("--save-every", type=at_least(0), default=save_every,
                    help="optimizer steps between resumable checkpoints; 0 = none in between")
     g.add_argument("--nan-policy", default="skip", choices=["skip", "stop"],
                    help="on a non-finite loss or gradient norm, on all ranks")
@@ -554,7 +571,7 @@ def run_flags(parser: argparse.ArgumentParser, out: str, outputs: str, save_ever
         g.add_argument("--shard", default="ddp", choices=["ddp", "fsdp"], help="under torchrun: replicate what "
                        "trains (DDP) or shard it, its gradients and AdamW state (FSDP2)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--stop-at", type=int, default=None, help=HIDDEN)   # save and exit after this step
+    g.add_argument("--stop-at", type=at_least(1), default=None, help=HIDDEN)   # save and exit after this step
     return g
 
 

@@ -54,7 +54,7 @@ from tqdm import tqdm
 import data
 import model
 import runtime
-from runtime import HIDDEN, all_reduce, autocast, get_rank, print0, world_size
+from runtime import HIDDEN, all_reduce, at_least, autocast, get_rank, print0, world_size
 
 # The phantom world's overrides of the paper's defaults: a tiny LLM and ViT on a 2-core CPU, in minutes.
 PHANTOM = dict(llm="runs/warmup", vision_weights="runs/clip3d/vision_encoder.safetensors", vit_preset="tiny",
@@ -67,33 +67,33 @@ def parse_args(argv=None, phantom: dict = PHANTOM, doc: str = __doc__, prog: str
     p = runtime.make_parser(doc, prog)
     g = runtime.data_flags(p)
     g.add_argument("--vqa", action=argparse.BooleanOptionalAction, default=True, help="VQA items besides reports")
-    g.add_argument("--max-len", type=int, default=2048, help="tokens per example")
+    g.add_argument("--max-len", type=at_least(1), default=2048, help="tokens per example")
     g = p.add_argument_group("model")
     g.add_argument("--llm", default=None, help="local HF causal-LM directory (Qwen2.5-3B)")
     g.add_argument("--vision-weights", default=None, help="encoder weights, BrgSA layout (.pth or .safetensors)")
     g.add_argument("--vit-preset", default="base", choices=list(model.VIT_PRESETS))
     g.add_argument("--no-ram", action="store_true", help="no Residual Alignment gate (table 2 ablation)")
-    g.add_argument("--arw-lambda", type=float, default=1.10, help="eq. (5) weight of abnormal sentences; 1 = no ARW")
+    g.add_argument("--arw-lambda", type=at_least(0.0), default=1.10, help="eq. (5) abnormal sentences' weight, 1 = off")
     g.add_argument("--lora", action="store_true", help="also train LoRA adapters on the LLM (table 3)")
-    g.add_argument("--lora-rank", type=int, default=16)
-    g.add_argument("--lora-alpha", type=float, default=32.0)
-    g.add_argument("--lora-dropout", type=float, default=0.05, help="on the adapters' input, while training")
-    g.add_argument("--feature-stats", type=int, default=1000, help="volumes giving the bridge's input statistics")
+    g.add_argument("--lora-rank", type=at_least(1), default=16)
+    g.add_argument("--lora-alpha", type=at_least(0.0), default=32.0)
+    g.add_argument("--lora-dropout", type=at_least(0.0, 1.0), default=0.05, help="on the adapters' input in training")
+    g.add_argument("--feature-stats", type=at_least(1), default=1000, help="volumes for the bridge's input statistics")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (cosine schedule)")
-    g.add_argument("--epochs", type=int, default=1)
-    g.add_argument("--batch-size", type=int, default=2, help="per device and micro-step")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--warmup-frac", type=float, default=0.03, help="linear learning-rate warm-up, share of steps")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="0 = off")
+    g.add_argument("--lr", type=at_least(0.0), default=1e-4, help="peak learning rate (cosine schedule)")
+    g.add_argument("--epochs", type=at_least(1), default=1)
+    g.add_argument("--batch-size", type=at_least(1), default=2, help="per device and micro-step")
+    g.add_argument("--grad-accum", type=at_least(1), default=1, help="micro-steps per optimizer step")
+    g.add_argument("--weight-decay", type=at_least(0.0), default=0.01)
+    g.add_argument("--warmup-frac", type=at_least(0.0, 1.0), default=0.03, help="linear lr warm-up, share of steps")
+    g.add_argument("--grad-clip", type=at_least(0.0), default=1.0, help="0 = off")
     g.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=False,
                    help="encode each volume once and reuse its encoder tokens")
     g = runtime.run_flags(p, "runs/sft", "vlm/, ckpt/", save_every=100)
     g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute the LLM's activations in the backward pass (less memory, one more forward)")
-    g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--max-steps", type=int, default=None, help=HIDDEN)   # cap the schedule
+    g.add_argument("--log-every", type=at_least(1), default=10)
+    g.add_argument("--max-steps", type=at_least(1), default=None, help=HIDDEN)   # cap the schedule
     g.add_argument("--inject-nan", default=None, help=HIDDEN)            # STEP:RANK, poison that rank's input
     return runtime.parse_with_preset(p, argv, phantom)
 

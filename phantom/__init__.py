@@ -10,6 +10,4 @@ pretrained Qwen2.5 already can (warmup.py). A reader of the method can skip this
     python -m phantom warmup                # train the tiny LLM -> runs/warmup (sft.py's default --llm)
     python -m phantom dataset --out DIR     # only the raw dataset, in the CT-RATE v2 / RAD-ChestCT layouts
 """
-from phantom.world import ensure_world, make_phantom
-
-__all__ = ["ensure_world", "make_phantom"]
+from phantom.world import ensure_world, make_phantom  # noqa: F401  (the package's API)

@@ -522,10 +522,13 @@ def ensure_world(root="runs/phantom", n_train=None, n_valid=None, n_rad=None, se
                  progress=False) -> dict[str, Path]:
     """Build whatever part of the phantom world under root is missing (dataset, caches, sentence labels, MMVQA
     files, the tiny LLM and text encoder) and return data.paths(root) plus "tiny_llm". Idempotent and safe under
-    concurrent callers (file lock). The RL subset is rl_frac of the training patients (the paper's 5 % of a few
-    hundred phantom patients would leave too few questions)."""
+    concurrent callers (file lock); a root holding other data is never touched. The RL subset is rl_frac of the
+    training patients (the paper's 5 % of a few hundred phantom patients would leave too few questions)."""
     paths = data.paths(root)
     root, ds = paths["root"], paths["dataset"]
+    if [d for d in ("dataset", "cache", "sentences", "mmvqa") if any((root / d).glob("*"))] \
+            and not (root / "phantom.json").exists():   # data of another kind, which building here would replace
+        raise SystemExit(f"{root} holds data that is not a phantom world: pass --preset real, or another root")
     root.mkdir(parents=True, exist_ok=True)
     asked = {"n_train": n_train, "n_valid": n_valid, "n_rad": n_rad, "seed": seed, "rl_frac": rl_frac}
     with open(root / ".lock", "w") as lock:

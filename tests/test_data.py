@@ -478,12 +478,14 @@ def test_any_failure_is_listed_and_the_run_goes_on(tmp_path, workers):
     rgb = np.zeros(hu.shape, [("R", "u1"), ("G", "u1"), ("B", "u1")])  # a colour image (NIfTI RGB24): no HU
     for name in names:  # v1 raw values
         write_nifti(data.ctrate_path(src, name), rgb if name == names[1] else hu + 1024)
-    rows[names[0]] = {**rows[names[0]], "RescaleSlope": ""}  # an empty cell: float('') raises a plain ValueError
+    rows[names[0]] = {**rows[names[0]], "RescaleSlope": ""}  # an empty cell (pandas' NaN): named
     meta, out = write_meta_csv(tmp_path / "meta.csv", [rows[n] for n in names]), tmp_path / "cache"
     stats = data.preprocess_dir(src, out, "ctrate", meta, SMALL, workers=workers, progress=False)
     assert stats == {"written": 4, "skipped": 0, "bad": 2, "excluded": 0, "removed": 0, "not_volume": {}}
     bad = {b["VolumeName"]: b["error"] for b in map(json.loads, open(out / "bad_files.jsonl"))}
-    assert bad[names[0]] == f"{data.ctrate_path(src, names[0])}: ValueError: could not convert string to float: ''"
+    assert bad[names[0]] == (f"{data.ctrate_path(src, names[0])}: RescaleSlope, RescaleIntercept ['', '-1024'] in the "
+                             "metadata CSV are not numbers (v1 raw values cannot become HU)")
+    # an exception of any other kind is listed with the file too
     assert bad[names[1]].startswith(f"{data.ctrate_path(src, names[1])}: TypeError: Cannot cast array data from ")
     listed = {r["file"] for r in map(json.loads, open(out / "manifest.jsonl"))}
     assert listed == {f"{data.volume_key(n)}.npy" for n in names[2:]} == {p.name for p in out.glob("*.npy")}
@@ -725,6 +727,23 @@ def test_split_sentences_only_at_a_capital_digit_or_bracket():
         "Nodule approx. measuring 5 mm, i.e. small.", "Heart normal.", "2. Trachea open."]
 
 
+def test_json_inputs_read_past_a_bom_and_blank_lines_and_name_what_does_not_parse(tmp_path):
+    """The question, VQA and sentence-label files as editors and pandas leave them: a byte-order mark, CRLF line ends,
+    blank lines (JSON lines); a file that does not parse is named, a JSON-lines file with its line."""
+    rec = {"VolumeName": "valid_1_a_1.nii.gz", "findings": [["Effusion.", 1]], "impressions": None}
+    (jsonl := tmp_path / "s.jsonl").write_bytes(b"\xef\xbb\xbf" + (json.dumps(rec) + "\r\n\r\n").encode())
+    assert data.read_sentence_labels(jsonl) == {rec["VolumeName"]: {"findings": [("Effusion.", True)],
+                                                                     "impressions": None}}
+    jsonl.write_text(json.dumps(rec) + "\n" + json.dumps(rec)[:-1] + "\n")
+    with pytest.raises(ValueError, match=rf"{jsonl} line 2: not valid JSON"):
+        data.read_sentence_labels(jsonl)
+    (questions := tmp_path / "q.json").write_text("")
+    with pytest.raises(ValueError, match=rf"{questions}: not valid JSON"):
+        data.read_questions(questions)
+    (vqa := tmp_path / "v.json").write_bytes(b"\xef\xbb\xbf[]")
+    assert data.read_vqa(vqa) == []
+
+
 def test_read_vqa_both_formats(tmp_path):
     ctchat = [{"id": "short_answer_1", "image": "train_1_a_1.nii.gz", "conversations": [
         {"from": "human", "type": "x", "value": "<image>\nIs there an effusion? <short_answer>"},
@@ -953,6 +972,9 @@ def test_the_phantom_preset_never_replaces_other_data(tmp_path):
     volume.write_bytes(b"a real volume")
     with pytest.raises(SystemExit, match=f"{tmp_path} holds data that is not a phantom world.*pass --preset real"):
         data.paths(tmp_path, "phantom")
+    from phantom.__main__ import main as phantom_cli
+    with pytest.raises(SystemExit, match="not a phantom world"):                 # nor does `python -m phantom world`
+        phantom_cli(["world", "--root", str(tmp_path), "--n-train", "4"])
     assert volume.read_bytes() == b"a real volume" and sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
     assert data.paths(tmp_path)["train_volumes"] == tmp_path / "dataset" / "train_fixed"   # the real preset reads it
 
@@ -968,3 +990,11 @@ def test_data_commands_show_their_defaults(cmd, shown):
     text = " ".join(out.stdout.split())
     assert out.returncode == 0 and all(s in text for s in shown), text
     assert "default: None" not in text and "default: False" not in text   # unset flags say so in words, or nothing
+
+
+def test_preprocess_that_finds_no_volume_fails(tmp_path):
+    """The wrong --format or --src: nothing to preprocess is a failure (exit 1), not an empty cache that exits 0."""
+    (src := tmp_path / "src").mkdir()
+    (src / "valid_1_a_1.nii.gz").write_bytes(b"a CT-RATE volume, not RAD-ChestCT's .npz")
+    with pytest.raises(SystemExit, match=r"0 written.*1 not a volume \(\*.gz: 1\): no radchestct volume under --src"):
+        data.main(["preprocess", "--src", str(src), "--format", "radchestct", "--out", str(tmp_path / "out")])

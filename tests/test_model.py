@@ -115,6 +115,9 @@ def test_brgsa_pth_loads_strictly(tmp_path):
     torch.save({"args": argparse.Namespace(lr=1.0), "model": fake}, tmp_path / "trainer.pth")
     with pytest.raises(RuntimeError, match="trainer.pth: cannot load encoder weights .UnpicklingError"):
         M.load_vision_weights(M.ViT3D.from_preset("tiny"), tmp_path / "trainer.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")                     # an interrupted copy: torch.load's EOFError('')
+    with pytest.raises(RuntimeError, match="empty.pth: cannot load encoder weights .EOFError: no message"):
+        M.load_vision_weights(M.ViT3D.from_preset("tiny"), tmp_path / "empty.pth")
 
 
 def test_encoder_and_bridge_shapes():

@@ -98,8 +98,16 @@ def test_fresh_run_replaces_metrics_and_checkpoints_resume_keeps_rows_up_to_its_
     with pytest.raises(SystemExit, match=r"holds an earlier run \(metrics.jsonl, ckpt\): pass --resume .* --overwrite"):
         runtime.Run(tmp_path, resume=False)                                         # never mixed silently
     fresh = runtime.Run(tmp_path, resume=False, overwrite=True)
+    fresh.log({"step": 1, "loss": 1.0})
     fresh.close()
-    assert not (tmp_path / "ckpt").exists() and (tmp_path / "metrics.jsonl").read_text() == ""
+    assert not (tmp_path / "ckpt").exists() and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    # a run with metrics but no checkpoint (finished, or stopped before its first save) is not wiped by --resume
+    with pytest.raises(SystemExit, match=r"holds a run \(metrics.jsonl\) but no checkpoint .* with --overwrite"):
+        runtime.Run(tmp_path, resume=True)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    new = runtime.Run(tmp_path / "new", resume=True)                                 # nothing there yet: from step 0
+    new.close()
+    assert new.start == 0
 
 
 def test_resume_refuses_other_flags_or_another_world_size_and_overwrite_clears_old_outputs(tmp_path):
@@ -266,3 +274,37 @@ def test_every_training_stage_has_the_shared_run_time_flags():
         assert shared <= set(args) and (args["stop_at"], args["save_every"]) == (2, 5), stage.__name__
     assert (sft.parse_args([]).out, grpo.parse_args([]).out, clip3d.parse_args([]).out) == \
         ("runs/sft", "runs/grpo", "runs/clip3d")
+
+
+@pytest.mark.parametrize("stage, argv, said", [
+    ("clip3d", ["--batch-size", "0"], "--batch-size: must be at least 1, not 0"),
+    ("clip3d", ["--warmup-frac", "1.5"], "--warmup-frac: must be at least 0.0 and at most 1.0, not 1.5"),
+    ("sft", ["--epochs", "0"], "--epochs: must be at least 1, not 0"),
+    ("sft", ["--lr", "-0.001"], "--lr: must be at least 0.0, not -0.001"),
+    ("sft", ["--grad-accum", "0"], "--grad-accum: must be at least 1, not 0"),
+    ("grpo", ["--steps", "0"], "--steps: must be at least 1, not 0"),
+    ("grpo", ["--no-think-frac", "2"], "--no-think-frac: must be at least 0.0 and at most 1.0, not 2"),
+    ("grpo", ["--eval-n", "-5"], "--eval-n: must be at least 0, not -5"),
+    ("evaluate", ["--max-new-tokens", "0"], "--max-new-tokens: must be at least 1, not 0"),
+    ("evaluate", ["--n-mmvqa", "-2"], "--n-mmvqa: must be at least 0, not -2"),
+    ("sft", ["--batch-size", "two"], "--batch-size: invalid int value: 'two'"),
+])
+def test_numeric_flags_refuse_values_no_run_can_use(stage, argv, said, capsys):
+    """A batch of 0, a negative learning rate or count, a share above 1: each stops at the command line with the
+    flag's name (before, some trained nothing and wrote a model, others failed deep inside the run)."""
+    parse = {"clip3d": clip3d.parse_args, "sft": sft.parse_args, "grpo": grpo.parse_args,
+             "evaluate": evaluate.parse_args}[stage]
+    with pytest.raises(SystemExit):
+        parse(argv)
+    assert said in capsys.readouterr().err
+    assert parse([argv[0], "1"])   # the smallest value in range parses
+
+
+def test_data_commands_refuse_a_spacing_or_share_no_run_can_use(capsys):
+    import data
+    for argv, said in ((["preprocess", "--src", "s", "--out", "o", "--spacing", "0", "1", "1"], "--spacing: must be "
+                        "at least 0.001, not 0"), (["mmvqa", "--labels", "l", "--out", "o", "--rl-frac", "-0.5"],
+                                                   "--rl-frac: must be at least 0.0 and at most 1.0, not -0.5")):
+        with pytest.raises(SystemExit):
+            data.main(argv)
+        assert said in capsys.readouterr().err
