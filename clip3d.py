@@ -291,7 +291,7 @@ def main(argv=None) -> dict:
     rank, _, world, device = runtime.setup_distributed()
     args.micro_batch = args.micro_batch or max(1, args.batch_size // world)
     args.accum = args.batch_size // (args.micro_batch * world)
-    if args.micro_batch < 0 or args.accum * args.micro_batch * world != args.batch_size:
+    if args.accum * args.micro_batch * world != args.batch_size:
         raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of micro-batch x world "
                          f"({args.micro_batch} x {world})")
     paths = data.paths(args.data_root, args.preset)

@@ -370,7 +370,7 @@ def resolve_answer(output: str, options: dict, embed=None) -> tuple[str | None, 
     also what an answer tag left unclosed holds), "similarity" (the option text most cosine-similar to the output,
     tags removed; paper §4.3) or "none" (empty output, or no embedder)."""
     letter = parse_answer(output, options=options)
-    if letter is None and "answer>" in output:   # e.g. "<answer>B" cut by EOS: read without the answer tags
+    if letter is None and "answer>" in output:   # e.g. "<answer>B", ended before its tag closed: read without tags
         letter = parse_answer(output.replace("<answer>", " ").replace("</answer>", " "), options=options)
     if letter in options:
         return letter, "parsed"

@@ -534,8 +534,8 @@ def at_least(low: int | float, high: float = math.inf):
     def number(text: str):
         value = type(low)(text)
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be at least {low}" + (f" and at most {high}" if high < math.inf
-                                                                             else "") + f", not {text}")
+            upper = f" and at most {high}" if high < math.inf else ""
+            raise argparse.ArgumentTypeError(f"must be at least {low}{upper}, not {text}")
         return value
     number.__name__ = type(low).__name__   # argparse's message for text that is no number: "invalid int value"
     return number
