@@ -91,12 +91,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     # 5. memory plan of the real presets
     p.add_argument("--llm-config", default=str(QWEN25_CONFIG), help="the LLM's config.json (default: Qwen2.5-3B's)")
     p.add_argument("--vit-preset", default="base", choices=list(model.VIT_PRESETS))
-    p.add_argument("--world", type=int, default=8, help="GPUs, one process each (FSDP shards over them)")
+    p.add_argument("--world", type=runtime.at_least(1), default=8,
+                   help="GPUs, one process each (FSDP shards over them)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
                    help="bf16: CUDA's (bf16 autocast, fp32 trained weights, frozen ones held in bf16); fp32: the CPU's")
     p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None,
                    help="gradient checkpointing (default: each stage's real preset, SFT off, GRPO on)")
-    p.add_argument("--micro-batch", type=int, default=None, help="GRPO rows per pass, 0 = all (default: grpo.py's)")
+    p.add_argument("--micro-batch", type=runtime.at_least(0), default=None,
+                   help="GRPO rows per pass, 0 = all (default: grpo.py's)")
     p.add_argument("--rm-params", type=float, default=0.0,
                    help="billions of parameters of an rm: reward model, held like frozen weights (RM-Mistral-7B 7.11)")
     p.add_argument("--prompt-text-tokens", type=int, default=128,
@@ -104,10 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sft-tokens", type=int, default=None, help="tokens per SFT example (default: sft.py's --max-len)")
     p.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory; a plan fits under 90 %% of it")
     p.add_argument("--measure", action="store_true", help="measure the per-token figures again first (minutes)")
-    args = p.parse_args(argv)
-    if args.world < 1 or (args.micro_batch or 0) < 0:
-        p.error(f"--world must be >= 1 and --micro-batch >= 0, not {args.world} and {args.micro_batch}")
-    return args
+    return p.parse_args(argv)
 
 
 # =====================================================================================================================

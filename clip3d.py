@@ -338,8 +338,7 @@ def main(argv=None) -> dict:
     def snapshot() -> dict:   # a resumable state, and the encoder alone beside it (atomic, BrgSA names)
         if rank == 0:
             M.save_vision_weights(net.vit, Path(args.out) / "vision_encoder.safetensors")
-        return {"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": n // steps_per_epoch,
-                "args": vars(args)}
+        return {"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": n // steps_per_epoch}
 
     metrics, t0 = {}, time.time()
     for step in tqdm(range(run.start, total_steps), initial=run.start, total=total_steps, disable=rank != 0):

@@ -371,7 +371,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--judge-failures", default="fail", choices=["fail", "exclude"],
                    help="a failed judge call stops the run, or its group is left out of the loss and counted")
     g = p.add_argument_group("GRPO")
-    g.add_argument("--group-size", type=int, default=4, help="G completions per question")
+    g.add_argument("--group-size", type=at_least(2), default=4, help="G completions per question")
     g.add_argument("--batch-size", type=at_least(1), default=2, help="questions per rank and step")
     g.add_argument("--max-prompt-len", type=at_least(1), default=1024, help="prompt tokens with image; longer: error")
     g.add_argument("--max-new-tokens", type=at_least(1), default=512)
@@ -394,12 +394,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--micro-batch", type=at_least(0), default=0, help="rows per policy/ref. pass, 0 = all (choice 7)")
     g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True, help="less memory (choice 7)")
     g.add_argument("--eval-every", type=at_least(0), default=10, help="steps between validation accuracies; 0 = off")
-    args = runtime.parse_with_preset(p, argv, PHANTOM)
-    if args.group_size < 2:
-        p.error("--group-size must be at least 2: advantages compare the samples of a group")
-    if args.micro_batch < 0:
-        p.error(f"--micro-batch must be 0 (all rows at once) or a number of rows, not {args.micro_batch}")
-    return args
+    return runtime.parse_with_preset(p, argv, PHANTOM)
 
 
 def rank_questions(n: int, global_batch: int, seed: int, step: int) -> list[int]:
@@ -479,7 +474,7 @@ def main(argv=None) -> dict:
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['r_acc']:.2f}", fmt=f"{row['r_fmt']:.2f}",
                         kl=f"{row['kl']:.3f}")
-        if run.end_step(done, args.steps, lambda: {**runtime.train_state(net, optimizer), "args": vars(args)}, device):
+        if run.end_step(done, args.steps, lambda: runtime.train_state(net, optimizer), device):
             break
     bar.close()
     run.close()

@@ -393,7 +393,7 @@ class Run:
         if resume and overwrite:
             raise SystemExit("--resume and --overwrite exclude each other: continue the earlier run or start afresh")
         self.out, self.stop_at, self.keep, self.curves = Path(out), stop_at, keep, curves
-        self.save_every, self.save_last = save_every, save_last
+        self.save_every, self.save_last, self.args = save_every, save_last, args
         self.rank, self.world = get_rank(), world_size()
         earlier = [p.name for p in (self.out / "metrics.jsonl", self.out / "ckpt") if p.exists()]
         if earlier and not resume and not overwrite:
@@ -455,13 +455,14 @@ class Run:
             self._log.flush()
 
     def save(self, step: int, state: dict) -> None:
-        """Save a resumable checkpoint: `state`, the step, the skipped-step count and every rank's RNG state. Call it on
-        every rank."""
+        """Save a resumable checkpoint: `state`, the step, the skipped-step count, every rank's RNG state and the run's
+        flags (`args`, which a resume compares). Call it on every rank."""
         rngs = [rng_state()] * self.world
         if self.world > 1:
             dist.all_gather_object(rngs, rngs[0])  # every rank's own state in its slot
         if self.rank == 0:
-            state = {**state, "step": step, "skipped": self.skipped, "rng": rngs, "versions": versions()}
+            state = {**state, "step": step, "skipped": self.skipped, "rng": rngs, "args": self.args,
+                     "versions": versions()}
             save_train_state(self.out / "ckpt", step, state, keep=self.keep)
 
     def end_step(self, step: int, total: int, state, device: torch.device | str = "cpu") -> bool:

@@ -358,8 +358,7 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
             run.log(row)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         done = step + 1
-        if run.end_step(done, total_steps, lambda: {**runtime.train_state(wrapped, optimizer), "args": vars(args)},
-                        device):
+        if run.end_step(done, total_steps, lambda: runtime.train_state(wrapped, optimizer), device):
             break
     bar.close()
     run.close()

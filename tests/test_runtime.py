@@ -113,7 +113,7 @@ def test_fresh_run_replaces_metrics_and_checkpoints_resume_keeps_rows_up_to_its_
 def test_resume_refuses_other_flags_or_another_world_size_and_overwrite_clears_old_outputs(tmp_path):
     args = {"lr": 1e-3, "batch_size": 2, "out": str(tmp_path), "resume": False, "save_every": 10, "ram": True}
     run = runtime.Run(tmp_path, resume=False, args=args)
-    run.save(2, {"args": args})
+    run.save(2, {})                                                          # the run saves its flags itself
     run.close()
     again = {**args, "resume": True, "save_every": 5}                       # where and how often it saves: may change
     assert runtime.Run(tmp_path, resume=True, args=again).start == 2
@@ -308,3 +308,11 @@ def test_data_commands_refuse_a_spacing_or_share_no_run_can_use(capsys):
         with pytest.raises(SystemExit):
             data.main(argv)
         assert said in capsys.readouterr().err
+
+
+def test_a_group_of_one_sample_is_refused(capsys):
+    """GRPO's advantages compare a group's samples: a group of one has nothing to compare."""
+    with pytest.raises(SystemExit):
+        grpo.parse_args(["--group-size", "1"])
+    assert "--group-size: must be at least 2, not 1" in capsys.readouterr().err
+    assert grpo.parse_args(["--group-size", "2"]).group_size == 2
