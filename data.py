@@ -3,10 +3,12 @@
 Every stage reads its inputs through this file, from where `paths(root)` says they lie; the phantom world (phantom/)
 is written in the real datasets' on-disk formats, so one code path serves both. Deliberate choices:
 1. Axes (X, Y, Z) = (right->left, anterior->posterior, inferior->superior): a v2 file is turned so by its NIfTI
-   affine; a v1 file (placeholder header) is stored so and used as stored.
+   affine; a v1 file (placeholder header) or one without qform and sform is stored so and used as stored.
 2. A file holding air below -100 is already HU (CT-RATE v2) and is never rescaled; v1 raw values are rescaled once,
-   and must then look like HU. The manifest records both decisions per file.
-3. Spacing comes from the metadata CSV (the v1 headers are placeholders); NaN spacing is an error, never a guess.
+   and must then show air and tissue in HU; a header's own scaling counts as that one rescale. The manifest records
+   these decisions per file.
+3. Spacing comes from the metadata CSV (the v1 headers are placeholders); NaN spacing is an error, never a guess, and
+   so is a v2 header whose voxel sizes are neither 1 mm placeholders nor the CSV's.
 4. A file that cannot be read is listed with its reason in bad_files.jsonl and skipped, never replaced by another.
 
 Run:
@@ -28,7 +30,9 @@ import os
 import re
 import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -162,16 +166,32 @@ def read_ctrate_volume(path, meta_row: dict, how: dict | None = None) -> tuple[n
         raw = raw[..., 0]
     if raw.ndim != 3:
         raise VolumeReadError(f"{path}: expected a 3-D volume, got shape {raw.shape}")
-    hu = raw.astype(np.float32)
-    if (slope, inter) != (1.0, 0.0):
-        hu = hu * slope + inter
+    hu = raw.astype(np.float32)                   # a copy: scaled in place below (an expression would hold two more)
+    scaled, scaling = (slope, inter) != (1.0, 0.0), f"the header's scl_slope {slope:g}, scl_inter {inter:g}"
+    if scaled:
+        hu *= slope
+        hu += inter
     how = {} if how is None else how
     if is_hu(hu):  # v2: HU as stored, turned to (L, P, S) by its affine (a view: preprocess_volume avoids the copy)
+        values = f"HU as stored (v2), after {scaling}" if scaled else "HU as stored (v2)"
+        if not (img.header["qform_code"] or img.header["sform_code"]):   # nibabel would make up an (L, A, S) affine
+            how.update(values=values, orientation="LPS as stored (no qform or sform in the header)")
+            return check_finite(hu, path), spacing
+        if not (np.isfinite(affine).all() and abs(np.linalg.det(affine[:3, :3])) > 1e-12):
+            raise VolumeReadError(f"{path}: the NIfTI affine is singular or not finite (orientation unknown): "
+                                  f"{np.round(affine[:3], 3).tolist()}")
         ornt = nib.orientations
         to_lps = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(("L", "P", "S")))
+        zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))[to_lps[:, 0].argsort()]   # the header's voxel sizes (x, y, z)
+        if not (np.allclose(zooms, 1) or np.allclose(zooms, spacing, rtol=0.02)):   # 1 mm: a placeholder
+            raise VolumeReadError(f"{path}: the header's voxel sizes {tuple(np.round(zooms, 4).tolist())} mm are not "
+                                  f"the metadata CSV's {spacing} (a resampled file, or another volume's row?)")
         hu = ornt.apply_orientation(hu, to_lps)
-        how.update(values="HU as stored (v2)", orientation="".join(nib.aff2axcodes(affine)) + " -> LPS by the affine")
+        how.update(values=values, orientation="".join(nib.aff2axcodes(affine)) + " -> LPS by the affine")
         return check_finite(hu, path), spacing
+    if scaled:                                    # never two rescales: the header's, then the CSV's
+        raise VolumeReadError(f"{path}: {scaling} do not give HU (no voxel below -100), and the metadata CSV's "
+                              f"rescale would be a second one")
     cells = {k: meta_row.get(k) for k in ("RescaleSlope", "RescaleIntercept")}      # v1: raw values -> HU, once
     try:
         rescale = {k: float(v) for k, v in cells.items()}
@@ -180,10 +200,13 @@ def read_ctrate_volume(path, meta_row: dict, how: dict | None = None) -> tuple[n
                               f"are not numbers (v1 raw values cannot become HU)") from None
     if bad := [f"{k} is {v}" for k, v in rescale.items() if not np.isfinite(v)]:
         raise VolumeReadError(f"{path}: {', '.join(bad)} in the metadata CSV (v1 raw values cannot become HU)")
-    hu = check_finite(hu * rescale["RescaleSlope"] + rescale["RescaleIntercept"], path)
-    if not ((hu > -1200) & (hu < -100)).any():  # e.g. an HU file without air, rescaled by mistake
-        raise VolumeReadError(f"{path}: neither HU (no voxel below -100) nor raw values (no air, (-1200, -100) HU, "
-                              f"after the metadata CSV's rescale {rescale}; values {hu.min():.0f} to {hu.max():.0f})")
+    hu *= rescale["RescaleSlope"]
+    hu += rescale["RescaleIntercept"]
+    check_finite(hu, path)
+    if not (((hu > -1200) & (hu < -100)).any() and (hu > -300).any()):  # e.g. an HU file without air, or [0, 1] data
+        raise VolumeReadError(f"{path}: neither HU (no voxel below -100) nor raw values (after the metadata CSV's "
+                              f"rescale {rescale}: no air in (-1200, -100) HU or no tissue above -300 HU; values "
+                              f"{hu.min():.0f} to {hu.max():.0f})")
     how.update(values=f"raw, rescaled by the metadata CSV {rescale} (v1)", orientation="LPS as stored (v1 header)")
     return hu, spacing
 
@@ -198,8 +221,11 @@ def read_radchestct_volume(path, spacing=(0.8, 0.8, 0.8)) -> tuple[np.ndarray, t
         raise VolumeReadError(f"{path}: cannot read RAD-ChestCT npz ({type(e).__name__}: {e})") from e
     if ct.ndim != 3:
         raise VolumeReadError(f"{path}: expected a 3-D volume, got shape {ct.shape}")
-    hu = np.ascontiguousarray(ct[::-1].transpose(2, 1, 0), dtype=np.float32)
-    return check_finite(hu, path), tuple(float(s) for s in spacing)
+    hu = check_finite(np.ascontiguousarray(ct[::-1].transpose(2, 1, 0), dtype=np.float32), path)
+    if not (is_hu(hu) and (hu > -300).any()):    # air near -1000 and tissue: not shifted, scaled or normalised
+        raise VolumeReadError(f"{path}: 'ct' is not HU (values {hu.min():g} to {hu.max():g}; RAD-ChestCT holds HU in "
+                              f"[-1000, 1000], air near -1000)")
+    return hu, tuple(float(s) for s in spacing)
 
 
 def _crop_or_pad(vol: np.ndarray, shape, value) -> np.ndarray:
@@ -282,9 +308,23 @@ class VolumeCache:
         return kept
 
 
-def _pool(workers: int):
-    """Workers of one torch thread each, from a forkserver: fork() of a process running OpenMP threads can deadlock."""
-    return multiprocessing.get_context("forkserver").Pool(workers, torch.set_num_threads, (1,))
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """Workers of one torch thread each, from a forkserver: fork() of a process running OpenMP threads can deadlock.
+    A worker that dies (the OOM killer) breaks the pool with an error; a multiprocessing.Pool would wait forever."""
+    return ProcessPoolExecutor(workers, multiprocessing.get_context("forkserver"), torch.set_num_threads, (1,))
+
+
+def _completed(pool: ProcessPoolExecutor, jobs: list) -> Iterator[dict]:
+    """_preprocess_one's records as they finish; once a worker died, each volume not done is a bad-file record."""
+    futures = {pool.submit(_preprocess_one, job): job for job in jobs}
+    for future in as_completed(futures):
+        try:
+            yield future.result()
+        except BrokenProcessPool:
+            name, src, *_, out_dir = futures[future]
+            Path(out_dir, f"{volume_key(name)}.tmp.npy").unlink(missing_ok=True)
+            yield {"VolumeName": name, "path": str(src), "error": f"{src}: a worker process died while this volume "
+                   f"was queued or read (killed for memory? rerun with fewer --workers)"}
 
 
 def _preprocess_one(job) -> dict:
@@ -306,6 +346,14 @@ def _preprocess_one(job) -> dict:
             "shape": list(vol.shape), **how}
 
 
+def check_preset(cache_dir, preset: Preset) -> None:
+    """A cache made with another preset is an error naming both: one cache never mixes two."""
+    file = Path(cache_dir) / "preset.json"
+    if file.exists() and json.loads(file.read_text()) != json.loads(json.dumps(asdict(preset))):
+        raise ValueError(f"{cache_dir} was preprocessed with another preset ({file.read_text()}), not {preset}: "
+                         f"preprocess into another folder, or delete this one")
+
+
 def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL, workers=1,
                    spacing=(0.8, 0.8, 0.8), no_chest=None, progress=True) -> dict:
     """Preprocess every volume under src into out (resumable). Returns counts {'written', 'skipped' (done before),
@@ -316,10 +364,9 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
     if not src.is_dir():
         raise FileNotFoundError(f"source folder {src} does not exist")
     out.mkdir(parents=True, exist_ok=True)
-    preset_file, manifest = out / "preset.json", out / "manifest.jsonl"
-    if preset_file.exists() and json.loads(preset_file.read_text()) != json.loads(json.dumps(asdict(preset))):
-        raise ValueError(f"{out} was preprocessed with another preset ({preset_file.read_text()})")
-    preset_file.write_text(json.dumps(asdict(preset)))
+    check_preset(out, preset)
+    (out / "preset.json").write_text(json.dumps(asdict(preset)))
+    manifest = out / "manifest.jsonl"
     meta = read_metadata(metadata) if metadata else {}
     excluded = KNOWN_BAD | ({volume_key(l.strip()) for l in open(no_chest) if l.strip()} if no_chest else set())
     ext = ".nii.gz" if fmt == "ctrate" else ".npz"
@@ -343,7 +390,7 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
     n_bad = 0
     pool = _pool(min(workers, len(jobs))) if workers > 1 and len(jobs) > 1 else None
     with open(manifest, "a") as man, open(out / "bad_files.jsonl", "w") as badf:
-        results = pool.imap_unordered(_preprocess_one, jobs) if pool else map(_preprocess_one, jobs)
+        results = _completed(pool, jobs) if pool else map(_preprocess_one, jobs)
         for rec in tqdm(results, total=len(jobs), desc=f"preprocess {src.name}", disable=not progress):
             n_bad += "error" in rec
             f = badf if "error" in rec else man
@@ -351,7 +398,7 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
             if "file" in rec:  # named once listed: a crash never leaves a .npy outside the manifest
                 os.replace(out / f"{volume_key(rec['VolumeName'])}.tmp.npy", out / rec["file"])
     if pool:
-        pool.close(); pool.join()
+        pool.shutdown()
     return {"written": len(jobs) - n_bad, "skipped": len(files) - len(jobs), "bad": n_bad,
             "excluded": len(found) - len(files), "removed": len(removed), "not_volume": dict(sorted(other.items()))}
 
@@ -434,6 +481,7 @@ TERMS = {
     "Bronchiectasis": [r"bronchiectasis", r"bronchiectatic"],
     "Interlobular septal thickening": [r"(?:interlobular )?septal thickening"],
 }
+assert list(TERMS) == ABNORMALITIES, "data.TERMS needs the clinical terms of every one of data.ABNORMALITIES"
 TERM_RE = {name: re.compile(r"\b(?:" + "|".join(pats) + r")\b", re.IGNORECASE) for name, pats in TERMS.items()}
 NEG_BEFORE = re.compile(r"\b(?:no|not|without|absence of|absent|negative for|free of|neither|nor|rule out|ruled out)\b",
                         re.IGNORECASE)
@@ -579,8 +627,12 @@ def read_json(path, lines: bool = False):
 
 
 def read_sentence_labels(jsonl) -> dict[str, dict]:
-    """{VolumeName: {'findings': [(sentence, abnormal)]|None, 'impressions': [...]|None}}."""
+    """{VolumeName: {'findings': [(sentence, abnormal)]|None, 'impressions': [...]|None}}; a label other than
+    true/false/0/1 (the string "0" would read as abnormal) is an error naming the file and volume."""
     recs = read_json(jsonl, lines=True)
+    for r in recs:
+        if bad := [a for k in ("findings", "impressions") for _, a in r[k] or [] if a not in (0, 1)]:
+            raise ValueError(f"{jsonl}: {r['VolumeName']}: sentence label {bad[0]!r} is not true, false, 0 or 1")
     return {r["VolumeName"]: {k: [(s, bool(a)) for s, a in r[k]] if r[k] else None for k in ("findings", "impressions")}
             for r in recs}
 
@@ -588,8 +640,10 @@ def read_sentence_labels(jsonl) -> dict[str, dict]:
 def read_labels(csv_path) -> dict[str, np.ndarray]:
     """CT-RATE multi-abnormality CSV -> {VolumeName: int64 (18,)} in ABNORMALITIES order (column order checked)."""
     rows = read_csv_rows(csv_path)
-    if rows and list(next(iter(rows.values())))[1:] != ABNORMALITIES:
-        raise ValueError(f"{csv_path}: label columns differ from CT-RATE's 18: {list(next(iter(rows.values())))[1:]}")
+    if rows and (columns := list(next(iter(rows.values())))[1:]) != ABNORMALITIES:
+        raise ValueError(f"{csv_path}: the label columns are not data.ABNORMALITIES, in order (missing: "
+                         f"{[a for a in ABNORMALITIES if a not in columns]}, other: "
+                         f"{[c for c in columns if c not in ABNORMALITIES]})")
     return {k: np.array([_label(csv_path, k, a, r[a], {"0", "1", "0.0", "1.0"}) for a in ABNORMALITIES], np.int64)
             for k, r in rows.items()}
 

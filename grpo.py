@@ -336,7 +336,7 @@ def train_step(net, ref: model.VLM, optimizer, qs: list[dict], x: torch.Tensor |
         (groups == groups[:, :1]).all(1).sum(), lengths.sum(), (~finished).sum(), excluded.sum(), len(texts),
         len(groups), *(weight * v for v in (stats["kl"], stats["clip_frac"], loss.item()))], dtype=torch.float64,
         device=vlm.device), "sum")
-    return {"sums": dict(zip(LOGGED, sums.tolist())), "grad_norm": grad_norm.item(), "applied": applied,
+    return {"sums": dict(zip(LOGGED, sums.tolist(), strict=True)), "grad_norm": grad_norm.item(), "applied": applied,
             "texts": texts, "tokens": int(lengths.sum()), "generate_sec": t_generate, "rollout_sec": t_rollout,
             "update_sec": time.perf_counter() - t0 - t_rollout}
 

@@ -192,8 +192,9 @@ class Bridge(nn.Module):
 
     def __init__(self, vit_width: int, grid, llm_dim: int, anchor: torch.Tensor, ram: bool = True):
         super().__init__()
-        self.in_grid = tuple(grid)
-        self.grid = tuple(g // 2 for g in self.in_grid)
+        if any(g < 2 or g % 2 for g in grid):   # the 2x2x2 pooling would drop a plane of tokens, or all of them
+            raise ValueError(f"ViT grid {tuple(grid)} (image size / patch size): the bridge needs even sizes >= 2")
+        self.in_grid, self.grid = tuple(grid), tuple(g // 2 for g in grid)
         self.n_img = math.prod(self.grid)
         self.pool = nn.Conv3d(vit_width, llm_dim, kernel_size=2, stride=2)  # adaptive weighted pooling, 14^3 -> 7^3
         self.proj = nn.Linear(llm_dim, llm_dim)
@@ -454,8 +455,7 @@ class VLM(nn.Module):
         per_prompt = isinstance(generator, (list, tuple))
         if per_prompt and len(generator) != input_ids.shape[0]:
             raise ValueError(f"{len(generator)} generators for {input_ids.shape[0]} prompts")
-        ids = input_ids.repeat_interleave(num_samples, dim=0)
-        mask = attention_mask.repeat_interleave(num_samples, dim=0)
+        ids, mask = input_ids.repeat_interleave(num_samples, 0), attention_mask.repeat_interleave(num_samples, 0)
         images = image_embeds.repeat_interleave(num_samples, dim=0) if image_embeds is not None else None
         n = ids.shape[0]
         out = self.llm(inputs_embeds=self.embed(ids, images), attention_mask=mask, position_ids=position_ids(mask),

@@ -45,7 +45,7 @@ RAD_ABNORMALITIES = (
     "postsurgical pulmonary_edema reticulation scarring scattered_calc scattered_nod secretion septal_thickening "
     "soft_tissue staple stent sternotomy suture tracheal_tube transplant tree_in_bud tuberculosis").split()
 
-PHANTOM_PREVALENCE = np.linspace(0.18, 0.36, len(ABNORMALITIES))[np.random.default_rng(7).permutation(18)]
+PHANTOM_PREVALENCE = np.random.default_rng(7).permutation(np.linspace(0.18, 0.36, len(ABNORMALITIES)))
 PHANTOM_ALL_NEGATIVE = 0.06
 PHANTOM_RAD_SPACING = (4.0, 4.0, 4.0)
 PHANTOM_VERSION = "3"  # bump when the generator changes, so stale worlds are noticed
@@ -89,8 +89,8 @@ class _Canvas:
 
 def _phantom_patient(rng: np.random.Generator, force_normal=False) -> dict:
     """One patient: anatomy jitter, the 18 labels and every finding's parameters."""
-    labels = np.zeros(18, bool) if force_normal or rng.random() < PHANTOM_ALL_NEGATIVE \
-        else rng.random(18) < PHANTOM_PREVALENCE
+    labels = np.zeros(len(ABNORMALITIES), bool) if force_normal or rng.random() < PHANTOM_ALL_NEGATIVE \
+        else rng.random(len(ABNORMALITIES)) < PHANTOM_PREVALENCE
     u = lambda lo, hi: float(rng.uniform(lo, hi))
     side = lambda: int(rng.choice([-1, 1]))  # -1 = patient right, +1 = patient left (X grows to the left)
     p = {"labels": labels, "scale": u(0.93, 1.07), "shift": (u(-6, 6), u(-6, 6), u(-10, 10)),
@@ -480,7 +480,7 @@ def make_phantom(out, n_train=400, n_valid=340, n_rad=340, seed=0, workers=None,
     jobs += [(seed, "rad", i + 1, 1, out / "radchestct" / "volumes") for i in range(n_rad)]
     workers = workers or min(os.cpu_count() or 1, 8)
     with data._pool(workers) as pool:
-        results = list(tqdm(pool.imap(_phantom_patient_job, jobs, chunksize=4), total=len(jobs), desc="phantom",
+        results = list(tqdm(pool.map(_phantom_patient_job, jobs, chunksize=4), total=len(jobs), desc="phantom",
                             disable=not progress))
     by_split = defaultdict(list)
     for job, rows in zip(jobs, results):
@@ -554,10 +554,10 @@ def ensure_world(root="runs/phantom", n_train=None, n_valid=None, n_rad=None, se
         for key, src, fmt, meta in (("train_cache", "train_volumes", "ctrate", "train_metadata"),
                                     ("valid_cache", "valid_volumes", "ctrate", "valid_metadata"),
                                     ("radchestct_cache", "radchestct_volumes", "radchestct", None)):
+            data.check_preset(paths[key], data.PHANTOM)             # not one made before data.PHANTOM changed
             if not (paths[key] / ".done").exists():
                 stats = data.preprocess_dir(paths[src], paths[key], fmt, paths[meta] if meta else None, data.PHANTOM,
-                                            workers=min(os.cpu_count() or 1, 8), spacing=PHANTOM_RAD_SPACING,
-                                            progress=progress)
+                                            min(os.cpu_count() or 1, 8), PHANTOM_RAD_SPACING, progress=progress)
                 if stats["bad"]:
                     raise RuntimeError(f"phantom preprocessing failed, see {paths[key] / 'bad_files.jsonl'}")
                 (paths[key] / ".done").touch()

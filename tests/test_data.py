@@ -1,7 +1,10 @@
 """data.py (readers, preprocessing numerics, labels, task builders, the OpenAI labeller) and the phantom generator."""
 import csv
+import dataclasses
 import gzip
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -229,6 +232,11 @@ def test_bad_label_csvs_raise_errors_naming_file_and_row(tmp_path):
     cases = {"nan": [row("valid_1_a_1.nii.gz", "nan")], "two": [row("valid_1_a_1.nii.gz", "2")],
              "frac": [row("valid_1_a_1.nii.gz", "0.7")], "short": ["valid_1_a_1.nii.gz,0,1"],
              "dup": [row("valid_1_a_1.nii.gz", "0"), row("valid_1_a_1.nii.gz", "1")]}
+    (tmp_path / "cols.csv").write_text(header.replace(",Cardiomegaly", "") + ",Pneumothorax\n"
+                                       + row("valid_1_a_1.nii.gz", "0") + "\n")
+    with pytest.raises(ValueError, match=r"cols.csv: the label columns are not data.ABNORMALITIES, in order "
+                                         r"\(missing: \['Cardiomegaly'\], other: \['Pneumothorax'\]\)"):
+        data.read_labels(tmp_path / "cols.csv")
     for name, rows in cases.items():
         (tmp_path / f"{name}.csv").write_text("\n".join([header] + rows) + "\n")
         with pytest.raises(ValueError, match=f"{name}.csv.*(valid_1_a_1|line)"):
@@ -737,6 +745,10 @@ def test_json_inputs_read_past_a_bom_and_blank_lines_and_name_what_does_not_pars
     jsonl.write_text(json.dumps(rec) + "\n" + json.dumps(rec)[:-1] + "\n")
     with pytest.raises(ValueError, match=rf"{jsonl} line 2: not valid JSON"):
         data.read_sentence_labels(jsonl)
+    for label in ("0", None, 0.5):     # the string "0" is truthy: every such sentence would count as abnormal
+        jsonl.write_text(json.dumps({**rec, "impressions": [["Clear.", 0], ["Effusion.", label]]}) + "\n")
+        with pytest.raises(ValueError, match=rf"{jsonl}: valid_1_a_1.nii.gz: sentence label {label!r} is not true"):
+            data.read_sentence_labels(jsonl)
     (questions := tmp_path / "q.json").write_text("")
     with pytest.raises(ValueError, match=rf"{questions}: not valid JSON"):
         data.read_questions(questions)
@@ -979,6 +991,21 @@ def test_the_phantom_preset_never_replaces_other_data(tmp_path):
     assert data.paths(tmp_path)["train_volumes"] == tmp_path / "dataset" / "train_fixed"   # the real preset reads it
 
 
+def test_a_phantom_cache_made_with_another_preset_is_refused(tmp_path):
+    """After data.PHANTOM changes, a world built before would feed the stages volumes of the old spacing and shape:
+    ensure_world names the cache instead (and builds nothing)."""
+    (tmp_path / "dataset").mkdir()
+    (tmp_path / "dataset" / ".done").write_text(world.PHANTOM_VERSION)
+    (tmp_path / "phantom.json").write_text(json.dumps(world.PHANTOM_DEFAULTS))
+    old = dataclasses.replace(data.PHANTOM, spacing=(4.0, 4.0, 8.0))
+    (cache := data.paths(tmp_path)["train_cache"]).mkdir(parents=True)
+    (cache / "preset.json").write_text(json.dumps(data.asdict(old)))
+    (cache / ".done").touch()
+    with pytest.raises(ValueError, match=rf"{cache} was preprocessed with another preset .* delete this one"):
+        world.ensure_world(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "cache", "dataset", "phantom.json"]
+
+
 @pytest.mark.parametrize("cmd, shown", [
     ("preprocess", ["(default: real)", "real: (1.5, 1.5, 3.0) mm, stored (256, 256, 128), cropped to (224, 224, 112)",
                     "processes (default: 1)"]),
@@ -998,3 +1025,106 @@ def test_preprocess_that_finds_no_volume_fails(tmp_path):
     (src / "valid_1_a_1.nii.gz").write_bytes(b"a CT-RATE volume, not RAD-ChestCT's .npz")
     with pytest.raises(SystemExit, match=r"0 written.*1 not a volume \(\*.gz: 1\): no radchestct volume under --src"):
         data.main(["preprocess", "--src", str(src), "--format", "radchestct", "--out", str(tmp_path / "out")])
+
+
+def test_headers_that_would_turn_rescale_or_resize_a_volume_wrongly_are_read_as_stored_or_refused(tmp_path):
+    """A marker at a known (L, P, S) voxel lands there, or the file is refused naming it: a header without qform and
+    sform (nibabel would make up an (L, A, S) affine) is used as stored; a singular affine, header voxel sizes that
+    are not the CSV's, and header scaling that leaves raw values (the CSV's rescale would be a second) are errors."""
+    hu = chest()
+    hu[3, 5, 7] = 900                                               # (L, P, S)
+    bare = nib.Nifti1Image(hu, None)
+    assert bare.header["qform_code"] == bare.header["sform_code"] == 0
+    nib.save(bare, str(tmp_path / "bare.nii.gz"))
+    how = {}
+    got, _ = data.read_ctrate_volume(tmp_path / "bare.nii.gz", meta_row(), how)
+    assert tuple(np.argwhere(got == 900)[0]) == (3, 5, 7) and "as stored" in how["orientation"]
+    singular = nib.Nifti1Image(hu, None)                           # an sform with a zero column; nibabel writes no
+    singular.header.set_sform(np.diag([-1.0, -1.0, 0.0, 1.0]), code=1)   # qform for it
+    nib.save(singular, str(tmp_path / "singular.nii.gz"))
+    with pytest.raises(data.VolumeReadError, match="singular.nii.gz: the NIfTI affine is singular"):
+        data.read_ctrate_volume(tmp_path / "singular.nii.gz", meta_row())
+    sized = np.diag([-0.6, -0.7, 2.0, 1.0])                        # the CSV's (x, y, z) = (0.6, 0.7, 2.0): read
+    pls = np.array([[0, -0.6, 0, 0], [-0.7, 0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])   # the same, stored (P, L, S)
+    for name, stored, affine in (("lps", hu, sized), ("pls", hu.transpose(1, 0, 2).copy(), pls)):
+        got, _ = data.read_ctrate_volume(write_nifti(tmp_path / f"{name}.nii.gz", stored, affine),
+                                         meta_row(xy=(0.7, 0.6), z=2.0))
+        assert tuple(np.argwhere(got == 900)[0]) == (3, 5, 7), name
+    with pytest.raises(data.VolumeReadError, match=r"resampled.nii.gz: the header's voxel sizes \(1.5, 1.5, 3.0\) "
+                                                   r"mm are not the metadata CSV's \(0.75, 0.75, 1.5\)"):
+        data.read_ctrate_volume(write_nifti(tmp_path / "resampled.nii.gz", hu, np.diag([-1.5, -1.5, 3.0, 1.0])),
+                                meta_row())
+    img = nib.Nifti1Image((hu.astype(np.int32) + 8192).astype(np.int16), LPS)   # raw + 8192, header says -1024
+    img.header.set_slope_inter(1.0, -1024.0)
+    nib.save(img, str(tmp_path / "twice.nii.gz"))
+    with pytest.raises(data.VolumeReadError, match="twice.nii.gz: the header's scl_slope 1, scl_inter -1024 do not "
+                                                   "give HU .* a second one"):
+        data.read_ctrate_volume(tmp_path / "twice.nii.gz", meta_row(intercept=-8192))
+    img = nib.Nifti1Image(hu + 1024, LPS)                          # header scaling that gives HU: once, and said
+    img.header.set_slope_inter(1.0, -1024.0)
+    nib.save(img, str(tmp_path / "once.nii.gz"))
+    how = {}
+    assert np.array_equal(data.read_ctrate_volume(tmp_path / "once.nii.gz", meta_row(), how)[0], hu)
+    assert how["values"] == "HU as stored (v2), after the header's scl_slope 1, scl_inter -1024"
+
+
+def test_arrays_that_are_not_ct_are_refused_not_cached_as_air(tmp_path):
+    """Data normalised to [0, 1] or [-1, 1], all zeros, or a RAD-ChestCT array shifted out of HU would pass as raw
+    values and be cached as near-uniform air: each is an error naming the file and its value range."""
+    hu = chest()
+    cases = {"unit": (hu + 1024) / 2048, "zeros": np.zeros(hu.shape, np.int16)}
+    for name, vol in cases.items():
+        with pytest.raises(data.VolumeReadError, match=f"{name}.nii.gz: neither HU .* no tissue above -300 HU"):
+            data.read_ctrate_volume(write_nifti(tmp_path / f"{name}.nii.gz", vol.astype(np.float32)), meta_row())
+    rad = {"shifted": (hu + 1000).astype(np.uint16), "normalised": hu / 1000.0, "zeros": np.zeros(hu.shape)}
+    for name, vol in rad.items():
+        np.savez(tmp_path / f"{name}.npz", ct=vol.transpose(2, 1, 0)[::-1])
+        with pytest.raises(data.VolumeReadError, match=f"{name}.npz: 'ct' is not HU"):
+            data.read_radchestct_volume(tmp_path / f"{name}.npz")
+    np.savez(tmp_path / "ok.npz", ct=hu.transpose(2, 1, 0)[::-1])
+    assert np.array_equal(data.read_radchestct_volume(tmp_path / "ok.npz")[0], hu)
+
+
+def test_a_killed_worker_fails_its_volumes_instead_of_hanging_preprocess(tmp_path):
+    """The OOM killer takes a worker: preprocess --workers 2 must end (exit 1) listing the volumes left undone, and a
+    rerun finishes them. The victim blocks on a named pipe (np.load opens it), so it is at work when it is killed."""
+    src, names = tmp_path / "rad", [f"trn{i}" for i in range(1, 5)]
+    src.mkdir()
+    for name in names[1:]:
+        np.savez(src / f"{name}.npz", ct=chest())
+    os.mkfifo(fifo := src / f"{names[0]}.npz")
+    cmd = [sys.executable, "data.py", "preprocess", "--src", str(src), "--format", "radchestct", "--out",
+           str(tmp_path / "cache"), "--workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=Path(data.__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    for _ in range(1200):                       # wait until a worker has opened the pipe to read it
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("no worker opened the named pipe")
+    def opened(fd: Path) -> bool:
+        try:
+            return fd.parts[2] != str(os.getpid()) and os.readlink(fd) == str(fifo)
+        except OSError:                         # another user's process, or one that has just ended
+            return False
+    for _ in range(200):                        # its open() returns once ours has
+        if victim := [int(fd.parts[2]) for fd in Path("/proc").glob("[0-9]*/fd/*") if opened(fd)]:
+            break
+        time.sleep(0.05)
+    os.kill(victim[0], signal.SIGKILL)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        os.close(writer)
+        proc.kill()
+    bad = {b["VolumeName"]: b["error"] for b in map(json.loads, open(tmp_path / "cache" / "bad_files.jsonl"))}
+    assert proc.returncode == 1 and names[0] in bad, out
+    assert all(e.startswith(f"{src / n}.npz: a worker process died") for n, e in bad.items())
+    fifo.unlink()
+    np.savez(fifo, ct=chest())
+    assert subprocess.run(cmd, cwd=Path(data.__file__).parent, capture_output=True).returncode == 0
+    assert {p.name for p in (tmp_path / "cache").glob("*.npy")} == {f"{n}.npy" for n in names}

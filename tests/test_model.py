@@ -134,6 +134,9 @@ def test_encoder_and_bridge_shapes():
     # base geometry: 14^3 ViT tokens pool to the paper's 343 image tokens
     with torch.device("meta"):
         assert M.Bridge(768, (14, 14, 14), 2048, torch.zeros(2048)).n_img == 343
+    for grid in ((7, 7, 7), (4, 3, 4), (4, 4, 1)):   # the 2x2x2 pooling would drop a plane of tokens, or all
+        with pytest.raises(ValueError, match=rf"ViT grid \({grid[0]}, {grid[1]}, {grid[2]}\) .* even sizes >= 2"):
+            M.Bridge(32, grid, 48, torch.zeros(48))
 
 
 def test_ram_gate_interpolates_towards_anchor():
