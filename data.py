@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from runtime import at_least
+from runtime import at_least, lock_folder, unlock_folder
 
 REPORT_COLUMNS = ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"]
 # CT-RATE's 18 abnormalities, in its label columns' order, and the RAD-ChestCT labels each is read from (BrgSA's
@@ -363,44 +363,50 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise FileNotFoundError(f"source folder {src} does not exist")
-    out.mkdir(parents=True, exist_ok=True)
-    check_preset(out, preset)
-    (out / "preset.json").write_text(json.dumps(asdict(preset)))
-    manifest = out / "manifest.jsonl"
-    meta = read_metadata(metadata) if metadata else {}
-    excluded = KNOWN_BAD | ({volume_key(l.strip()) for l in open(no_chest) if l.strip()} if no_chest else set())
-    ext = ".nii.gz" if fmt == "ctrate" else ".npz"
-    found = sorted(src.rglob(f"*{ext}"))
-    other = Counter(f"*{p.suffix}" if p.suffix else p.name for p in src.rglob("*")
-                    if p.is_file() and not p.name.endswith(ext))
-    files = [p for p in found if volume_key(p.name) not in excluded]
-    cached = [json.loads(l) for l in open(manifest)] if manifest.exists() else []
-    if removed := [r for r in cached if volume_key(r["VolumeName"]) in excluded]:   # cached before they were excluded
-        cached = [r for r in cached if r not in removed]
-        (tmp := out / "manifest.jsonl.tmp").write_text("".join(json.dumps(r) + "\n" for r in cached))
-        os.replace(tmp, manifest)                                  # the manifest first: it never names a deleted file
-        for r in removed:
-            (out / r["file"]).unlink(missing_ok=True)
-    done = {volume_key(r["VolumeName"]) for r in cached}
-    jobs = []
-    for p in files:
-        name = p.name if fmt == "ctrate" else volume_key(p.name)
-        if volume_key(name) not in done or not (out / f"{volume_key(name)}.npy").exists():
-            jobs.append((name, p, fmt, meta.get(name), preset, spacing, out))
-    n_bad = 0
-    pool = _pool(min(workers, len(jobs))) if workers > 1 and len(jobs) > 1 else None
-    with open(manifest, "a") as man, open(out / "bad_files.jsonl", "w") as badf:
-        results = _completed(pool, jobs) if pool else map(_preprocess_one, jobs)
-        for rec in tqdm(results, total=len(jobs), desc=f"preprocess {src.name}", disable=not progress):
-            n_bad += "error" in rec
-            f = badf if "error" in rec else man
-            f.write(json.dumps(rec) + "\n"); f.flush()
-            if "file" in rec:  # named once listed: a crash never leaves a .npy outside the manifest
-                os.replace(out / f"{volume_key(rec['VolumeName'])}.tmp.npy", out / rec["file"])
-    if pool:
-        pool.shutdown()
-    return {"written": len(jobs) - n_bad, "skipped": len(files) - len(jobs), "bad": n_bad,
-            "excluded": len(found) - len(files), "removed": len(removed), "not_volume": dict(sorted(other.items()))}
+    lock_folder(out, "preprocessing", wait=True)              # one writer: the manifest's lines and files agree
+    try:
+        check_preset(out, preset)
+        if not (out / "preset.json").exists():
+            (out / "preset.json").write_text(json.dumps(asdict(preset)))
+        for stale in out.glob("*.tmp*"):                      # what a killed run was writing
+            stale.unlink()
+        manifest = out / "manifest.jsonl"
+        meta = read_metadata(metadata) if metadata else {}
+        excluded = KNOWN_BAD | ({volume_key(l.strip()) for l in open(no_chest) if l.strip()} if no_chest else set())
+        ext = ".nii.gz" if fmt == "ctrate" else ".npz"
+        found = sorted(src.rglob(f"*{ext}"))
+        other = Counter(f"*{p.suffix}" if p.suffix else p.name for p in src.rglob("*")
+                        if p.is_file() and not p.name.endswith(ext))
+        files = [p for p in found if volume_key(p.name) not in excluded]
+        cached = [json.loads(l) for l in open(manifest)] if manifest.exists() else []
+        if removed := [r for r in cached if volume_key(r["VolumeName"]) in excluded]:   # cached, then excluded
+            cached = [r for r in cached if r not in removed]
+            (tmp := out / "manifest.jsonl.tmp").write_text("".join(json.dumps(r) + "\n" for r in cached))
+            os.replace(tmp, manifest)                              # the manifest first: it never names a deleted file
+            for r in removed:
+                (out / r["file"]).unlink(missing_ok=True)
+        done = {volume_key(r["VolumeName"]) for r in cached}
+        jobs = []
+        for p in files:
+            name = p.name if fmt == "ctrate" else volume_key(p.name)
+            if volume_key(name) not in done or not (out / f"{volume_key(name)}.npy").exists():
+                jobs.append((name, p, fmt, meta.get(name), preset, spacing, out))
+        n_bad = 0
+        pool = _pool(min(workers, len(jobs))) if workers > 1 and len(jobs) > 1 else None
+        with open(manifest, "a") as man, open(out / "bad_files.jsonl", "w") as badf:
+            results = _completed(pool, jobs) if pool else map(_preprocess_one, jobs)
+            for rec in tqdm(results, total=len(jobs), desc=f"preprocess {src.name}", disable=not progress):
+                n_bad += "error" in rec
+                f = badf if "error" in rec else man
+                f.write(json.dumps(rec) + "\n"); f.flush()
+                if "file" in rec:  # named once listed: a crash never leaves a .npy outside the manifest
+                    os.replace(out / f"{volume_key(rec['VolumeName'])}.tmp.npy", out / rec["file"])
+        if pool:
+            pool.shutdown()
+        return {"written": len(jobs) - n_bad, "skipped": len(files) - len(jobs), "bad": n_bad,
+                "excluded": len(found) - len(files), "removed": len(removed), "not_volume": dict(sorted(other.items()))}
+    finally:
+        unlock_folder(out)
 
 
 # ================================================ reports and labels =============================================

@@ -843,7 +843,14 @@ def main(argv=None) -> dict | None:
     generated = {}   # each run's generated reports, scored after the last collective
     for label, ckpt in ckpts:
         print0(f"evaluating {label}: {ckpt}")
-        vlm = model.VLM.load(ckpt, device=device, dtype=compute_dtype(device)).eval()  # frozen: bf16 on CUDA
+        try:
+            vlm = model.VLM.load(ckpt, device=device, dtype=compute_dtype(device)).eval()  # frozen: bf16 on CUDA
+        except Exception as e:   # gone since the start (a run started afresh there): the other runs' work stays
+            if (Path(ckpt) / "config.json").is_file():
+                raise
+            print0(f"skipped {label}: {ckpt} is gone since the evaluation began ({type(e).__name__}: {e})")
+            results["selection"]["not_found"][label] = results["selection"]["evaluated"].pop(label)
+            continue
         meta = vlm.config.get("meta", {})
         sft_args = meta.get("args", {}) if meta.get("stage") == "sft" else meta.get("sft", {}).get("args", {})
         run = {"checkpoint": str(ckpt), "config_sha256": sha256(Path(ckpt) / "config.json"), "stage": meta.get("stage"),
@@ -867,7 +874,9 @@ def main(argv=None) -> dict | None:
             run["reasoning"] = evaluate_reasoning(judge, run.get("mmvqa", {}), questions.get("CT-RATE", []), reports)
         if label in generated:
             run["reports"] = score_reports(generated[label], reports, report_names, args, judge)
-    results["reference"] = args.reference or ("sft" if "sft" in labels else labels[0] if labels else None)
+    labels = list(results["runs"])
+    results["reference"] = (args.reference if args.reference in labels else None) or (
+        "sft" if "sft" in labels else labels[0] if labels else None)
     results["significance"] = significance(results["runs"], results["reference"]) if labels else {}
     if "mmvqa" in tasks and args.case_sheets:
         results["case_sheets"] = case_sheets(results["runs"], questions, caches, paths, args.case_sheets,

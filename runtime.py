@@ -7,6 +7,7 @@ be written again, and drift, in every stage.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import glob
 import json
 import math
@@ -43,9 +44,12 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
 
 
 def cleanup_distributed() -> None:
+    """The end of a stage, after its final saves: leave the process group and release the run folders' locks."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    while _locks:
+        _locks.popitem()[1].close()
 
 
 def world_size() -> int:
@@ -172,6 +176,39 @@ def atomic_dir(final: str | Path):
         os.replace(final, old)  # two renames: the window between them has no `final`, never a half-written one
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+_locks: dict[Path, object] = {}   # folder -> this process's open <folder>/.lock
+
+
+def lock_folder(folder: str | Path, what: str, wait: bool = False) -> None:
+    """Hold <folder>/.lock until unlock_folder(folder) or cleanup_distributed (or the process ends), so that no other
+    process writes there meanwhile: one that holds it stops this one naming its pid (wait=True: waits for it). A
+    folder this process holds already stays held."""
+    folder = Path(folder).resolve()
+    if folder in _locks:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f"{folder} is in use by another {what} (pid {f.read().strip() or '?'})"
+        if not wait:
+            f.close()
+            raise SystemExit(f"{holder}: let it finish, or choose another folder") from None
+        print(f"{holder}: waiting for it", flush=True)
+        fcntl.flock(f, fcntl.LOCK_EX)
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _locks[folder] = f
+
+
+def unlock_folder(folder: str | Path) -> None:
+    if (f := _locks.pop(Path(folder).resolve(), None)) is not None:
+        f.close()
 
 
 def save_train_state(ckpt_root: str | Path, step: int, state: dict, keep: int = 2) -> Path:
@@ -384,7 +421,8 @@ class Run:
     resumed from; a checkpoint written with other flags (`args`, except RESUME_MAY_CHANGE) or another world size is
     refused: the run would not continue as it began. `skipped` counts the optimizer steps the loop skipped (a
     non-finite loss or gradient), over the whole run: it is saved with each checkpoint and resumed. Create it after
-    the model is built (building consumes RNG), before the loop."""
+    the model is built (building consumes RNG), before the loop. The folder is locked until cleanup_distributed: a
+    second process running there (an --overwrite would wipe the first's outputs) is refused."""
 
     def __init__(self, out: str | Path, resume: bool, overwrite: bool = False, stop_at: int | None = None,
                  keep: int = 2, curves: tuple[str, ...] = (), save_every: int = 0, save_last: bool = False,
@@ -395,6 +433,8 @@ class Run:
         self.out, self.stop_at, self.keep, self.curves = Path(out), stop_at, keep, curves
         self.save_every, self.save_last, self.args = save_every, save_last, args
         self.rank, self.world = get_rank(), world_size()
+        if self.rank == 0:
+            lock_folder(self.out, "run")   # before anything here is read or changed; released by cleanup_distributed
         earlier = [p.name for p in (self.out / "metrics.jsonl", self.out / "ckpt") if p.exists()]
         if earlier and not resume and not overwrite:
             raise SystemExit(f"{self.out} holds an earlier run ({', '.join(earlier)}): pass --resume to continue it "
@@ -424,7 +464,6 @@ class Run:
             signal.signal(sig, _on_stop_signal)
         self._log = None
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
             metrics = self.out / "metrics.jsonl"
             if self.state is None:   # with --overwrite the earlier run's outputs go too: none may pass for this run's
                 earlier = ["ckpt", "metrics.jsonl"]

@@ -61,7 +61,6 @@ def cpu_name() -> str:
 def launch(name: str, full: list[str]) -> subprocess.Popen:
     """Start one stage, its output in runs/logs/<name>.log, on one thread unless OMP_NUM_THREADS says otherwise."""
     log = Path("runs/logs", f"{name}.log")
-    log.parent.mkdir(parents=True, exist_ok=True)
     print(f"== {name}: python {' '.join(full)}   (output: {log})", flush=True)
     with log.open("w") as out:   # the stage holds its own copy of the file
         return subprocess.Popen([sys.executable, *full], stdout=out, stderr=subprocess.STDOUT,
@@ -73,6 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh", action="store_true", help="redo every stage, replacing earlier runs")
     ap.add_argument("--long", action="store_true", help="the longer recipe; the stages it shares are kept")
     args = ap.parse_args(argv)
+    runtime.lock_folder("runs/logs", "quick start")   # one quick start in this folder at a time: its logs and record
     record = {} if args.fresh or not RECORD.is_file() else json.loads(RECORD.read_text())
     stages = LONG_STAGES if args.long else STAGES
     names = [name for name, _, _ in stages]

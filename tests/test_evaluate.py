@@ -823,3 +823,26 @@ def test_generation_limits_follow_the_preset_and_cut_outputs_are_counted(monkeyp
     scored = E.score_reports([("Emphysema.", True), ("Emphysema in", False)], reports, sorted(reports)[:2],
                              phantom, None)
     assert scored["truncated"] == 1
+
+
+def test_a_checkpoint_gone_during_the_evaluation_is_skipped_and_the_others_kept(eval_setup, tmp_path, monkeypatch):
+    """Another run started afresh in a run folder deletes its vlm/ while evaluate works on an earlier run: that run
+    is listed as not found, and what was evaluated is still scored and written."""
+    import shutil
+    import model
+    world, root = eval_setup
+    runs = tmp_path / "runs"
+    for name in ("sft", "grpo"):
+        shutil.copytree(root / "runs/sft/vlm", runs / name / "vlm")
+    load = model.VLM.load
+
+    def load_after_grpo_is_gone(ckpt, *a, **k):
+        shutil.rmtree(runs / "grpo" / "vlm", ignore_errors=True)
+        return load(ckpt, *a, **k)
+    monkeypatch.setattr(model.VLM, "load", load_after_grpo_is_gone)
+    res = E.main(eval_argv(world, root, tmp_path / "eval", "--runs", str(runs), "--tasks", "mmvqa",
+                           "--case-sheets", "0"))
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert list(res["runs"]) == list(saved["runs"]) == ["sft"] and saved["reference"] == "sft"
+    assert saved["selection"]["not_found"]["grpo"] == str(runs / "grpo" / "vlm")
+    assert list(saved["selection"]["evaluated"]) == ["sft"]

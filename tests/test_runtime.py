@@ -127,7 +127,7 @@ def test_resume_refuses_other_flags_or_another_world_size_and_overwrite_clears_o
         (tmp_path / old).parent.mkdir(exist_ok=True)
         (tmp_path / old).write_text("the earlier run's")
     runtime.Run(tmp_path, resume=False, overwrite=True, args=args).close()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]   # nothing left to pass for this run's
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "metrics.jsonl"]   # the lock, the new run
 
 
 def test_resume_drops_a_torn_metrics_line_and_refuses_overwrite(tmp_path, capsys):
@@ -316,3 +316,75 @@ def test_a_group_of_one_sample_is_refused(capsys):
         grpo.parse_args(["--group-size", "1"])
     assert "--group-size: must be at least 2, not 1" in capsys.readouterr().err
     assert grpo.parse_args(["--group-size", "2"]).group_size == 2
+
+
+HOLDER = """import sys, runtime
+runtime.Run(sys.argv[1], resume=False) if sys.argv[2] == "run" else runtime.lock_folder(sys.argv[1], sys.argv[2])
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+def hold(folder: Path, what: str) -> subprocess.Popen:
+    """Another process that holds `folder` (a Run there, or the lock alone) until its stdin closes."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), what], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "holding\n"
+    return proc
+
+
+def release(proc: subprocess.Popen) -> None:
+    proc.stdin.close()
+    proc.wait(timeout=60)
+
+
+def test_a_second_process_in_a_run_folder_is_refused_before_it_changes_anything(tmp_path, monkeypatch):
+    """--overwrite (the quick start passes it for every fresh stage) would delete a live run's metrics and
+    checkpoints under it, and --resume would repeat its steps: a second run, or quick start, stops naming the pid."""
+    proc = hold(tmp_path, "run")
+    runtime.save_train_state(tmp_path / "ckpt", 2, {"step": 2})
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    try:
+        for resume, overwrite in ((False, True), (True, False)):
+            with pytest.raises(SystemExit, match=rf"{tmp_path} is in use by another run \(pid {proc.pid}\)"):
+                runtime.Run(tmp_path, resume=resume, overwrite=overwrite)
+        assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n' and (tmp_path / "ckpt").is_dir()
+    finally:
+        release(proc)
+    runtime.Run(tmp_path, resume=False, overwrite=True).close()             # free again: its own run replaces it
+    runtime.cleanup_distributed()
+    assert not (tmp_path / "ckpt").exists()
+    from phantom import quickstart
+    monkeypatch.chdir(tmp_path)
+    proc = hold(tmp_path / "runs" / "logs", "quick start")
+    try:
+        with pytest.raises(SystemExit, match=rf"runs/logs is in use by another quick start \(pid {proc.pid}\)"):
+            quickstart.main([])
+    finally:
+        release(proc)
+
+
+def test_preprocessing_waits_for_another_in_its_cache_then_clears_what_a_killed_one_left(tmp_path):
+    """Two preprocessing runs into one cache would rename each other's files away: the second waits, then skips
+    what the first wrote; temporary files a killed run left behind are removed."""
+    import numpy as np
+    src, out = tmp_path / "rad", tmp_path / "cache"
+    src.mkdir()
+    hu = np.full((12, 10, 8), -1000, np.int16)
+    hu[3:9, 3:7, 2:6] = 40
+    for i in (1, 2):
+        np.savez(src / f"trn{i}.npz", ct=hu)
+    proc = hold(out, "preprocessing")
+    (out / "trn9.tmp.npy").write_bytes(b"cut short by a kill")
+    cmd = [sys.executable, "data.py", "preprocess", "--src", str(src), "--format", "radchestct", "--out", str(out),
+           "--preset", "phantom"]
+    waiting = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert f"{out} is in use by another preprocessing (pid {proc.pid}): waiting" in waiting.stdout.readline()
+        assert not (out / "preset.json").exists()                            # nothing written while it waits
+    finally:
+        release(proc)
+    said, _ = waiting.communicate(timeout=120)
+    assert waiting.returncode == 0, said
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "bad_files.jsonl", "manifest.jsonl", "preset.json", "trn1.npy", "trn2.npy"]
