@@ -200,6 +200,8 @@ def lock_folder(folder: str | Path, what: str, wait: bool = False) -> None:
             raise SystemExit(f"{holder}: let it finish, or choose another folder") from None
         print(f"{holder}: waiting for it", flush=True)
         fcntl.flock(f, fcntl.LOCK_EX)
+    except OSError as e:   # a file system without locks (some network ones): go on unguarded, and say so
+        print(f"{folder}: cannot be locked ({e}); nothing keeps a second process from writing here", flush=True)
     f.truncate(0)
     f.write(f"{os.getpid()}\n")
     f.flush()

@@ -364,6 +364,18 @@ def test_a_second_process_in_a_run_folder_is_refused_before_it_changes_anything(
         release(proc)
 
 
+def test_a_file_system_without_locks_runs_unguarded_and_says_so(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    runtime.Run(tmp_path, resume=False).close()
+    runtime.cleanup_distributed()
+    assert f"{tmp_path}: cannot be locked ([Errno 37] No locks available)" in capsys.readouterr().out
+
+
 def test_preprocessing_waits_for_another_in_its_cache_then_clears_what_a_killed_one_left(tmp_path):
     """Two preprocessing runs into one cache would rename each other's files away: the second waits, then skips
     what the first wrote; temporary files a killed run left behind are removed."""
