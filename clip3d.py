@@ -26,7 +26,6 @@ Run:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -327,7 +326,7 @@ def main(argv=None) -> dict:
         net.load_state_dict(run.state["model"])
         opt.load_state_dict(run.state["optimizer"])
     if rank == 0:
-        (Path(args.out) / "config.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        data.write_json(Path(args.out) / "config.json", vars(args))
     print0(f"{len(train)} train / {len(val)} valid pairs, world {world} x micro-batch {args.micro_batch} x accum "
            f"{args.accum} = batch {args.batch_size}, {total_steps} steps ({steps_per_epoch}/epoch), device {device}")
 
@@ -335,9 +334,10 @@ def main(argv=None) -> dict:
                               num_workers=args.workers, collate_fn=collate, pin_memory=device.type == "cuda",
                               worker_init_fn=runtime.ignore_stop_signals))   # the stop signals are the loop's
 
-    def snapshot() -> dict:   # a resumable state, and the encoder alone beside it (atomic, BrgSA names)
+    def snapshot() -> dict:   # a resumable state, and the encoder alone beside it (atomic, BrgSA names, its step)
         if rank == 0:
-            M.save_vision_weights(net.vit, Path(args.out) / "vision_encoder.safetensors")
+            M.save_vision_weights(net.vit, Path(args.out) / "vision_encoder.safetensors",
+                                  {"step": n, "total_steps": total_steps})
         return {"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": n // steps_per_epoch}
 
     metrics, t0 = {}, time.time()

@@ -29,6 +29,7 @@ import multiprocessing
 import os
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -42,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from runtime import at_least, lock_folder, unlock_folder
+from runtime import at_least, lock_folder, pid_alive, unlock_folder
 
 REPORT_COLUMNS = ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"]
 # CT-RATE's 18 abnormalities, in its label columns' order, and the RAD-ChestCT labels each is read from (BrgSA's
@@ -311,7 +312,20 @@ class VolumeCache:
 def _pool(workers: int) -> ProcessPoolExecutor:
     """Workers of one torch thread each, from a forkserver: fork() of a process running OpenMP threads can deadlock.
     A worker that dies (the OOM killer) breaks the pool with an error; a multiprocessing.Pool would wait forever."""
-    return ProcessPoolExecutor(workers, multiprocessing.get_context("forkserver"), torch.set_num_threads, (1,))
+    return ProcessPoolExecutor(workers, multiprocessing.get_context("forkserver"), _worker_start, (os.getpid(),))
+
+
+def _worker_start(parent: int) -> None:
+    """A pool worker: one torch thread, and a watch that ends it once `parent` (the pool's process) is gone; killed
+    there, it would wait for work forever."""
+    torch.set_num_threads(1)
+    threading.Thread(target=_exit_after, args=(parent,), daemon=True).start()
+
+
+def _exit_after(pid: int) -> None:
+    while pid_alive(pid):
+        time.sleep(1)
+    os._exit(1)
 
 
 def _completed(pool: ProcessPoolExecutor, jobs: list) -> Iterator[dict]:
@@ -367,7 +381,7 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
     try:
         check_preset(out, preset)
         if not (out / "preset.json").exists():
-            (out / "preset.json").write_text(json.dumps(asdict(preset)))
+            write_json(out / "preset.json", asdict(preset))
         for stale in out.glob("*.tmp*"):                      # what a killed run was writing
             stale.unlink()
         manifest = out / "manifest.jsonl"

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from runtime import atomic_dir, compute_dtype, versions
+from runtime import atomic_dir, clean_after_kill, compute_dtype, versions
 
 try:  # optional, CUDA only
     from flash_attn import flash_attn_func
@@ -105,8 +105,7 @@ class ViT3D(nn.Module):
         self.img_size, self.patch_size = tuple(img_size), tuple(patch_size)
         if any(i % p for i, p in zip(self.img_size, self.patch_size)):
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
-        self.grid = tuple(i // p for i, p in zip(self.img_size, self.patch_size))
-        self.width = width
+        self.grid, self.width = tuple(i // p for i, p in zip(self.img_size, self.patch_size)), width
         self.preset = dict(img_size=list(self.img_size), patch_size=list(self.patch_size), width=width, depth=depth,
                            heads=heads, mlp_dim=mlp_dim)
         self.grad_checkpointing = False  # True: recompute each block in the backward pass (less activation memory)
@@ -166,12 +165,13 @@ def load_vision_weights(vit: ViT3D, path: str | Path) -> ViT3D:
     return vit
 
 
-def save_vision_weights(vit: ViT3D, path: str | Path) -> Path:
-    """Write the encoder as a BrgSA/timm-named safetensors file (atomically: a crash leaves the old file)."""
+def save_vision_weights(vit: ViT3D, path: str | Path, metadata: dict | None = None) -> Path:
+    """The encoder as BrgSA/timm-named safetensors, `metadata` in its header; atomic: a crash keeps the old file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_after_kill(path.parent, path.name)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(_cpu_state(vit), tmp)
+    save_file(_cpu_state(vit), tmp, {k: str(v) for k, v in (metadata or {}).items()})
     os.replace(tmp, path)
     return path
 

@@ -129,7 +129,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(cuda[torch.cuda.current_device()] if isinstance(cuda, list) else cuda)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -139,20 +139,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _clean_after_kill(parent: Path, name: str = "*") -> None:
-    """What a process killed inside atomic_dir left in `parent` beside the final dir `name` (a glob; "*": beside any):
-    its half-written temporary (a checkpoint can be gigabytes) is deleted; the previous version, if the kill fell
-    between the two renames, is put back when its final is missing, else deleted."""
+def clean_after_kill(parent: Path, name: str | None = None) -> None:
+    """What a process killed inside atomic_dir (or save_vision_weights) left in `parent` beside the final `name` (None:
+    beside any): its half-written temporary (a checkpoint can be gigabytes) is deleted; the previous version, if the
+    kill fell between the two renames, is put back when its final is missing, else deleted."""
     for kind in ("old", "tmp"):
-        for path in sorted(parent.glob(f".{name}.{kind}-*")):
+        for path in sorted(parent.glob(f".{'*' if name is None else glob.escape(name)}.{kind}-*")):
             hidden, _, pid = path.name.rpartition(f".{kind}-")
-            if not pid.isdigit() or _pid_alive(int(pid)):
+            if not pid.isdigit() or pid_alive(int(pid)):
                 continue
             final = parent / hidden[1:]
             if kind == "old" and not final.exists():
                 os.replace(path, final)
-            else:
+            elif path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -161,7 +163,7 @@ def atomic_dir(final: str | Path):
     leaves `final` as it was (the previous complete version, or absent)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _clean_after_kill(final.parent, glob.escape(final.name))
+    clean_after_kill(final.parent, final.name)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -218,7 +220,7 @@ def save_train_state(ckpt_root: str | Path, step: int, state: dict, keep: int = 
     strings and dicts / lists of them, so that it loads with weights_only=True."""
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"step_{step:08d}"
-    _clean_after_kill(ckpt_root)   # also a killed save of a step that is never saved again
+    clean_after_kill(ckpt_root)   # also a killed save of a step that is never saved again
     with atomic_dir(final) as tmp:
         torch.save(state, tmp / "state.pt")
     for old in sorted(ckpt_root.glob("step_*"))[:-keep]:
@@ -467,11 +469,10 @@ class Run:
         self._log = None
         if self.rank == 0:
             metrics = self.out / "metrics.jsonl"
-            if self.state is None:   # with --overwrite the earlier run's outputs go too: none may pass for this run's
-                earlier = ["ckpt", "metrics.jsonl"]
-                if overwrite:
-                    earlier += ["vlm", "curves.png", "vision_encoder.safetensors", "config.json"]
-                for path in (self.out / name for name in earlier):
+            if self.state is None:   # with --overwrite the earlier run's outputs go too: none may pass for this run's;
+                # metrics and checkpoints last, so that a kill in between leaves a folder a fresh run still refuses
+                earlier = ["vlm", "curves.png", "vision_encoder.safetensors", "config.json"] if overwrite else []
+                for path in (self.out / name for name in earlier + ["metrics.jsonl", "ckpt"]):
                     if path.is_dir():
                         shutil.rmtree(path, ignore_errors=True)
                     else:
@@ -486,7 +487,8 @@ class Run:
                 if torn:
                     print0(f"{metrics}: dropped {torn} line(s) that are not valid JSON")
                 kept = [line for line, row in rows if row.get("step", 0) <= self.start]
-                metrics.write_text("".join(line + "\n" for line in kept))
+                (tmp := metrics.with_name("metrics.jsonl.tmp")).write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, metrics)   # a kill here keeps the rows
             self._log = open(metrics, "a")
 
     def log(self, row: dict) -> None:

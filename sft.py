@@ -36,7 +36,6 @@ Run:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -49,6 +48,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from tqdm import tqdm
 
 import data
@@ -380,6 +380,14 @@ def main(argv=None) -> dict:
             "run `python -m phantom warmup` first (or pass --llm)" if args.preset == "phantom" else "check --llm"))
     if not vision.is_file():
         raise SystemExit(f"{vision} is missing: run `python clip3d.py` first (or pass --vision-weights)")
+    earlier = {k: data.read_json(p) for k, p in (("warmup", llm_dir / "warmup_meta.json"),
+                                                 ("clip3d", vision.parent / "config.json")) if p.is_file()}
+    if vision.suffix == ".safetensors":   # clip3d's encoder says how far its run got
+        with safe_open(vision, "pt") as f:
+            earlier["vision_weights"] = f.metadata() or {}
+        if int(earlier["vision_weights"].get("step", 0)) < int(earlier["vision_weights"].get("total_steps", 0)):
+            print0(f"note: {vision} is clip3d's encoder after step {earlier['vision_weights']['step']} of "
+                   f"{earlier['vision_weights']['total_steps']}, an unfinished run (`python clip3d.py --resume`)")
     _, _, _, device = runtime.setup_distributed()
     paths = data.paths(args.data_root, args.preset)
 
@@ -402,10 +410,9 @@ def main(argv=None) -> dict:
 
     result = train(args, WeightedLM(vlm, vlm.bridge), examples, tokens, device, "sft")
     if not result["interrupted"] and get_rank() == 0:
-        earlier = {"warmup": llm_dir / "warmup_meta.json", "clip3d": vision.parent / "config.json"}
         meta = {"stage": "sft", "args": vars(args), "steps": result["step"],
                 "final_loss": result["losses"][-1] if result["losses"] else None, "skipped_steps": result["skipped"],
-                **{k: json.loads(p.read_text()) for k, p in earlier.items() if p.is_file()}}
+                **earlier}
         if args.lora:
             merge_lora(vlm.llm)
         vlm.save(Path(args.out) / "vlm", meta=meta)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import curve_points
@@ -301,8 +302,10 @@ def test_stop_request_saves_then_resume_replays_the_uninterrupted_run(phantom_wo
     clip3d.main([str(a) for a in run_args(phantom_world, stopped, "--max-steps", 3, "--stop-at", 1)])
     assert [p.name for p in (stopped / "ckpt").iterdir()] == ["step_00000001"]   # saved although --save-every 2
     assert len(losses(stopped)) == 1 and (stopped / "vision_encoder.safetensors").is_file()
+    step = lambda: safe_open(stopped / "vision_encoder.safetensors", "pt").metadata()   # the encoder says how far
+    assert step() == {"step": "1", "total_steps": "3"}                                   # its run got
     clip3d.main([str(a) for a in run_args(phantom_world, stopped, "--max-steps", 3, "--resume")])
-    assert losses(stopped) == losses(full)
+    assert losses(stopped) == losses(full) and step() == {"step": "3", "total_steps": "3"}
     a, b = load_file(full / "vision_encoder.safetensors"), load_file(stopped / "vision_encoder.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -1128,3 +1128,49 @@ def test_a_killed_worker_fails_its_volumes_instead_of_hanging_preprocess(tmp_pat
     np.savez(fifo, ct=chest())
     assert subprocess.run(cmd, cwd=Path(data.__file__).parent, capture_output=True).returncode == 0
     assert {p.name for p in (tmp_path / "cache").glob("*.npy")} == {f"{n}.npy" for n in names}
+
+
+def test_a_killed_preprocess_leaves_no_worker_behind(tmp_path):
+    """SIGKILL of `preprocess --workers 2` (a preempted job): its pool workers, one of them busy, must end too, not
+    wait for work forever holding their memory."""
+    src = tmp_path / "rad"
+    src.mkdir()
+    np.savez(src / "trn1.npz", ct=chest())
+    os.mkfifo(fifo := src / "trn0.npz")                         # a worker blocks on it: busy when the kill comes
+    proc = subprocess.Popen([sys.executable, "data.py", "preprocess", "--src", str(src), "--format", "radchestct",
+                             "--out", str(tmp_path / "cache"), "--workers", "2"], cwd=Path(data.__file__).parent,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(1200):
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("no worker opened the named pipe")
+
+    def parents() -> dict[int, int]:
+        out = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+            except (OSError, ValueError):
+                continue
+            if state != "Z":                                      # an ended process its parent has not reaped
+                out[int(stat.parent.name)] = int(ppid)
+        return out
+    family, ppid = {proc.pid}, parents()
+    while more := {p for p, pp in ppid.items() if pp in family} - family:
+        family |= more
+    assert len(family) >= 3                                       # the process, the forkserver and its workers
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    try:
+        for _ in range(300):
+            if not (left := [p for p in family - {proc.pid} if p in parents()]):
+                break
+            time.sleep(0.05)
+        assert not left, f"still running after the kill: {left}"
+    finally:
+        os.close(writer)

@@ -400,3 +400,63 @@ def test_preprocessing_waits_for_another_in_its_cache_then_clears_what_a_killed_
     assert waiting.returncode == 0, said
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
         "bad_files.jsonl", "manifest.jsonl", "preset.json", "trn1.npy", "trn2.npy"]
+
+
+def test_a_kill_while_a_run_clears_or_rewrites_its_folder_loses_nothing_a_rerun_relies_on(tmp_path, monkeypatch):
+    """--overwrite deletes the earlier outputs one by one: stopped after any of them, an earlier model never sits
+    beside a folder a fresh run (no flag) would accept. A resume that fails while cutting metrics.jsonl back to its
+    step (a kill, a full disk) keeps the rows."""
+    import shutil
+    real_rmtree, real_unlink = shutil.rmtree, Path.unlink
+    for k in range(6):
+        folder = tmp_path / f"k{k}"
+        for name in ("vlm", "ckpt"):
+            (folder / name).mkdir(parents=True)
+        for name in ("metrics.jsonl", "curves.png", "vision_encoder.safetensors", "config.json"):
+            (folder / name).write_text("earlier")
+        done = []
+
+        def delete(real, path, *args, **kwargs):
+            if Path(path).parent == folder and len(done) == k:
+                raise KeyboardInterrupt("killed")                     # the kill, before the k-th deletion
+            done.append(Path(path).name)
+            return real(path, *args, **kwargs)
+        monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **kw: delete(real_rmtree, p, *a, **kw))
+        monkeypatch.setattr(Path, "unlink", lambda p, *a, **kw: delete(real_unlink, p, *a, **kw))
+        try:
+            runtime.Run(folder, resume=False, overwrite=True).close()
+        except KeyboardInterrupt:
+            pass
+        monkeypatch.undo()
+        runtime.cleanup_distributed()
+        if (folder / "vlm").exists() or (folder / "vision_encoder.safetensors").exists():
+            with pytest.raises(SystemExit, match="holds an earlier run"):
+                runtime.Run(folder, resume=False)
+    run = runtime.Run(tmp_path / "r", resume=False)
+    for step in (1, 2, 3):
+        run.log({"step": step})
+    run.save(2, {})
+    run.close()
+    runtime.cleanup_distributed()
+    real_write = Path.write_text
+
+    def full_disk(path, *args, **kwargs):
+        if path.name.startswith("metrics.jsonl"):
+            raise OSError(28, "No space left on device")
+        return real_write(path, *args, **kwargs)
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        runtime.Run(tmp_path / "r", resume=True)
+    monkeypatch.undo()
+    runtime.cleanup_distributed()
+    assert [json.loads(x)["step"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_saving_the_encoder_clears_what_a_killed_save_left(tmp_path):
+    import model
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (stale := tmp_path / f".vision_encoder.safetensors.tmp-{dead}").write_bytes(b"cut short")
+    (live := tmp_path / f".vision_encoder.safetensors.tmp-{os.getppid()}").write_bytes(b"another process's save")
+    model.save_vision_weights(model.ViT3D.from_preset("tiny"), tmp_path / "vision_encoder.safetensors")
+    assert not stale.exists() and live.exists()

@@ -518,3 +518,28 @@ def test_ctrl_c_and_sigterm_save_say_how_to_resume_and_exit_non_zero(phantom_wor
     assert (tmp_path / "ckpt" / f"step_{step:08d}" / "state.pt").is_file() and not (tmp_path / "vlm").exists()
     rows = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == list(range(1, step + 1))
+
+
+def test_an_unfinished_encoder_is_said_and_recorded_and_a_torn_clip3d_config_stops_before_training(
+        phantom_world, tiny_llm, tmp_path, capsys):
+    """clip3d writes its encoder with each checkpoint, so a killed clip3d leaves one that looks finished: its header
+    says the step, sft says so and keeps it in the checkpoint's meta. A clip3d config.json cut short is named before
+    any training step, not after the last one."""
+    from safetensors import safe_open
+    clip = tmp_path / "clip3d"
+    torch.manual_seed(1)
+    vit = model.save_vision_weights(model.ViT3D.from_preset("tiny"), clip / "vision_encoder.safetensors",
+                                    {"step": 71, "total_steps": 300})
+    with safe_open(vit, "pt") as f:
+        assert f.metadata() == {"step": "71", "total_steps": "300"}
+    (clip / "config.json").write_text('{"epochs": 12')
+    with pytest.raises(ValueError, match=rf"{clip / 'config.json'}: not valid JSON"):
+        sft.main(sft_args(phantom_world, tiny_llm, str(vit), tmp_path / "a"))
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()
+    runtime.cleanup_distributed()
+    (clip / "config.json").write_text('{"epochs": 12}')
+    sft.main(sft_args(phantom_world, tiny_llm, str(vit), tmp_path / "b"))
+    assert (f"note: {vit} is clip3d's encoder after step 71 of 300, an unfinished run (`python clip3d.py --resume`)"
+            in capsys.readouterr().out)
+    meta = model.VLM.load(tmp_path / "b" / "vlm").config["meta"]
+    assert meta["clip3d"] == {"epochs": 12} and meta["vision_weights"] == {"step": "71", "total_steps": "300"}
