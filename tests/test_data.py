@@ -1085,27 +1085,32 @@ def test_arrays_that_are_not_ct_are_refused_not_cached_as_air(tmp_path):
     assert np.array_equal(data.read_radchestct_volume(tmp_path / "ok.npz")[0], hu)
 
 
+def preprocess_with_a_busy_worker(src: Path, out: Path) -> tuple[subprocess.Popen, int]:
+    """`preprocess --workers 2` on RAD-ChestCT files in src, one of them a named pipe (src/trn0.npz) that a worker
+    opens with np.load and then blocks on: the process, and the write end of the pipe (close it when done)."""
+    os.mkfifo(fifo := src / "trn0.npz")
+    proc = subprocess.Popen([sys.executable, "data.py", "preprocess", "--src", str(src), "--format", "radchestct",
+                             "--out", str(out), "--workers", "2"], cwd=Path(data.__file__).parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for _ in range(1200):                       # wait until a worker has opened the pipe to read it
+        try:
+            return proc, os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    pytest.fail("no worker opened the named pipe")
+
+
 def test_a_killed_worker_fails_its_volumes_instead_of_hanging_preprocess(tmp_path):
     """The OOM killer takes a worker: preprocess --workers 2 must end (exit 1) listing the volumes left undone, and a
-    rerun finishes them. The victim blocks on a named pipe (np.load opens it), so it is at work when it is killed."""
-    src, names = tmp_path / "rad", [f"trn{i}" for i in range(1, 5)]
+    rerun finishes them. The victim blocks on a named pipe, so it is at work when it is killed."""
+    src, names = tmp_path / "rad", [f"trn{i}" for i in range(5)]
     src.mkdir()
     for name in names[1:]:
         np.savez(src / f"{name}.npz", ct=chest())
-    os.mkfifo(fifo := src / f"{names[0]}.npz")
-    cmd = [sys.executable, "data.py", "preprocess", "--src", str(src), "--format", "radchestct", "--out",
-           str(tmp_path / "cache"), "--workers", "2"]
-    proc = subprocess.Popen(cmd, cwd=Path(data.__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    for _ in range(1200):                       # wait until a worker has opened the pipe to read it
-        try:
-            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            break
-        except OSError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("no worker opened the named pipe")
+    proc, writer = preprocess_with_a_busy_worker(src, tmp_path / "cache")
+    fifo = src / "trn0.npz"
+
     def opened(fd: Path) -> bool:
         try:
             return fd.parts[2] != str(os.getpid()) and os.readlink(fd) == str(fifo)
@@ -1126,6 +1131,8 @@ def test_a_killed_worker_fails_its_volumes_instead_of_hanging_preprocess(tmp_pat
     assert all(e.startswith(f"{src / n}.npz: a worker process died") for n, e in bad.items())
     fifo.unlink()
     np.savez(fifo, ct=chest())
+    cmd = [sys.executable, "data.py", "preprocess", "--src", str(src), "--format", "radchestct", "--out",
+           str(tmp_path / "cache"), "--workers", "2"]
     assert subprocess.run(cmd, cwd=Path(data.__file__).parent, capture_output=True).returncode == 0
     assert {p.name for p in (tmp_path / "cache").glob("*.npy")} == {f"{n}.npy" for n in names}
 
@@ -1136,19 +1143,7 @@ def test_a_killed_preprocess_leaves_no_worker_behind(tmp_path):
     src = tmp_path / "rad"
     src.mkdir()
     np.savez(src / "trn1.npz", ct=chest())
-    os.mkfifo(fifo := src / "trn0.npz")                         # a worker blocks on it: busy when the kill comes
-    proc = subprocess.Popen([sys.executable, "data.py", "preprocess", "--src", str(src), "--format", "radchestct",
-                             "--out", str(tmp_path / "cache"), "--workers", "2"], cwd=Path(data.__file__).parent,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(1200):
-        try:
-            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            break
-        except OSError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("no worker opened the named pipe")
+    proc, writer = preprocess_with_a_busy_worker(src, tmp_path / "cache")
 
     def parents() -> dict[int, int]:
         out = {}
