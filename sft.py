@@ -384,10 +384,10 @@ def main(argv=None) -> dict:
                                                  ("clip3d", vision.parent / "config.json")) if p.is_file()}
     if vision.suffix == ".safetensors":   # clip3d's encoder says how far its run got
         with safe_open(vision, "pt") as f:
-            earlier["vision_weights"] = f.metadata() or {}
-        if int(earlier["vision_weights"].get("step", 0)) < int(earlier["vision_weights"].get("total_steps", 0)):
-            print0(f"note: {vision} is clip3d's encoder after step {earlier['vision_weights']['step']} of "
-                   f"{earlier['vision_weights']['total_steps']}, an unfinished run (`python clip3d.py --resume`)")
+            made = earlier["vision_weights"] = f.metadata() or {}
+        if int(made.get("step", 0)) < int(made.get("total_steps", 0)):
+            print0(f"note: {vision} is clip3d's encoder after step {made['step']} of {made['total_steps']}, an "
+                   f"unfinished run (`python clip3d.py --resume`)")
     _, _, _, device = runtime.setup_distributed()
     paths = data.paths(args.data_root, args.preset)
 
