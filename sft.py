@@ -45,6 +45,7 @@ from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -104,7 +105,7 @@ def encode(tokenizer, prompt: str, segments: list[tuple[str, bool]], arw_lambda:
            what: str = "SFT example"):
     """Token ids of prompt + target + EOS, cut at max_len; per-token weights 0 prompt, λ abnormal sentence, 1 other
     target. eq. (5)"""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     if len(ids) >= max_len:
         raise ValueError(f"{what}: a prompt of {len(ids)} tokens does not fit --max-len {max_len}")
     weights = [0.0] * len(ids)
@@ -117,6 +118,34 @@ def encode(tokenizer, prompt: str, segments: list[tuple[str, bool]], arw_lambda:
     return ids[:max_len], weights[:max_len]
 
 
+class TextTokens(dict):
+    """{text: token ids} of texts tokenised earlier, called as a tokenizer (what `encode` needs of one)."""
+
+    def __init__(self, tokenizer, texts: list[str], batch: int = 4096):
+        super().__init__()
+        self.eos_token_id = tokenizer.eos_token_id
+        for i in tqdm(range(0, len(texts), batch), disable=get_rank() != 0, desc=f"tokenise {len(texts)} texts"):
+            self.update(zip(texts[i:i + batch], tokenizer(texts[i:i + batch], add_special_tokens=False)["input_ids"]))
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": self[text]}
+
+
+def encode_examples(tokenizer, prompt, examples: list[dict], arw_lambda: float, max_len: int) -> list[tuple]:
+    """`encode` of every example as (int32 ids, float32 weights), each distinct prompt and segment text tokenised
+    once, in batches: CT-RATE's reports and VQA repeat most sentences and questions, and one call per text would
+    take most of an hour on 2 M examples. `prompt(user text)` is the chat-templated prompt."""
+    prompts = {u: prompt(u) for u in dict.fromkeys(e["user"] for e in examples)}
+    table = TextTokens(tokenizer, list(dict.fromkeys([*prompts.values(),
+                                                      *(t for e in examples for t, _ in e["segments"])])))
+    out = []
+    for i, e in enumerate(examples):
+        ids, w = encode(table, prompts[e["user"]], e["segments"], arw_lambda, max_len,
+                        f"example {i} ({e['volume']}, {e['user'][:40]!r})")
+        out.append((np.array(ids, np.int32), np.array(w, np.float32)))
+    return out
+
+
 def collate(encoded: list[tuple[list[int], list[float]]], pad_id: int):
     """Right-pad to (B, T) input_ids, attention_mask and weights (padding weight 0)."""
     T = max(len(ids) for ids, _ in encoded)
@@ -124,9 +153,9 @@ def collate(encoded: list[tuple[list[int], list[float]]], pad_id: int):
     mask = torch.zeros(len(encoded), T, dtype=torch.long)
     weights = torch.zeros(len(encoded), T)
     for i, (ids, w) in enumerate(encoded):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
+        input_ids[i, :len(ids)] = torch.as_tensor(ids)
         mask[i, :len(ids)] = 1
-        weights[i, :len(w)] = torch.tensor(w)
+        weights[i, :len(w)] = torch.as_tensor(w)
     return input_ids, mask, weights
 
 
@@ -312,8 +341,7 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
     """Encode the examples, then the loop: cosine schedule, AdamW, resume, one train_step per global batch,
     metrics, resumable checkpoints. `image_input(volume names)` gives a micro-batch's image input."""
     rank, world, tokenizer = get_rank(), world_size(), net.vlm.tokenizer
-    encoded = [encode(tokenizer, net.vlm.prompt(e["user"]), e["segments"], args.arw_lambda, args.max_len,
-                      f"example {i} ({e['volume']}, {e['user'][:40]!r})") for i, e in enumerate(examples)]
+    encoded = encode_examples(tokenizer, net.vlm.prompt, examples, args.arw_lambda, args.max_len)
     cut = sum(ids[-1] != tokenizer.eos_token_id for ids, _ in encoded)   # targets longer than --max-len
     wrapped = runtime.wrap(net, device, args.shard)
     params = [p for p in net.parameters() if p.requires_grad]  # after wrap: FSDP's shards

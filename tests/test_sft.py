@@ -37,6 +37,28 @@ def test_arw_weights_are_lambda_one_zero():
     assert weights[0].tolist() == pytest.approx(expected)
 
 
+def test_encode_examples_tokenises_each_distinct_text_once_and_equals_encode():
+    class Counting(CharTokenizer):
+        def __init__(self):
+            self.seen = []
+
+        def __call__(self, text, add_special_tokens=False):
+            texts = [text] if isinstance(text, str) else text
+            self.seen += texts
+            ids = [[ord(c) for c in t] for t in texts]
+            return {"input_ids": ids[0] if isinstance(text, str) else ids}
+
+    same = [("<finding>", False), ("Heart normal.", False), (" Pleural effusion.", True), ("</finding>", False)]
+    examples = [{"volume": f"v{i}", "user": "Write the report." if i % 2 else "Is there an effusion?",
+                 "segments": same if i % 3 else [("Yes.", False)]} for i in range(30)]
+    tok = Counting()
+    got = sft.encode_examples(tok, lambda u: f"<u>{u}</u>", examples, arw_lambda=1.1, max_len=1000)
+    assert sorted(tok.seen) == sorted(set(tok.seen)) and len(tok.seen) == 2 + 5   # two prompts, five segment texts
+    for e, (ids, w) in zip(examples, got):
+        want_ids, want_w = sft.encode(CharTokenizer(), f"<u>{e['user']}</u>", e["segments"], 1.1, 1000)
+        assert ids.tolist() == want_ids and w.tolist() == pytest.approx(want_w)
+
+
 def test_arw_weights_with_the_real_tokenizer(tiny_llm):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny_llm)
