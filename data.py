@@ -79,9 +79,12 @@ PHANTOM = Preset("phantom", (5.0, 5.0, 10.0), (72, 72, 36), (64, 64, 32))  # ViT
 PRESETS = {"real": REAL, "phantom": PHANTOM}
 
 
+_VOLUME_EXT = re.compile(r"\.(nii\.gz|nii|npz|npy)$")
+
+
 def volume_key(name: str) -> str:
     """'…/valid_1_a_1.nii.gz' -> 'valid_1_a_1'; 'trn24737.npz' -> 'trn24737' (the stem every file is keyed by)."""
-    return re.sub(r"\.(nii\.gz|nii|npz|npy)$", "", Path(str(name)).name)
+    return _VOLUME_EXT.sub("", str(name).rstrip("/").rpartition("/")[2])   # no Path: called per manifest line
 
 
 def patient_id(name: str) -> str:
@@ -303,7 +306,8 @@ class VolumeCache:
 
     def keep_cached(self, items: list[dict], key: str, what: str, log=print) -> list[dict]:
         """The items whose volume (item[key]) is in the cache; how many were left out is logged, never hidden."""
-        kept = [it for it in items if it[key] in self]
+        cached = {name for name in dict.fromkeys(it[key] for it in items) if name in self}   # once a volume
+        kept = [it for it in items if it[key] in cached]
         if len(kept) < len(items):
             log(f"left out {len(items) - len(kept)} of {len(items)} {what}: their volume is not in {self.dir}")
         return kept
@@ -721,6 +725,7 @@ def read_vqa(json_path, skipped: Counter | None = None) -> list[dict]:
                     raise ValueError(f"{where} turn {j}: from {turn['from']!r}, not {ROLES[j % 2]!r} "
                                      f"(turns alternate question, answer)")
             answered = [(q, a) for q, a in zip(turns[0::2], turns[1::2]) if a["value"].strip()]
+            name = Path(item["image"]).name if turns else None   # once per item: CT-CHAT has ~60 turns a volume
             skipped["text-only items"] += not item.get("image")
             skipped["questions without an answer"] += (len(turns) + 1) // 2 - len(answered)
             for q, a in answered:
@@ -728,7 +733,7 @@ def read_vqa(json_path, skipped: Counter | None = None) -> list[dict]:
                 kind, answer = _TASKS.get(task, "open"), a["value"].strip()
                 if kind == "yes_no" and not re.match(r"(yes|no)\b", answer, re.I):
                     kind = "open"
-                out.append({"VolumeName": Path(item["image"]).name, "question": _TAGS.sub("", q["value"]).strip(),
+                out.append({"VolumeName": name, "question": _TAGS.sub("", q["value"]).strip(),
                             "answer": answer, "kind": kind})
         elif "Question" in item:
             check_fields(where, item, {"Question": str, "Answer": object, "Image Path": str})
