@@ -1169,3 +1169,11 @@ def test_a_killed_preprocess_leaves_no_worker_behind(tmp_path):
         assert not left, f"still running after the kill: {left}"
     finally:
         os.close(writer)
+
+
+def test_volume_key_of_names_and_paths():
+    for name, key in [("valid_1_a_1.nii.gz", "valid_1_a_1"), ("/d/train_12/train_12_a/train_12_a_2.nii.gz",
+                                                                "train_12_a_2"),
+                      ("trn24737.npz", "trn24737"), ("cache/valid_3_a_1.npy", "valid_3_a_1"), ("x.nii", "x"),
+                      ("train_1_a_1", "train_1_a_1")]:
+        assert data.volume_key(name) == key and data.volume_key(Path(name)) == key
