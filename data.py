@@ -576,7 +576,8 @@ class Chat:
     def ask_all(self, prompts: list[str], parse) -> tuple[list, list[str]]:
         """The parsed replies (None where an error occurred) and the errors, `workers` requests at a time."""
         with ThreadPoolExecutor(self.workers) as pool:
-            out = list(pool.map(lambda p: self.ask(p, parse), prompts))
+            out = list(tqdm(pool.map(lambda p: self.ask(p, parse), prompts), total=len(prompts), leave=False,
+                            desc=f"{self.model}: {len(prompts)} requests"))
         return [o for o, _ in out], [e for _, e in out if e]
 
 

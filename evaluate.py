@@ -873,6 +873,7 @@ def main(argv=None) -> dict | None:
         if "reasoning" in tasks:
             run["reasoning"] = evaluate_reasoning(judge, run.get("mmvqa", {}), questions.get("CT-RATE", []), reports)
         if label in generated:
+            print0(f"{label}: scoring {len(report_names)} generated reports")   # minutes for CT-RATE's 3,039
             run["reports"] = score_reports(generated[label], reports, report_names, args, judge)
     labels = list(results["runs"])
     results["reference"] = (args.reference if args.reference in labels else None) or (
