@@ -28,6 +28,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import threading
 import time
 from collections import Counter
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from runtime import at_least, lock_folder, pid_alive, unlock_folder
+from runtime import at_least, lock_folder, pid_alive, unlock_folder, write_atomic
 
 REPORT_COLUMNS = ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"]
 # CT-RATE's 18 abnormalities, in its label columns' order, and the RAD-ChestCT labels each is read from (BrgSA's
@@ -281,7 +282,10 @@ class VolumeCache:
         p = json.loads((self.dir / "preset.json").read_text())
         self.preset = Preset(p["name"], tuple(p["spacing"]), tuple(p["shape"]), tuple(p["crop"]))
         manifest = self.dir / "manifest.jsonl"
-        recs = {r["VolumeName"]: r for r in map(json.loads, open(manifest))} if manifest.exists() else {}
+        try:
+            recs = {r["VolumeName"]: r for r in read_json(manifest, lines=True)} if manifest.exists() else {}
+        except ValueError as e:   # a line cut short by a full disk or a crash
+            raise ValueError(f"{e}: preprocess into {self.dir} again (data.py preprocess), which mends it") from None
         self.names = sorted(recs)  # sorted: the manifest's order depends on worker timing
         self._files = {volume_key(n): self.dir / r["file"] for n, r in recs.items()}
 
@@ -346,7 +350,8 @@ def _completed(pool: ProcessPoolExecutor, jobs: list) -> Iterator[dict]:
 
 
 def _preprocess_one(job) -> dict:
-    """One volume -> {key}.tmp.npy and its manifest record, or (any exception) its bad_files record and no file."""
+    """One volume -> {key}.tmp.npy and its manifest record, or (reading or preprocessing fails) its bad_files record
+    and no file; a cache file that cannot be written raises (OSError)."""
     name, src, fmt, meta_row, preset, spacing, out_dir = job
     tmp = Path(out_dir) / f"{volume_key(name)}.tmp.npy"
     try:
@@ -355,13 +360,30 @@ def _preprocess_one(job) -> dict:
         how = {"values": "HU as stored", "orientation": "(Z, Y, X) superior first -> (X, Y, Z) inferior first"}
         hu, sp = read_ctrate_volume(src, meta_row, how) if fmt == "ctrate" else read_radchestct_volume(src, spacing)
         vol = preprocess_volume(hu, sp, preset)
-        np.save(tmp, vol)
     except Exception as e:  # whatever fails, fails for this file only: listed with its reason, and the run goes on
-        tmp.unlink(missing_ok=True)
         error = str(e) if isinstance(e, VolumeReadError) else f"{src}: {type(e).__name__}: {e}"
         return {"VolumeName": name, "path": str(src), "error": error}
+    try:   # a failure here is the cache's (a full disk), not the volume's: it stops the run
+        np.save(tmp, vol)
+        np.load(tmp, mmap_mode="r")   # numpy misses a failed write of its last buffered bytes: a short file fails here
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"{tmp}: written short ({e})") if isinstance(e, ValueError) else e
     return {"VolumeName": name, "file": f"{volume_key(name)}.npy", "source": str(src), "spacing": list(sp),
             "shape": list(vol.shape), **how}
+
+
+def files_under(src: Path) -> list[Path]:
+    """Every file under src, sorted, symlinked folders followed (a split spread over disks: Path.rglob skips them
+    before Python 3.13); a folder met twice (a link loop) is walked once."""
+    seen, out = set(), []
+    for folder, dirs, files in os.walk(src, followlinks=True):
+        if (real := os.path.realpath(folder)) in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        out += [Path(folder, f) for f in files]
+    return sorted(out)
 
 
 def check_preset(cache_dir, preset: Preset) -> None:
@@ -381,6 +403,14 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise FileNotFoundError(f"source folder {src} does not exist")
+    ext = ".nii.gz" if fmt == "ctrate" else ".npz"
+    every = files_under(src)
+    found = [p for p in every if p.name.endswith(ext)]   # the link's name: a hub download's blobs have no extension
+    other = Counter(f"*{p.suffix}" if p.suffix else p.name for p in every if p.is_file() and not p.name.endswith(ext))
+    if twice := sorted({k for k, n in Counter(volume_key(p.name) for p in found).items() if n > 1}):
+        raise ValueError(f"{src} holds {len(twice)} volume(s) more than once, e.g. {twice[0]}: "
+                         f"{[str(p) for p in found if volume_key(p.name) == twice[0]]}; point --src at one copy "
+                         f"(one snapshot; train_fixed, not dataset/)")
     lock_folder(out, "preprocessing", wait=True)              # one writer: the manifest's lines and files agree
     try:
         check_preset(out, preset)
@@ -391,16 +421,19 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
         manifest = out / "manifest.jsonl"
         meta = read_metadata(metadata) if metadata else {}
         excluded = KNOWN_BAD | ({volume_key(l.strip()) for l in open(no_chest) if l.strip()} if no_chest else set())
-        ext = ".nii.gz" if fmt == "ctrate" else ".npz"
-        found = sorted(src.rglob(f"*{ext}"))
-        other = Counter(f"*{p.suffix}" if p.suffix else p.name for p in src.rglob("*")
-                        if p.is_file() and not p.name.endswith(ext))
         files = [p for p in found if volume_key(p.name) not in excluded]
-        cached = [json.loads(l) for l in open(manifest)] if manifest.exists() else []
-        if removed := [r for r in cached if volume_key(r["VolumeName"]) in excluded]:   # cached, then excluded
+        text, cached, torn = manifest.read_text("utf-8") if manifest.exists() else "", [], 0
+        for line in filter(str.strip, text.splitlines()):
+            try:
+                cached.append(json.loads(line))
+            except json.JSONDecodeError:   # cut short by a full disk or a crash: that volume is preprocessed again
+                torn += 1
+        if torn:
+            print(f"{manifest}: dropped {torn} line(s) that are not valid JSON (a write cut short)", flush=True)
+        removed = [r for r in cached if volume_key(r["VolumeName"]) in excluded]   # cached, then excluded
+        if removed or torn or text[-1:] not in ("", "\n"):   # a last line without its end would join the next
             cached = [r for r in cached if r not in removed]
-            (tmp := out / "manifest.jsonl.tmp").write_text("".join(json.dumps(r) + "\n" for r in cached))
-            os.replace(tmp, manifest)                              # the manifest first: it never names a deleted file
+            write_atomic(manifest, "".join(json.dumps(r) + "\n" for r in cached))   # first: never names a deleted file
             for r in removed:
                 (out / r["file"]).unlink(missing_ok=True)
         done = {volume_key(r["VolumeName"]) for r in cached}
@@ -411,16 +444,22 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
                 jobs.append((name, p, fmt, meta.get(name), preset, spacing, out))
         n_bad = 0
         pool = _pool(min(workers, len(jobs))) if workers > 1 and len(jobs) > 1 else None
-        with open(manifest, "a") as man, open(out / "bad_files.jsonl", "w") as badf:
-            results = _completed(pool, jobs) if pool else map(_preprocess_one, jobs)
-            for rec in tqdm(results, total=len(jobs), desc=f"preprocess {src.name}", disable=not progress):
-                n_bad += "error" in rec
-                f = badf if "error" in rec else man
-                f.write(json.dumps(rec) + "\n"); f.flush()
-                if "file" in rec:  # named once listed: a crash never leaves a .npy outside the manifest
-                    os.replace(out / f"{volume_key(rec['VolumeName'])}.tmp.npy", out / rec["file"])
-        if pool:
-            pool.shutdown()
+        try:
+            with open(manifest, "a") as man, open(out / "bad_files.jsonl", "w") as badf:
+                results = _completed(pool, jobs) if pool else map(_preprocess_one, jobs)
+                for rec in tqdm(results, total=len(jobs), desc=f"preprocess {src.name}", disable=not progress):
+                    n_bad += "error" in rec
+                    f = badf if "error" in rec else man
+                    f.write(json.dumps(rec) + "\n"); f.flush()
+                    if "file" in rec:  # named once listed: a crash never leaves a .npy outside the manifest
+                        os.replace(out / f"{volume_key(rec['VolumeName'])}.tmp.npy", out / rec["file"])
+        except OSError as e:   # a full disk, a file-size limit: every volume after would fail the same way
+            raise OSError(f"{out}: cannot write the cache ({e.strerror or e}; "
+                          f"{shutil.disk_usage(out).free / 1e9:.1f} GB free there): make room and rerun, what is "
+                          f"written stays done") from e
+        finally:
+            if pool:
+                pool.shutdown(cancel_futures=True)
         return {"written": len(jobs) - n_bad, "skipped": len(files) - len(jobs), "bad": n_bad,
                 "excluded": len(found) - len(files), "removed": len(removed), "not_volume": dict(sorted(other.items()))}
     finally:
@@ -952,11 +991,7 @@ def paths(root, preset: str = "real") -> dict[str, Path]:
 
 
 def write_json(path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # threads may write one path
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1))
 
 
 class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):

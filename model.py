@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from runtime import atomic_dir, clean_after_kill, compute_dtype, versions
+from runtime import atomic_dir, clean_after_kill, compute_dtype, readable, versions
 
 try:  # optional, CUDA only
     from flash_attn import flash_attn_func
@@ -172,7 +172,7 @@ def save_vision_weights(vit: ViT3D, path: str | Path, metadata: dict | None = No
     clean_after_kill(path.parent, path.name)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(_cpu_state(vit), tmp, {k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    os.replace(readable(tmp), path)
     return path
 
 

@@ -17,6 +17,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -160,7 +162,8 @@ def clean_after_kill(parent: Path, name: str | None = None) -> None:
 @contextmanager
 def atomic_dir(final: str | Path):
     """Write a directory atomically: yield a temporary sibling, then swap it into place. A crash inside the block
-    leaves `final` as it was (the previous complete version, or absent)."""
+    leaves `final` as it was (the previous complete version, or absent); an error there is raised again naming
+    `final` and the free space. The files get the read permissions the umask allows (`readable`)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_after_kill(final.parent, final.name)
@@ -170,9 +173,14 @@ def atomic_dir(final: str | Path):
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+        readable(tmp)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if not isinstance(e, Exception):
+            raise
+        raise (OSError if isinstance(e, OSError) else RuntimeError)(   # torch says only "unexpected pos 704 vs 598"
+            f"{final} was not written ({type(e).__name__}: {e}); the earlier version, if any, is kept; "
+            f"{shutil.disk_usage(final.parent).free / 1e9:.1f} GB free there") from e
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
         os.replace(final, old)  # two renames: the window between them has no `final`, never a half-written one
@@ -180,18 +188,54 @@ def atomic_dir(final: str | Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def readable(path: Path) -> Path:
+    """Give the files under path (or the file) the read permissions the umask allows: safetensors writes its files
+    0600, which another user (a colleague evaluating a shared runs folder) cannot read."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for f in [path] if path.is_file() else path.rglob("*"):
+        if f.is_file():
+            f.chmod(f.stat().st_mode | (0o444 & ~mask))
+    return path
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write a UTF-8 text file atomically: a temporary file in the same folder (a rename across file systems fails),
+    renamed over `path`. A failed write (a full disk) removes the temporary and leaves the earlier file as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name[:200]}.tmp-{os.getpid()}-{threading.get_ident()}")   # threads may share a path
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def writable_dir(folder: str | Path, flag: str = "--out") -> Path:
+    """folder, made if missing; one that cannot be written (read-only, another user's, a file) stops the process
+    naming it and the flag, before any work that would be lost."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise SystemExit(f"{folder}: cannot write there ({e.strerror}): choose another {flag}") from None
+    return folder
+
+
 _locks: dict[Path, object] = {}   # folder -> this process's open <folder>/.lock
 
 
-def lock_folder(folder: str | Path, what: str, wait: bool = False) -> None:
+def lock_folder(folder: str | Path, what: str, wait: bool = False, flag: str = "--out") -> None:
     """Hold <folder>/.lock until unlock_folder(folder) or cleanup_distributed (or the process ends), so that no other
     process writes there meanwhile: one that holds it stops this one naming its pid (wait=True: waits for it). A
     folder this process holds already stays held."""
     folder = Path(folder).resolve()
     if folder in _locks:
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    f = open(folder / ".lock", "a+")
+    f = open(writable_dir(folder, flag) / ".lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -487,8 +531,7 @@ class Run:
                 if torn:
                     print0(f"{metrics}: dropped {torn} line(s) that are not valid JSON")
                 kept = [line for line, row in rows if row.get("step", 0) <= self.start]
-                (tmp := metrics.with_name("metrics.jsonl.tmp")).write_text("".join(line + "\n" for line in kept))
-                os.replace(tmp, metrics)   # a kill here keeps the rows
+                write_atomic(metrics, "".join(line + "\n" for line in kept))   # a kill here keeps the rows
             self._log = open(metrics, "a")
 
     def log(self, row: dict) -> None:

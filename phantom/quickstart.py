@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh", action="store_true", help="redo every stage, replacing earlier runs")
     ap.add_argument("--long", action="store_true", help="the longer recipe; the stages it shares are kept")
     args = ap.parse_args(argv)
-    runtime.lock_folder("runs/logs", "quick start")   # one quick start in this folder at a time: its logs and record
+    runtime.lock_folder("runs/logs", "quick start", flag="working folder")   # one at a time: its logs and record
     record = {} if args.fresh or not RECORD.is_file() else json.loads(RECORD.read_text())
     stages = LONG_STAGES if args.long else STAGES
     names = [name for name, _, _ in stages]

@@ -4,6 +4,7 @@ import dataclasses
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -1177,3 +1178,91 @@ def test_volume_key_of_names_and_paths():
                       ("trn24737.npz", "trn24737"), ("cache/valid_3_a_1.npy", "valid_3_a_1"), ("x.nii", "x"),
                       ("train_1_a_1", "train_1_a_1")]:
         assert data.volume_key(name) == key and data.volume_key(Path(name)) == key
+
+
+# ------------------------------------------------ file systems -------------------------------------------------
+
+def fake_split(src: Path, n=3) -> Path:
+    """n CT-RATE volumes (30 x 30 x 12, 2 x 2 x 5 mm, a block of 100 * i HU) under src and their metadata CSV."""
+    for i in range(1, n + 1):
+        vol = np.full((30, 30, 12), -1000, np.int16)
+        vol[10:20, 10:20, 4:8] = 100 * i
+        write_nifti(data.ctrate_path(src, f"valid_{i}_a_1.nii.gz"), vol)
+    return write_meta_csv(src.parent / "meta.csv", [meta_row(f"valid_{i}_a_1.nii.gz", (2.0, 2.0), 5.0)
+                                                    for i in range(1, n + 1)])
+
+
+def tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.lstat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def test_a_hub_snapshot_of_relative_symlinks_preprocesses_like_plain_files(tmp_path):
+    """huggingface_hub's cache: snapshots/<rev>/dataset/... are relative symlinks into blobs/<sha> (no extension);
+    here one patient folder is also a symlink to another disk, and the data root a symlink. Every volume is found
+    by its link's name, nothing is written beside the data, and the cache equals a plain tree's. Two snapshots
+    under --src hold every volume twice: refused, naming both paths (a race on one cache file before)."""
+    meta = fake_split(tmp_path / "plain" / "valid_fixed")
+    repo = tmp_path / "hub" / "datasets--ibrahimhamamci--CT-RATE"
+    snap = repo / "snapshots" / "0123abc" / "dataset" / "valid_fixed"
+    for f in sorted((tmp_path / "plain" / "valid_fixed").rglob("*.nii.gz")):
+        blob = repo / "blobs" / f"{abs(hash(f.name)):x}"
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(f.read_bytes())
+        link = snap / f.relative_to(tmp_path / "plain" / "valid_fixed")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    shutil.copytree(tmp_path / "plain" / "valid_fixed" / "valid_3", tmp_path / "disk2" / "valid_3")
+    shutil.rmtree(snap / "valid_3")
+    (snap / "valid_3").symlink_to(tmp_path / "disk2" / "valid_3")
+    (tmp_path / "root").symlink_to(snap.parent.parent)
+    before = tree(tmp_path / "hub")
+    stats = data.preprocess_dir(tmp_path / "root" / "dataset" / "valid_fixed", tmp_path / "cache", "ctrate", meta,
+                                data.PHANTOM, workers=2, progress=False)
+    assert (stats["written"], stats["bad"], stats["not_volume"]) == (3, 0, {})
+    assert tree(tmp_path / "hub") == before
+    plain = data.preprocess_dir(tmp_path / "plain" / "valid_fixed", tmp_path / "plain_cache", "ctrate", meta,
+                                data.PHANTOM, progress=False)
+    assert plain["written"] == 3
+    hub, ref = data.VolumeCache(tmp_path / "cache"), data.VolumeCache(tmp_path / "plain_cache")
+    assert hub.names == ref.names == [f"valid_{i}_a_1.nii.gz" for i in (1, 2, 3)]
+    assert all(np.array_equal(hub.load(n), ref.load(n)) for n in hub.names)
+    shutil.copytree(repo / "snapshots" / "0123abc", repo / "snapshots" / "4567def", symlinks=True)  # valid_3: one
+    with pytest.raises(ValueError, match=r"2 volume\(s\) more than once, e.g. valid_1_a_1: .*0123abc.*4567def"):
+        data.preprocess_dir(repo, tmp_path / "cache2", "ctrate", meta, data.PHANTOM, progress=False)
+    assert not (tmp_path / "cache2").exists()
+
+
+PREPROCESS_LIMITED = """
+import resource, sys
+import data
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[4]), resource.RLIM_INFINITY))   # bytes per file
+tiny = data.Preset("tiny", (5.0, 5.0, 10.0), (8, 8, 4), (8, 8, 4))   # 640-byte .npy files, ~330-byte manifest lines
+print(data.preprocess_dir(sys.argv[1], sys.argv[2], "ctrate", sys.argv[3], tiny, progress=False))
+"""
+
+
+def test_a_cache_write_cut_short_stops_preprocessing_and_the_rerun_mends_the_cache(tmp_path):
+    """A file-size limit (EFBIG; a full disk is ENOSPC) while writing the cache. 500 bytes: numpy wrote a 500-byte
+    .npy without an error and the cache took it as done. 700 bytes: the third manifest line was cut short, and every
+    later preprocess and VolumeCache failed on it with a bare JSONDecodeError. Now the run stops naming the cache,
+    the torn line is dropped by the rerun, which finishes the volumes; a cache read before that names the file."""
+    meta = fake_split(tmp_path / "valid_fixed")
+    run = lambda out, limit: subprocess.run(
+        [sys.executable, "-c", PREPROCESS_LIMITED, str(tmp_path / "valid_fixed"), str(out), str(meta), str(limit)],
+        capture_output=True, text=True, cwd=Path(data.__file__).parent)
+    for limit in (500, 700):
+        out = tmp_path / f"cache_{limit}"
+        cut = run(out, limit)
+        assert cut.returncode == 1 and f"{out}: cannot write the cache (" in cut.stderr, cut.stderr[-2000:]
+        assert "make room and rerun" in cut.stderr
+        if limit == 700:
+            assert not (out / "manifest.jsonl").read_text().endswith("\n")
+            with pytest.raises(ValueError, match=r"manifest.jsonl line 3: not valid JSON .* preprocess into .* again"):
+                data.VolumeCache(out)
+        mended = run(out, 10**6)
+        assert mended.returncode == 0, mended.stderr[-2000:]
+        cache = data.VolumeCache(out)
+        assert cache.names == [f"valid_{i}_a_1.nii.gz" for i in (1, 2, 3)]
+        assert [int(cache.load(n).max()) for n in cache.names] == [100, 200, 300]
+        assert sorted(p.name for p in out.iterdir()) == [".lock", "bad_files.jsonl", "manifest.jsonl", "preset.json",
+                                                          "valid_1_a_1.npy", "valid_2_a_1.npy", "valid_3_a_1.npy"]

@@ -596,3 +596,16 @@ def test_a_tokenizer_this_transformers_cannot_read_is_named_with_the_version(vlm
     (tmp_path / "vlm" / "llm" / "tokenizer.json").write_text('{"version": "9.9", "model": {"type": "FromTheFuture"}}')
     with pytest.raises(RuntimeError, match=r"llm: cannot load its tokenizer with transformers \d+\.\d+"):
         M.VLM.load(tmp_path / "vlm")
+
+
+def test_saved_weights_are_as_readable_as_the_umask_allows(vlm, tmp_path):
+    """safetensors writes its files 0600: a colleague on a shared runs folder could not read the encoder or a VLM
+    checkpoint (safetensors then says "No such file or directory"). Saved files now get the umask's read bits."""
+    old = os.umask(0o022)
+    try:
+        M.save_vision_weights(vlm.vit, tmp_path / "enc" / "vision_encoder.safetensors")
+        vlm.save(tmp_path / "vlm")
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) > 5 and {oct(p.stat().st_mode & 0o777) for p in files} == {"0o644"}

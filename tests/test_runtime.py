@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import clip3d
+import data
 import evaluate
 import grpo
 import runtime
@@ -441,7 +442,7 @@ def test_a_kill_while_a_run_clears_or_rewrites_its_folder_loses_nothing_a_rerun_
     real_write = Path.write_text
 
     def full_disk(path, *args, **kwargs):
-        if path.name.startswith("metrics.jsonl"):
+        if "metrics.jsonl" in path.name:   # the file or its temporary
             raise OSError(28, "No space left on device")
         return real_write(path, *args, **kwargs)
     monkeypatch.setattr(Path, "write_text", full_disk)
@@ -460,3 +461,52 @@ def test_saving_the_encoder_clears_what_a_killed_save_left(tmp_path):
     (live := tmp_path / f".vision_encoder.safetensors.tmp-{os.getppid()}").write_bytes(b"another process's save")
     model.save_vision_weights(model.ViT3D.from_preset("tiny"), tmp_path / "vision_encoder.safetensors")
     assert not stale.exists() and live.exists()
+
+
+WRITES_LIMITED = """
+import json, os, resource, sys
+import torch
+import data, runtime
+os.chdir(sys.argv[1])
+runtime.save_train_state("ckpt", 1, {"w": torch.zeros(10)})
+data.write_json("out/results.json", {"earlier": 1})
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))   # bytes per file (EFBIG)
+for write in (lambda: runtime.save_train_state("ckpt", 2, {"w": torch.zeros(10_000)}),
+              lambda: data.write_json("out/results.json", list(range(10_000)))):
+    try:
+        write()
+    except Exception as e:
+        print(json.dumps(f"{type(e).__name__}: {e}"))
+"""
+
+
+def test_writes_cut_short_by_a_full_disk_keep_the_earlier_files_and_leave_no_temporary(tmp_path):
+    """A file-size limit (EFBIG, as a full disk gives ENOSPC) in a real process: the checkpoint save fails naming the
+    step folder and the free space, the earlier checkpoint loads, a JSON file keeps its earlier content, and no
+    temporary is left (write_json left its .tmp, and torch said only "unexpected pos 704 vs 598")."""
+    run = subprocess.run([sys.executable, "-c", WRITES_LIMITED, str(tmp_path)], capture_output=True, text=True,
+                         cwd=Path(runtime.__file__).parent)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ckpt, results = map(json.loads, run.stdout.splitlines())
+    assert ckpt.startswith("RuntimeError: ckpt/step_00000002 was not written ("), ckpt
+    assert "the earlier version, if any, is kept" in ckpt and "GB free there" in ckpt
+    assert results == "OSError: [Errno 27] File too large"
+    assert runtime.latest_train_state(tmp_path / "ckpt")["w"].shape == (10,)
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == {"earlier": 1}
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["ckpt", "out", "results.json", "state.pt", "step_00000001"]
+
+
+def test_an_out_folder_that_cannot_be_written_stops_the_run_naming_it_and_the_flag(tmp_path):
+    """--out an existing file, or (as a user other than root, whom permissions do not stop) a read-only folder: a
+    stage, preprocessing and evaluation stop naming the folder and --out (a FileExistsError or PermissionError
+    traceback before)."""
+    (tmp_path / "file").write_text("")
+    bad = [tmp_path / "file", tmp_path / "file" / "sub"]
+    if os.geteuid() != 0:
+        (tmp_path / "ro").mkdir(mode=0o555)
+        bad.append(tmp_path / "ro" / "sft")
+    for out in bad:
+        with pytest.raises(SystemExit, match=rf"^{out}: cannot write there \(.+\): choose another --out$"):
+            runtime.Run(out, resume=False)
+        with pytest.raises(SystemExit, match=rf"^{out}: cannot write there \(.+\): choose another --out$"):
+            data.preprocess_dir(tmp_path, out, "radchestct", progress=False)
