@@ -37,7 +37,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -61,6 +63,7 @@ from data import parse_answer, think_text
 from grpo import answer_only_reward, decode, format_reward, offline_consistency
 from runtime import autocast, cleanup_distributed, compute_dtype, get_rank, make_parser, parse_with_preset, print0
 from runtime import at_least, json_safe, data_flags, local_dir, setup_distributed, versions, world_size
+from runtime import write_atomic, writable_dir
 
 TEXT_METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-1", "ROUGE-2", "ROUGE-L", "CIDEr",
                 "BERT-F1", "LLM-score"]
@@ -85,11 +88,18 @@ def tokenize_all(texts: list[str]) -> tuple[list[str], str]:
     for all texts) when `java` is on PATH, as COCO-style code feeds its scorers; else the regex `tokenize`."""
     if not shutil.which("java"):
         return [tokenize(t) for t in texts], "regex approximation of PTBTokenizer (no Java)"
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-    # one line per text: a line break inside one (\r, U+2028 too) would shift every later text's tokens
-    out = PTBTokenizer().tokenize({i: [{"caption": " ".join(t.split())}] for i, t in enumerate(texts)})
-    assert len(out) == len(texts), f"PTBTokenizer returned {len(out)} lines for {len(texts)} texts"
-    return [out[i][0] for i in range(len(texts))], f"pycocoevalcap {_version('pycocoevalcap')} PTBTokenizer (Java)"
+    from pycocoevalcap.tokenizer import ptbtokenizer as ptb
+    # PTBTokenizer.tokenize's own Java call and punctuation filter, with its input file in a temporary folder: it
+    # writes the file into its package folder, which a shared or system-wide install does not let a user write
+    with tempfile.TemporaryDirectory() as tmp:
+        # one line per text: a line break inside one (\r, U+2028 too) would shift every later text's tokens
+        Path(tmp, "in.txt").write_text("\n".join(" ".join(t.split()) for t in texts), encoding="utf-8")
+        cmd = ["java", "-cp", str(Path(ptb.__file__).with_name(ptb.STANFORD_CORENLP_3_4_1_JAR)),
+               "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase", str(Path(tmp, "in.txt"))]
+        lines = subprocess.run(cmd, capture_output=True, check=True).stdout.decode().split("\n")
+    assert len(lines) >= len(texts) and not any(lines[len(texts):]), f"PTBTokenizer: {len(lines)} lines, {len(texts)}"
+    out = [" ".join(w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS) for line in lines[:len(texts)]]
+    return out, f"pycocoevalcap {_version('pycocoevalcap')} PTBTokenizer (Java)"
 
 
 def _version(pkg: str) -> str | None:
@@ -834,6 +844,8 @@ def main(argv=None) -> dict | None:
         raise SystemExit(f"--reference {args.reference} is not one of the runs {labels}")
     if model_tasks:
         caches, questions, reports, report_names = load_inputs(args, tasks, paths, results["provenance"])
+    if rank == 0:
+        writable_dir(out_dir)   # now, not after hours of generation
     judge_url = args.judge_base_url or os.environ.get("JUDGE_BASE_URL")
     judge_model = args.judge_model or os.environ.get("JUDGE_MODEL")
     judge = data.Chat(judge_url, judge_model, args.judge_api_key_env, out_dir / "judge_cache", args.judge_timeout,
@@ -882,11 +894,10 @@ def main(argv=None) -> dict | None:
     if "mmvqa" in tasks and args.case_sheets:
         results["case_sheets"] = case_sheets(results["runs"], questions, caches, paths, args.case_sheets,
                                              out_dir / "cases")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    print0(markdown(results))   # first: the log keeps the tables if the files cannot be written (a full disk)
     # NaN / inf as null: results.json stays standard JSON
-    (out_dir / "results.json").write_text(json.dumps(json_safe(results), indent=1, default=str, allow_nan=False))
-    (out_dir / "results.md").write_text(markdown(results))
-    print0(markdown(results))
+    write_atomic(out_dir / "results.json", json.dumps(json_safe(results), indent=1, default=str, allow_nan=False))
+    write_atomic(out_dir / "results.md", markdown(results))
     sheets = f", {len(results['case_sheets'])} case sheets in {out_dir}/cases" if results.get("case_sheets") else ""
     print0(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}{sheets}")
     return results

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -846,3 +849,49 @@ def test_a_checkpoint_gone_during_the_evaluation_is_skipped_and_the_others_kept(
     assert list(res["runs"]) == list(saved["runs"]) == ["sft"] and saved["reference"] == "sft"
     assert saved["selection"]["not_found"]["grpo"] == str(runs / "grpo" / "vlm")
     assert list(saved["selection"]["evaluated"]) == ["sft"]
+
+
+def test_an_out_folder_that_cannot_be_written_stops_before_any_model_loads(eval_setup, tmp_path, monkeypatch):
+    """--out an existing file (a read-only folder alike): the whole evaluation ran and its results were lost at the
+    end (NotADirectoryError: .../cases). It now stops first, naming the folder and --out."""
+    world, root = eval_setup
+    (tmp_path / "file").write_text("")
+    loads = []
+    monkeypatch.setattr(E.model.VLM, "load", lambda *a, **k: loads.append(a))
+    with pytest.raises(SystemExit, match=r"file/eval: cannot write there \(Not a directory\): choose another --out"):
+        E.main(eval_argv(world, root, tmp_path / "file" / "eval", "--tasks", "mmvqa"))
+    assert loads == []
+
+
+PTB_WRITES = """
+import json, os, sys
+import evaluate
+from pycocoevalcap.tokenizer import ptbtokenizer
+package = os.path.dirname(os.path.dirname(ptbtokenizer.__file__))
+writes = []
+def hook(event, args):
+    if event != "open" or not isinstance(args[0], str):
+        return
+    flags, mode = args[2] if isinstance(args[2], int) else 0, args[1] or ""   # os.open's flags, open()'s mode
+    if flags & (os.O_WRONLY | os.O_RDWR) or set(mode) & set("wax+"):
+        writes.append(args[0])
+sys.addaudithook(hook)
+tokens, _ = evaluate.tokenize_all(json.loads(sys.argv[1]))
+print(json.dumps({"tokens": tokens, "in_package": [w for w in writes if os.path.abspath(w).startswith(package)]}))
+"""
+
+
+@pytest.mark.skipif(not JAVA, reason="PTBTokenizer runs in Java")
+def test_ptb_tokens_need_no_write_into_the_installed_package():
+    """pycocoevalcap's PTBTokenizer writes its input file into its own package folder: evaluating as a user who may
+    not write the (shared, system-wide) install failed with PermissionError after all generation. The same Java call
+    now reads a file in a temporary folder; the tokens are PTBTokenizer's own."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    texts = HYPS + REFS + ["Ünïcode naïve café.", "", "x"]
+    run = subprocess.run([sys.executable, "-c", PTB_WRITES, json.dumps(texts)], capture_output=True, text=True,
+                         cwd=Path(E.__file__).parent)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout)
+    assert out["in_package"] == []
+    ptb = PTBTokenizer().tokenize({i: [{"caption": t}] for i, t in enumerate(texts)})
+    assert out["tokens"] == [ptb[i][0] for i in range(len(texts))]
