@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from runtime import at_least, lock_folder, pid_alive, unlock_folder, write_atomic
+from runtime import at_least, lock_folder, pid_alive, read_appended, unlock_folder, write_atomic
 
 REPORT_COLUMNS = ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"]
 # CT-RATE's 18 abnormalities, in its label columns' order, and the RAD-ChestCT labels each is read from (BrgSA's
@@ -422,16 +422,9 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
         meta = read_metadata(metadata) if metadata else {}
         excluded = KNOWN_BAD | ({volume_key(l.strip()) for l in open(no_chest) if l.strip()} if no_chest else set())
         files = [p for p in found if volume_key(p.name) not in excluded]
-        text, cached, torn = manifest.read_text("utf-8") if manifest.exists() else "", [], 0
-        for line in filter(str.strip, text.splitlines()):
-            try:
-                cached.append(json.loads(line))
-            except json.JSONDecodeError:   # cut short by a full disk or a crash: that volume is preprocessed again
-                torn += 1
-        if torn:
-            print(f"{manifest}: dropped {torn} line(s) that are not valid JSON (a write cut short)", flush=True)
+        cached = [r for _, r in read_appended(manifest)]   # a line cut short: that volume is preprocessed again
         removed = [r for r in cached if volume_key(r["VolumeName"]) in excluded]   # cached, then excluded
-        if removed or torn or text[-1:] not in ("", "\n"):   # a last line without its end would join the next
+        if removed:
             cached = [r for r in cached if r not in removed]
             write_atomic(manifest, "".join(json.dumps(r) + "\n" for r in cached))   # first: never names a deleted file
             for r in removed:
@@ -639,8 +632,7 @@ class OpenAILabeller:
         self.model, self.lock = self.chat.model, threading.Lock()
         self.cache_file = Path(cache_dir) / "labels.jsonl"
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        recs = map(json.loads, open(self.cache_file)) if self.cache_file.exists() else []
-        self.cache = {(r["model"], r["sentence"]): r["abnormal"] for r in recs}
+        self.cache = {(r["model"], r["sentence"]): r["abnormal"] for _, r in read_appended(self.cache_file)}
 
     def __call__(self, sentences: list[str]) -> list[bool]:
         todo = list(dict.fromkeys(s for s in sentences if (self.model, s) not in self.cache))

@@ -213,6 +213,23 @@ def write_atomic(path: str | Path, text: str) -> None:
         raise
 
 
+def read_appended(path: str | Path) -> list[tuple[str, dict]]:
+    """(line, record) of each line of a JSON-lines file that is only ever appended to (metrics, a cache manifest, a
+    reply cache). A line cut short by a kill or a full disk is dropped and said, and the file rewritten without it,
+    so that the next append starts a line of its own."""
+    path = Path(path)
+    text, rows, torn = path.read_text("utf-8") if path.exists() else "", [], 0
+    for line in filter(str.strip, text.splitlines()):
+        try:
+            rows.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            torn += 1
+    if torn or text[-1:] not in ("", "\n"):
+        print(f"{path}: dropped {torn} line(s) that are not valid JSON (a write cut short)", flush=True)
+        write_atomic(path, "".join(line + "\n" for line, _ in rows))
+    return rows
+
+
 def writable_dir(folder: str | Path, flag: str = "--out") -> Path:
     """folder, made if missing; one that cannot be written (read-only, another user's, a file) stops the process
     naming it and the flag, before any work that would be lost."""
@@ -522,14 +539,7 @@ class Run:
                     else:
                         path.unlink(missing_ok=True)
             elif metrics.exists():
-                rows, torn = [], 0
-                for line in filter(str.strip, metrics.read_text().splitlines()):
-                    try:
-                        rows.append((line, json.loads(line)))
-                    except json.JSONDecodeError:   # a line cut short by a kill or a full disk
-                        torn += 1
-                if torn:
-                    print0(f"{metrics}: dropped {torn} line(s) that are not valid JSON")
+                rows = read_appended(metrics)
                 kept = [line for line, row in rows if row.get("step", 0) <= self.start]
                 write_atomic(metrics, "".join(line + "\n" for line in kept))   # a kill here keeps the rows
             self._log = open(metrics, "a")

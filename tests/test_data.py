@@ -713,6 +713,22 @@ def test_openai_labeller_waits_out_a_rate_limit(fake_llm, tmp_path):
     assert lab(["Cardiomegaly is seen."]) == [True] and FakeLLM.requests == 2   # 429, waited as told, then served
 
 
+def test_openai_labeller_drops_a_reply_cache_line_cut_short_and_asks_those_sentences_again(fake_llm, tmp_path, capsys):
+    """A kill while labels.jsonl is appended to leaves half a line: the next labeller drops it (and says so), asks
+    those sentences again, and its own lines start on a line of their own, so a third labeller reads them all."""
+    sents = list(REAL_STYLE)
+    data.OpenAILabeller(fake_llm, "fake-model", "NO_KEY_ENV", tmp_path / "cache", timeout=5, retries=1)(sents[:2])
+    cache = tmp_path / "cache" / "labels.jsonl"
+    cache.write_text(cache.read_text() + '{"model": "fake-model", "sentence": "Cardiomeg')     # cut short
+    lab = data.OpenAILabeller(fake_llm, "fake-model", "NO_KEY_ENV", tmp_path / "cache", timeout=5, retries=1)
+    assert "labels.jsonl: dropped 1 line(s)" in capsys.readouterr().out
+    assert lab(sents) == list(REAL_STYLE.values()) and FakeLLM.requests == 2     # the first two stayed cached
+    FakeLLM.mode = "error"
+    again = data.OpenAILabeller(fake_llm, "fake-model", "NO_KEY_ENV", tmp_path / "cache", timeout=5, retries=1)
+    assert again(sents) == list(REAL_STYLE.values()) and FakeLLM.requests == 2
+    assert "dropped" not in capsys.readouterr().out
+
+
 def test_label_cli_with_openai_labeller(fake_llm, tmp_path, monkeypatch):
     reports = tmp_path / "r.csv"
     with open(reports, "w", newline="") as f:
