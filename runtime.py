@@ -179,8 +179,8 @@ def atomic_dir(final: str | Path):
         if not isinstance(e, Exception):
             raise
         raise (OSError if isinstance(e, OSError) else RuntimeError)(   # torch says only "unexpected pos 704 vs 598"
-            f"{final} was not written ({type(e).__name__}: {e}); the earlier version, if any, is kept; "
-            f"{shutil.disk_usage(final.parent).free / 1e9:.1f} GB free there") from e
+            f"{final} was not written ({type(e).__name__}: {e}); nothing else was touched (an earlier {final.name} "
+            f"stays); {shutil.disk_usage(final.parent).free / 1e9:.1f} GB free there") from e
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
         os.replace(final, old)  # two renames: the window between them has no `final`, never a half-written one

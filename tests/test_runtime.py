@@ -489,7 +489,7 @@ def test_writes_cut_short_by_a_full_disk_keep_the_earlier_files_and_leave_no_tem
     assert run.returncode == 0, run.stderr[-2000:]
     ckpt, results = map(json.loads, run.stdout.splitlines())
     assert ckpt.startswith("RuntimeError: ckpt/step_00000002 was not written ("), ckpt
-    assert "the earlier version, if any, is kept" in ckpt and "GB free there" in ckpt
+    assert "nothing else was touched" in ckpt and "GB free there" in ckpt
     assert results == "OSError: [Errno 27] File too large"
     assert runtime.latest_train_state(tmp_path / "ckpt")["w"].shape == (10,)
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == {"earlier": 1}
