@@ -651,10 +651,12 @@ def autocast_cpu(precision: str):
 
 
 def set_llm_ckpt(llm, on: bool) -> None:
+    """The activation_checkpointing_* names where transformers has them (its gradient_checkpointing_* ones warn)."""
+    name = "activation" if hasattr(llm, "activation_checkpointing_enable") else "gradient"
     if on:
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif llm.is_gradient_checkpointing:
-        llm.gradient_checkpointing_disable()
+        getattr(llm, f"{name}_checkpointing_enable")({"use_reentrant": False})
+    elif getattr(llm, f"is_{name}_checkpointing"):
+        getattr(llm, f"{name}_checkpointing_disable")()
 
 
 @contextmanager
