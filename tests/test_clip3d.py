@@ -158,13 +158,15 @@ def test_two_ranks_equal_one_rank_with_same_global_batch(phantom_world, tmp_path
     assert two[0] == pytest.approx(one[0], rel=1e-5)      # same weights, same samples: same loss
     np.testing.assert_allclose(two, one, rtol=2e-3)       # later steps: float rounding (all-reduce order) only
     assert one[0] != one[2]                              # the steps did train
-    # Weights: every tensor within 1e-3 (measured: 4.8e-4 on AMD EPYC, 9.2e-4 on Intel Xeon), except the final
-    # LayerNorm's bias. Its gradient is zero in exact arithmetic (the test below), so Adam turns float noise into steps
-    # of up to lr (|m/sqrt(v)| <= 1.005 in the first 3 steps) with a random sign in each run: two runs may differ by up
-    # to 2 x steps x lr (measured: 2.8e-3 on AMD EPYC, 3.1e-3 on Intel Xeon with AMX).
+    # Weights: the final LayerNorm's bias has a zero gradient in exact arithmetic (the test below), so Adam turns float
+    # noise into steps of up to lr (|m/sqrt(v)| <= 1.005 in the first 3 steps) with a random sign in each run: two runs
+    # may differ by up to 2 x steps x lr. A weight elsewhere whose gradient is near zero may flip sign too: every
+    # element stays within that bound, and all but a few in 10,000 of each other tensor within 1e-3.
     a, b = (load_file(tmp_path / run / "vision_encoder.safetensors") for run in ("one", "two"))
     for k in a:
-        assert torch.allclose(a[k], b[k], rtol=0, atol=2 * 3 * 1e-3 * 1.005 if k == "norm.bias" else 1e-3), k
+        diff = (a[k] - b[k]).abs()
+        assert diff.max() <= 2 * 3 * 1e-3 * 1.005, k
+        assert k == "norm.bias" or (diff > 1e-3).float().mean() < 1e-4, k
 
 
 @pytest.mark.slow
@@ -176,8 +178,10 @@ def test_two_ranks_of_micro_batches_equal_one_rank_with_the_whole_batch(phantom_
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert two[0] == pytest.approx(one[0], rel=1e-5) and two[1] == pytest.approx(one[1], rel=2e-3)
     a, b = (load_file(tmp_path / run / "vision_encoder.safetensors") for run in ("one", "two"))
-    for k in a:   # tolerances as in the test above (norm.bias: Adam on float noise, up to 2 x steps x lr)
-        assert torch.allclose(a[k], b[k], rtol=0, atol=2 * 2 * 1e-3 * 1.005 if k == "norm.bias" else 1e-3), k
+    for k in a:   # tolerances as in the test above (Adam on float noise: up to 2 x steps x lr)
+        diff = (a[k] - b[k]).abs()
+        assert diff.max() <= 2 * 2 * 1e-3 * 1.005, k
+        assert k == "norm.bias" or (diff > 1e-3).float().mean() < 1e-4, k
 
 
 def test_the_final_layernorm_bias_gets_no_gradient_through_centred_embeddings(phantom_world):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from conftest import curve_points
 import data
@@ -498,7 +499,9 @@ def test_two_processes_equal_one(phantom_world, tiny_llm, vision_weights, tmp_pa
     assert losses(tmp_path / "two") == pytest.approx(one["losses"], rel=1e-5)
     out = {rank: "".join(p.read_text() for p in (tmp_path / "logs").rglob(f"attempt_0/{rank}/std*.log"))
            for rank in "01"}
-    assert "Loading weights" in out["0"] and "sft: " in out["0"]           # rank 0: transformers' bars and ours
+    assert "sft: " in out["0"]                                             # rank 0: our bars
+    # transformers 5 shows a bar while loading weights (4.x shows none for a one-file checkpoint): on rank 0 only
+    assert ("Loading weights" in out["0"]) == (int(transformers.__version__.split(".")[0]) >= 5)
     assert "%|" not in out["1"] and "Loading weights" not in out["1"]      # rank 1: no progress output at all
     two = model.VLM.load(tmp_path / "two" / "vlm")
     mine = dict(one["net"].vlm.named_parameters())
