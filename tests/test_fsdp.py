@@ -77,8 +77,10 @@ def test_grpo_equals_one_process_and_resumes_a_sigterm_exactly(phantom_world, sf
     log = stopped.stdout + stopped.stderr
     assert "stopped by SIGTERM after step 1" in log and "--resume" in log, log[-3000:]   # rank 0 prints it
     # torchrun's summary: each rank, the one not signalled too, exits 143 after the checkpoint is written (a
-    # barrier), except that torchrun terminates a rank still shutting down (-15) once the other has exited
-    assert sorted(re.findall(r"exitcode\s+:\s*(-?\d+)", log)) in (["143", "143"], ["-15", "143"]), log[-3000:]
+    # barrier), except that torchrun terminates a rank still shutting down (-15) once the other has exited; torchrun
+    # 2.9 lists only the first rank to exit
+    codes = re.findall(r"exitcode\s+:\s*(-?\d+)", log)
+    assert "143" in codes and set(codes) <= {"143", "-15"} and len(codes) <= 2, log[-3000:]
     assert (tmp_path / "resumed" / "ckpt" / "step_00000001" / "state.pt").is_file()
     assert not (tmp_path / "resumed" / "vlm").exists()
     resumed = torchrun(driver, two(tmp_path / "resumed", "--resume"))
