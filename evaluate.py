@@ -894,10 +894,10 @@ def main(argv=None) -> dict | None:
     if "mmvqa" in tasks and args.case_sheets:
         results["case_sheets"] = case_sheets(results["runs"], questions, caches, paths, args.case_sheets,
                                              out_dir / "cases")
-    print0(markdown(results))   # first: the log keeps the tables if the files cannot be written (a full disk)
+    print0(tables := markdown(results))   # first: the log keeps the tables if the files cannot be written
     # NaN / inf as null: results.json stays standard JSON
     write_atomic(out_dir / "results.json", json.dumps(json_safe(results), indent=1, default=str, allow_nan=False))
-    write_atomic(out_dir / "results.md", markdown(results))
+    write_atomic(out_dir / "results.md", tables)
     sheets = f", {len(results['case_sheets'])} case sheets in {out_dir}/cases" if results.get("case_sheets") else ""
     print0(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}{sheets}")
     return results

@@ -105,7 +105,7 @@ def encode(tokenizer, prompt: str, segments: list[tuple[str, bool]], arw_lambda:
            what: str = "SFT example"):
     """Token ids of prompt + target + EOS, cut at max_len; per-token weights 0 prompt, λ abnormal sentence, 1 other
     target. eq. (5)"""
-    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])   # a copy: `+=` below must not grow a table
     if len(ids) >= max_len:
         raise ValueError(f"{what}: a prompt of {len(ids)} tokens does not fit --max-len {max_len}")
     weights = [0.0] * len(ids)
