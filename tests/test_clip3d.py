@@ -314,6 +314,19 @@ def test_stop_request_saves_then_resume_replays_the_uninterrupted_run(phantom_wo
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_augmented_crops_do_not_depend_on_the_data_workers_or_a_resume(phantom_world, tmp_path):
+    """Choice 4: random crops are keyed by (seed, epoch, index), not drawn from a worker's RNG, so --workers 2 with a
+    resume after step 1 (then --workers 1) trains exactly as --workers 0 uninterrupted; and the crops do move."""
+    flags = ("--max-steps", 3, "--augment", "--save-every", 1)
+    clip3d.main([str(a) for a in run_args(phantom_world, tmp_path / "a", *flags, "--workers", 0)])
+    clip3d.main([str(a) for a in run_args(phantom_world, tmp_path / "b", *flags, "--workers", 2, "--stop-at", 1)])
+    clip3d.main([str(a) for a in run_args(phantom_world, tmp_path / "b", *flags, "--workers", 1, "--resume")])
+    clip3d.main([str(a) for a in run_args(phantom_world, tmp_path / "c", "--max-steps", 3, "--no-augment")])
+    assert losses(tmp_path / "a") == losses(tmp_path / "b") != losses(tmp_path / "c")
+    a, b = (load_file(tmp_path / x / "vision_encoder.safetensors") for x in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_resume_may_change_the_micro_batch(phantom_world, tmp_path):
     """--micro-batch is a memory option (gradient caching keeps the loss of the whole batch): a resume may change it,
     although the number of micro-steps it sets is saved with the run's settings."""
