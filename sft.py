@@ -19,8 +19,9 @@ Deliberate choices:
 5. Data order is a function of (seed, step): a seeded permutation per epoch, sorted by length within windows of 16
    batches; --resume restores weights, AdamW, RNG and step, and replays the uninterrupted run exactly.
 6. --cache-features: the encoder is frozen and the crop is the centre one, so each volume is encoded once; its tokens
-   are kept in host memory (pinned on CUDA; 8.4 MB per base-ViT volume), never on the GPU. A run whose cache would
-   not fit in host memory stops at the start (all of CT-RATE's training volumes: 397 GB per rank).
+   are kept in pageable host memory (8.4 MB per base-ViT volume; CUDA pins in power-of-two blocks, twice that), never
+   on the GPU. A run whose cache would not fit in host memory stops at the start (all of CT-RATE's training volumes:
+   397 GB per rank).
 7. Precision (runtime.compute_dtype): on CUDA the frozen LLM is held in bf16 and every pass runs under bf16 autocast;
    the trained bridge (and LoRA) keeps fp32 weights, so AdamW's small updates are not rounded away, and so does the
    small ViT (model.py choice 7); fp32 on the CPU.
@@ -212,15 +213,14 @@ class EncoderTokens:
         with autocast(self.device):
             tokens = self.vit(x.to(self.device)).float()
         if self.cache:
-            host = tokens.cpu()
-            self.kept.update(zip(names, host.pin_memory() if host is not tokens else host))
+            self.kept.update(zip(names, tokens.cpu()))
         return tokens
 
     def __call__(self, names: list[str]) -> torch.Tensor:
         todo = sorted(set(names) - self.kept.keys())
         fresh = dict(zip(todo, self.encode(todo))) if todo else {}
         if self.cache:
-            return torch.stack([self.kept[n].to(self.device, non_blocking=True) for n in names])
+            return torch.stack([self.kept[n].to(self.device) for n in names])
         return torch.stack([fresh[n] for n in names])
 
 
