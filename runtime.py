@@ -290,10 +290,11 @@ def save_train_state(ckpt_root: str | Path, step: int, state: dict, keep: int = 
 
 
 def latest_train_state(ckpt_root: str | Path) -> dict | None:
-    """Load the newest complete training state under ckpt_root, or None if there is none."""
+    """Load the newest complete training state under ckpt_root, or None if there is none. Mapped from the file, not
+    read into memory: every rank loads it, and the ranks of a node share one copy in the page cache."""
     done = sorted(p for p in Path(ckpt_root).glob("step_*") if (p / "state.pt").is_file())
     try:
-        return torch.load(done[-1] / "state.pt", map_location="cpu", weights_only=True) if done else None
+        return torch.load(done[-1] / "state.pt", map_location="cpu", weights_only=True, mmap=True) if done else None
     except Exception as e:   # cut short or overwritten: name it, and the older one a resume can fall back on
         older = f"; delete {done[-1]} to resume from {done[-2]}" if len(done) > 1 else ""
         raise RuntimeError(f"{done[-1] / 'state.pt'} cannot be read ({type(e).__name__}: {e}){older}") from e

@@ -4,6 +4,7 @@ import ast
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -212,6 +213,19 @@ def test_latest_train_state_is_the_newest_complete_checkpoint(tmp_path):
     (tmp_path / "step_00000011").mkdir()                                   # a directory without its state.pt
     assert runtime.latest_train_state(tmp_path)["step"] == 10
     assert runtime.latest_train_state(tmp_path / "none") is None
+
+
+def test_a_checkpoint_is_mapped_from_its_file_not_copied_into_each_ranks_memory(tmp_path):
+    """Every rank of a resume loads the whole checkpoint and keeps it (run.state) for the run: mapped from the file,
+    the ranks of a node share one copy in the page cache (a GRPO train state of the real preset is ~37 GB; eight
+    private copies would hold ~300 GB of host memory for the whole run)."""
+    def anonymous_kb() -> int:
+        return int(re.search(r"RssAnon:\s+(\d+) kB", Path("/proc/self/status").read_text())[1])
+    runtime.save_train_state(tmp_path, 1, {"w": torch.arange(50_000_000, dtype=torch.float32)})   # 200 MB
+    before = anonymous_kb()
+    state = runtime.latest_train_state(tmp_path)
+    assert state["w"][-1] == 49_999_999 and float(state["w"].sum()) > 0     # every page read
+    assert anonymous_kb() - before < 50_000
 
 
 def test_an_unreadable_checkpoint_is_named_with_the_older_one_to_fall_back_on(tmp_path):
