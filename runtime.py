@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,9 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
             transformers.utils.logging.disable_progress_bar()
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+            # gloo's 30 minutes, not NCCL's 10: the other ranks wait in a collective while rank 0 writes a
+            # checkpoint alone (tens of GB in grpo.py), and NCCL's watchdog would end the run on slow storage
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), timeout=timedelta(minutes=30))
             return rank, local_rank, world, torch.device("cuda", local_rank)
         dist.init_process_group("gloo")
         return rank, local_rank, world, torch.device("cpu")
