@@ -184,13 +184,15 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((rankdata(scores)[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)) if n1 and n0 else float("nan")
 
 
-def recall_at(sim: np.ndarray, same: np.ndarray, k: int) -> float:
-    """Fraction of rows whose top-k columns contain a correct one (same[i, j] = True); NaN if a similarity is not
-    finite. Ties are broken at random (seeded): a collapsed model scores about chance, not by column order."""
+def recall_at(sim: np.ndarray, same: np.ndarray, ks=(1, 5, 10)) -> dict[int, float]:
+    """{k: fraction of rows whose top-k columns contain a correct one (same[i, j] = True)}, every k from one sort of
+    the rows; NaN if a similarity is not finite. Ties are broken at random (seeded): a collapsed model scores about
+    chance, not by column order."""
     if not np.isfinite(sim).all():
-        return float("nan")
-    top = np.lexsort((np.random.default_rng(0).random(sim.shape), -sim))[:, :k]   # by -sim, then the random key
-    return float(np.take_along_axis(same, top, axis=1).any(axis=1).mean())
+        return {k: float("nan") for k in ks}
+    top = np.lexsort((np.random.default_rng(0).random(sim.shape), -sim))[:, :max(ks)]   # by -sim, then the random key
+    hit = np.take_along_axis(same, top, axis=1)
+    return {k: float(hit[:, :k].any(axis=1).mean()) for k in ks}
 
 
 def encode_texts(net: CLIP3D, tokenizer, texts: list[str], max_len: int, device, batch: int = 64) -> torch.Tensor:
@@ -235,9 +237,8 @@ def validate(net: CLIP3D, tokenizer, val: PairDataset, labels: dict, args, devic
     sim = (image @ text.T).numpy()                                                   # (N volumes, N reports)
     same = np.array(val.texts, dtype=object)[:, None] == np.array(val.texts, dtype=object)[None, :]
     metrics = {"zs_auc_mean": float(np.nanmean(list(per_class.values()))), "zs_auc": per_class}
-    for k in (1, 5, 10):
-        metrics[f"v2r_R@{k}"] = recall_at(sim, same, k)
-        metrics[f"r2v_R@{k}"] = recall_at(sim.T, same.T, k)
+    for direction, (s, t) in (("v2r", (sim, same)), ("r2v", (sim.T, same.T))):   # volume -> report, report -> volume
+        metrics.update({f"{direction}_R@{k}": r for k, r in recall_at(s, t).items()})
     return metrics
 
 

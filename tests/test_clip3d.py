@@ -55,15 +55,18 @@ def test_auc_and_recall_helpers():
     assert clip3d.auc(np.array([1.0, 1.0]), np.array([0, 1])) == pytest.approx(0.5)   # ties count half
     assert math.isnan(clip3d.auc(np.array([0.1, 0.2]), np.array([1, 1])))
     sim = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.1], [0.0, 0.1, 0.5]])
-    assert clip3d.recall_at(sim, np.eye(3, dtype=bool), 1) == pytest.approx(2 / 3)
-    assert clip3d.recall_at(sim, np.eye(3, dtype=bool), 2) == pytest.approx(1.0)
+    assert clip3d.recall_at(sim, np.eye(3, dtype=bool), (1, 2)) == pytest.approx({1: 2 / 3, 2: 1.0})
     # a collapsed model (every similarity tied) scores about chance, whatever the order of the columns; 50 of the
     # 100 reports are one text, so column order would hand half the rows a hit
     same = np.eye(100, dtype=bool)
     same[:50, :50] = True
     chance = (50 * 50 / 100 + 50 * 1 / 100) / 100
-    assert abs(clip3d.recall_at(np.zeros((100, 100)), same, 1) - chance) < 0.1
-    assert math.isnan(clip3d.recall_at(np.full((3, 3), np.nan), np.eye(3, dtype=bool), 1))   # a diverged model
+    assert abs(clip3d.recall_at(np.zeros((100, 100)), same, (1,))[1] - chance) < 0.1
+    assert math.isnan(clip3d.recall_at(np.full((3, 3), np.nan), np.eye(3, dtype=bool), (1,))[1])   # a diverged model
+    tied = np.random.default_rng(1).integers(0, 3, (50, 50)).astype(float)   # every k as when asked alone
+    np.fill_diagonal(tied, 2)                                                 # the match ties with about 16 others
+    alone = {k: clip3d.recall_at(tied, same[50:, 50:], (k,))[k] for k in (1, 5, 10)}
+    assert clip3d.recall_at(tied, same[50:, 50:], (1, 5, 10)) == alone and 0 < alone[1] < alone[10] < 1
 
 
 def test_micro_batches_split_each_global_batch_over_ranks_and_micro_steps():
