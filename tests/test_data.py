@@ -181,9 +181,11 @@ def test_online_transform_crop_and_normalisation():
     x = data.online_transform(vol, data.PHANTOM)
     assert x.shape == (1, *data.PHANTOM.crop) and x.dtype == torch.float32
     assert torch.allclose(x, torch.full_like(x, (0 - 0.4978) / 0.2449))  # centre crop drops the edge slabs
-    full = data.online_transform(vol, data.Preset("p", (5, 5, 10), (72, 72, 36), (72, 72, 36)))
+    wide = data.Preset("p", (5, 5, 10), (72, 72, 36), (72, 72, 36))
+    full = data.online_transform(vol, wide)
     assert full[0, 0].max() == pytest.approx((-1 - 0.4978) / 0.2449) and full[0, -1].min() == pytest.approx(
         (1 - 0.4978) / 0.2449)
+    assert torch.equal(data.online_transform(vol * 3, wide), full)             # HU beyond +-1000 clipped
     ramp = np.broadcast_to(np.arange(72, dtype=np.int16)[:, None, None], data.PHANTOM.shape)
     a = data.online_transform(ramp, data.PHANTOM, train=True, rng=np.random.default_rng(0))
     b = data.online_transform(ramp, data.PHANTOM, train=True, rng=np.random.default_rng(0))
