@@ -6,7 +6,9 @@ What it measures (every figure is the median of --repeats runs; ratios are alter
                 torch resample + crop/pad) vs the equivalent MONAI transforms: seconds, peak RSS, max HU difference
                 of the outputs, and the share of our time spent decoding the gzip;
                 (b) what a training step pays per sample: our int16 cache (memmap + online_transform) vs loading the
-                .nii.gz on the fly the CT-CLIP way.
+                .nii.gz on the fly the CT-CLIP way;
+                (c) sft.py's reading of a step's volumes around a GPU step (emulated by a wait, --gpu-ms-per-sample):
+                in the step, or read ahead in its thread during the step before.
  2. sft         one SFT optimizer step (bridge trainable; ViT and LLM frozen) with the tiny and base ViT presets,
                 with and without --cache-features (the frozen ViT's tokens computed once and reused): sft.train_step.
  3. grpo        one GRPO update on the same tiny LLM, text-only prompts, same G, lengths, beta, lr, AdamW and grad
@@ -71,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shape", default="512,512,300", help="synthetic volume X,Y,Z")
     p.add_argument("--spacing", default="0.7,0.7,1.0", help="synthetic volume spacing x,y,z mm")
     p.add_argument("--preset", default="real", help="data.PRESETS key the volume is preprocessed to")
+    p.add_argument("--gpu-ms-per-sample", type=float, default=24.0,
+                   help="GPU time of an SFT sample that volume reading can hide behind (docs/NOTES.md: H100 estimate)")
     # 2. SFT
     p.add_argument("--sft-presets", default="tiny,base", help="ViT presets to time")
     p.add_argument("--sft-batch", type=int, default=2)
@@ -261,7 +265,26 @@ def bench_preprocess(args, workdir: Path) -> dict:
     fly = measure(on_the_fly, n)
     res["per_sample"] = {"cache_sec": cached["sec"], "cache_peak_mb": cached["peak_mb"], "on_the_fly_sec": fly["sec"],
                          "on_the_fly_peak_mb": fly["peak_mb"], "ratio": fly["sec"] / cached["sec"]}
+
+    # (c) sft.py's volume reading around a GPU step: in the step (serial) or read ahead in its thread
+    gpu, steps = args.gpu_ms_per_sample / 1e3, 8
+    res["read_ahead"] = {"gpu_ms_per_sample": args.gpu_ms_per_sample}
+    for k, ahead in (("serial", False), ("read_ahead", True)):
+        sec = measure(lambda: sft_reading(cache, meta["VolumeName"], gpu, ahead, steps), n)["sec"]
+        res["read_ahead"][f"{k}_ms_per_sample"] = 1e3 * sec / steps
     return res
+
+
+def sft_reading(cache, name: str, gpu_s: float, ahead: bool, steps: int) -> None:
+    """`steps` steps of one volume each, as sft.train reads them (sft.EncoderTokens; the ViT's work is the GPU's,
+    so a strided view stands in for it); the GPU's step is a wait that holds no GIL, as a CUDA synchronisation does.
+    With `ahead` each step after the first has its volume read in sft's reader thread during the step before."""
+    tokens = sft.EncoderTokens(lambda x: x[:, :, ::16, ::16, ::8].flatten(2), cache, torch.device("cpu"), cache=False)
+    for step in range(steps):
+        tokens([name])
+        if ahead and step + 1 < steps:
+            tokens.prefetch([[name]])
+        time.sleep(gpu_s)
 
 
 # =====================================================================================================================
@@ -898,7 +921,10 @@ def table(res: dict) -> str:
         rows += [f"preprocess gzip+NIfTI decode {p['decode']['sec']:.2f} s "
                  f"= {p['decode']['share_of_ours']:.0%} of ours",
                  f"per sample: cache {p['per_sample']['cache_sec'] * 1e3:.0f} ms, on the fly "
-                 f"{p['per_sample']['on_the_fly_sec']:.2f} s ({p['per_sample']['ratio']:.0f}x)"]
+                 f"{p['per_sample']['on_the_fly_sec']:.2f} s ({p['per_sample']['ratio']:.0f}x)",
+                 f"sft per sample around a {p['read_ahead']['gpu_ms_per_sample']:.0f} ms GPU step: reading in the step "
+                 f"{p['read_ahead']['serial_ms_per_sample']:.1f} ms, read ahead "
+                 f"{p['read_ahead']['read_ahead_ms_per_sample']:.1f} ms"]
     rows += [f"sft {k:<5} batch {res['sft']['batch']}: {v['steps_per_s']:.3f} steps/s, with --cache-features "
              f"{v['cached_steps_per_s']:.3f} ({v['speedup']:.1f}x)" for k, v in res.get("sft", {}).items()
              if k != "batch"]

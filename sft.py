@@ -26,6 +26,8 @@ Deliberate choices:
    the trained bridge (and LoRA) keeps fp32 weights, so AdamW's small updates are not rounded away, and so does the
    small ViT (model.py choice 7); fp32 on the CPU.
 8. --shard fsdp: FSDP2 shards what trains (bridge, LoRA), its gradients and AdamW state; frozen ViT and LLM stay whole.
+9. A thread reads the next step's volumes while this step trains (numpy and torch release the GIL as they read and
+   transform): at the real size, reading and transforming a volume takes host time comparable to a sample's GPU step.
 
 Run:
   python sft.py                          # 1 CPU, phantom world -> runs/sft/vlm (needs runs/clip3d and runs/warmup)
@@ -37,12 +39,14 @@ Run:
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import re
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -202,14 +206,25 @@ def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int) 
 
 class EncoderTokens:
     """(B, N, C) frozen-encoder tokens of volumes by name (centre crop), computed under runtime.autocast as every
-    stage's ViT forward; with cache=True each volume is encoded once and its tokens kept in host memory (choice 6)."""
+    stage's ViT forward; with cache=True each volume is encoded once and its tokens kept in host memory (choice 6).
+    `prefetch` reads the next step's volumes in a thread while this step trains (choice 9)."""
 
     def __init__(self, vit: nn.Module, volumes: data.VolumeCache, device: torch.device, cache: bool):
         self.vit, self.volumes, self.device, self.cache, self.kept = vit, volumes, device, cache, {}
+        self.reader, self.ahead = ThreadPoolExecutor(1), {}
+
+    def prefetch(self, batches: list[list[str]]) -> None:
+        """Start reading the volumes that calls on these name lists will encode; what an earlier call read ahead and
+        nothing used is dropped."""
+        self.ahead = {}
+        for todo in (tuple(sorted(set(names) - self.kept.keys())) for names in batches):
+            if todo:
+                self.ahead[todo] = self.reader.submit(self.volumes.batch, list(todo))
 
     @torch.no_grad()
     def encode(self, names: list[str]) -> torch.Tensor:
-        x = self.volumes.batch(names)
+        ahead = self.ahead.pop(tuple(names), None)
+        x = ahead.result() if ahead is not None else self.volumes.batch(names)
         with autocast(self.device):
             tokens = self.vit(x.to(self.device)).float()
         if self.cache:
@@ -358,22 +373,25 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
     if run.state is not None:
         runtime.load_train_state(wrapped, optimizer, run.state)
     lengths = [len(ids) for ids, _ in encoded]
+    epoch_order = functools.lru_cache(2)(lambda epoch: epoch_batches(lengths, global_batch, args.seed, epoch))
+
+    def micro_batches(step: int) -> list[list[int]]:   # this rank's examples in `step`, micro-batch by micro-batch
+        mine = epoch_order(step // steps_per_epoch)[step % steps_per_epoch][rank::world]
+        return [mine[i * args.batch_size:(i + 1) * args.batch_size] for i in range(args.grad_accum)]
     inject_step, inject_rank = map(int, args.inject_nan.split(":")) if args.inject_nan else (-1, -1)
     bar = tqdm(total=total_steps, initial=run.start, disable=rank != 0, desc=desc)
-    losses, order, t_epoch, t0 = [], (None, None), time.time(), time.time()
+    losses, t_epoch, t0 = [], time.time(), time.time()
     for step in range(run.start, total_steps):
         lr = runtime.cosine_lr(step, total_steps, int(args.warmup_frac * total_steps), args.lr)
         runtime.set_lr(optimizer, lr)
-        epoch, k = divmod(step, steps_per_epoch)
-        if order[0] != epoch:
-            order = (epoch, epoch_batches(lengths, global_batch, args.seed, epoch))
-        mine = order[1][k][rank::world]
         micro = []
-        for idx in (mine[i * args.batch_size:(i + 1) * args.batch_size] for i in range(args.grad_accum)):
+        for idx in micro_batches(step):
             image = image_input([examples[i]["volume"] for i in idx])
             if (step, rank) == (inject_step, inject_rank):
                 image = image * float("nan")
             micro.append(collate([encoded[i] for i in idx], tokenizer.pad_token_id) + (image,))
+        if hasattr(image_input, "prefetch") and step + 1 < total_steps:
+            image_input.prefetch([[examples[i]["volume"] for i in idx] for idx in micro_batches(step + 1)])
         loss, grad_norm, applied = train_step(wrapped, optimizer, micro, params, args, step, device)
         run.skipped += not applied
         losses.append(loss)

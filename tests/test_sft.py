@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -334,6 +335,23 @@ def test_grad_accumulation_equals_one_big_batch(phantom_world, tiny_llm, vision_
     assert big["losses"] == pytest.approx(acc["losses"], rel=1e-5)
     a, b = trainable_state(big), trainable_state(acc)
     assert all(torch.allclose(a[n], b[n], atol=ADAM_NOISE) for n in a)
+
+
+def test_the_next_steps_volumes_are_read_in_a_thread_while_this_step_trains(phantom_world, tiny_llm, vision_weights,
+                                                                            tmp_path, monkeypatch):
+    """Without --cache-features every step reads its volumes: from the second step on, each micro-batch's were read
+    in the reader thread during the step before, and the run equals one that reads them when it needs them."""
+    readers, batch = [], data.VolumeCache.batch
+    monkeypatch.setattr(data.VolumeCache, "batch", lambda self, names: readers.append(
+        (threading.current_thread() is threading.main_thread(), len(names))) or batch(self, names))
+    flags = ("--max-steps", 3, "--grad-accum", 2, "--no-cache-features", "--feature-stats", 2)
+    ahead = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "a", *flags))
+    assert [main for main, _ in readers] == [True] * 3 + [False] * 4   # statistics, step 1's two, steps 2-3 ahead
+    monkeypatch.delattr(sft.EncoderTokens, "prefetch")
+    alone = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "b", *flags))
+    assert ahead["losses"] == alone["losses"] and len(readers) == 7 + 7
+    a, b = trainable_state(ahead), trainable_state(alone)
+    assert all(torch.equal(a[n], b[n]) for n in a)
 
 
 def test_resume_is_exact(phantom_world, tiny_llm, vision_weights, tmp_path):
