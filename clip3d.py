@@ -326,6 +326,7 @@ def main(argv=None) -> dict:
     if run.state is not None:
         net.load_state_dict(run.state["model"])
         opt.load_state_dict(run.state["optimizer"])
+        run.state = None
     if rank == 0:
         data.write_json(Path(args.out) / "config.json", vars(args))
     print0(f"{len(train)} train / {len(val)} valid pairs, world {world} x micro-batch {args.micro_batch} x accum "

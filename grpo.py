@@ -444,6 +444,7 @@ def main(argv=None) -> dict:
                               "val_acc"), save_every=args.save_every)
     if run.state is not None:
         runtime.load_train_state(net, optimizer, run.state)
+        run.state = None
     history, t0 = [], time.time()
     if run.start == 0 and eval_every:
         with runtime.gathered(net):

@@ -486,9 +486,10 @@ class Run:
 
     A fresh run starts a new metrics.jsonl and removes an earlier run's checkpoints (with --overwrite also its other
     outputs: vlm/, curves.png, the encoder and its config.json). With resume=True the newest complete checkpoint is
-    loaded (`run.state`, or None), this rank's RNG state restored, and metrics.jsonl keeps the rows up to the step
-    resumed from; a checkpoint written with other flags (`args`, except RESUME_MAY_CHANGE) or another world size is
-    refused: the run would not continue as it began. `skipped` counts the optimizer steps the loop skipped (a
+    loaded (`run.state`, or None; set it to None once loaded: it maps the checkpoint's file, which a later save may
+    delete), this rank's RNG state restored, and metrics.jsonl keeps the rows up to the step resumed from; a
+    checkpoint written with other flags (`args`, except RESUME_MAY_CHANGE) or another world size is refused: the run
+    would not continue as it began. `skipped` counts the optimizer steps the loop skipped (a
     non-finite loss or gradient), over the whole run: it is saved with each checkpoint and resumed. Create it after
     the model is built (building consumes RNG), before the loop. The folder is locked until cleanup_distributed: a
     second process running there (an --overwrite would wipe the first's outputs) is refused."""

@@ -216,6 +216,8 @@ class EncoderTokens:
     def prefetch(self, batches: list[list[str]]) -> None:
         """Start reading the volumes that calls on these name lists will encode; what an earlier call read ahead and
         nothing used is dropped."""
+        for unused in self.ahead.values():
+            unused.cancel()   # if not started yet
         self.ahead = {}
         for todo in (tuple(sorted(set(names) - self.kept.keys())) for names in batches):
             if todo:
@@ -372,6 +374,7 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
                       curves=("loss", "lr", "grad_norm"), save_every=args.save_every)
     if run.state is not None:
         runtime.load_train_state(wrapped, optimizer, run.state)
+        run.state = None
     lengths = [len(ids) for ids, _ in encoded]
     epoch_order = functools.lru_cache(2)(lambda epoch: epoch_batches(lengths, global_batch, args.seed, epoch))
 
