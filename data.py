@@ -423,7 +423,8 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
             stale.unlink()
         manifest = out / "manifest.jsonl"
         meta = read_metadata(metadata) if metadata else {}
-        excluded = KNOWN_BAD | ({volume_key(l.strip()) for l in open(no_chest) if l.strip()} if no_chest else set())
+        listed = [line.strip() for line in Path(no_chest).read_text().splitlines()] if no_chest else []
+        excluded = KNOWN_BAD | {volume_key(name) for name in listed if name}
         files = [p for p in found if volume_key(p.name) not in excluded]
         cached = [r for _, r in read_appended(manifest)]   # a line cut short: that volume is preprocessed again
         removed = [r for r in cached if volume_key(r["VolumeName"]) in excluded]   # cached, then excluded
