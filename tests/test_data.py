@@ -710,8 +710,8 @@ def test_openai_labeller_against_a_local_server(fake_llm, tmp_path):
 
 
 def test_openai_labeller_waits_out_a_rate_limit(fake_llm, tmp_path):
-    FakeLLM.mode, FakeLLM.limited_until = "429", time.monotonic() + 0.8     # rate-limited for 0.8 s
     lab = data.OpenAILabeller(fake_llm, "fake-model", "NO_KEY_ENV", tmp_path / "cache", timeout=5, retries=2)
+    FakeLLM.mode, FakeLLM.limited_until = "429", time.monotonic() + 0.8     # rate-limited for 0.8 s from now on
     assert lab(["Cardiomegaly is seen."]) == [True] and FakeLLM.requests == 2   # 429, waited as told, then served
 
 
