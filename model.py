@@ -6,8 +6,7 @@
 Deliberate choices:
 1. ViT3D (real preset: patch (16, 16, 8), width 768, depth 12) has timm parameter names: a published
    BrgSA_vision_encoder.pth loads strictly. Attention: flash-attn if installed, on CUDA in bf16/fp16, else SDPA.
-2. The anchor of eq. (1), the mean input-embedding row over the real vocabulary, is computed once at build: a frozen,
-   saved buffer of the bridge.
+2. The anchor of eq. (1), the mean input-embedding row over the real vocabulary, is computed at build: a frozen buffer.
 3. Each row finds its own placeholder positions, so left and right padding are both correct; position ids come from
    the attention mask, so a left-padded row scores exactly like the same row unpadded.
 4. generate() is a short hand-written loop: plain temperature sampling with a KV cache, G samples per prompt from one
@@ -129,7 +128,8 @@ class ViT3D(nn.Module):
         if tuple(x.shape[1:]) != (1, *self.img_size):
             raise ValueError(f"ViT3D expects (B, 1, {', '.join(map(str, self.img_size))}), got {tuple(x.shape)}")
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, C), x-major token order
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        cls = self.cls_token * 1  # its gradient a tensor of its own, not a strided view of the cat's (DDP copies those)
+        x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)

@@ -28,6 +28,7 @@ def torchrun(nproc: int, *args, timeout=900):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "Grad strides do not match" not in res.stderr                   # DDP copies no gradient
     return res
 
 
