@@ -214,14 +214,17 @@ class EncoderTokens:
         self.reader, self.ahead = ThreadPoolExecutor(1), {}
 
     def prefetch(self, batches: list[list[str]]) -> None:
-        """Start reading the volumes that calls on these name lists will encode; what an earlier call read ahead and
-        nothing used is dropped."""
+        """Start reading the volumes that calls on these name lists, in this order, will encode (with the cache, not
+        those an earlier call of the list encodes); what an earlier call read ahead and nothing used is dropped."""
         for unused in self.ahead.values():
             unused.cancel()   # if not started yet
-        self.ahead = {}
-        for todo in (tuple(sorted(set(names) - self.kept.keys())) for names in batches):
+        self.ahead, encoded = {}, set(self.kept)
+        for names in batches:
+            todo = tuple(sorted(set(names) - encoded))
             if todo:
                 self.ahead[todo] = self.reader.submit(self.volumes.batch, list(todo))
+            if self.cache:
+                encoded.update(todo)
 
     @torch.no_grad()
     def encode(self, names: list[str]) -> torch.Tensor:

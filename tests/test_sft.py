@@ -497,6 +497,23 @@ def test_cached_features_of_a_device_encoder_are_not_pinned(monkeypatch):
     assert pinned == []
 
 
+def test_read_ahead_with_cached_features_reads_what_each_call_will_encode():
+    """--cache-features: a volume in two micro-batches of a step is encoded by the first, so the second call encodes
+    only the rest; the read-ahead asks for exactly that, and every call is served from the reader thread."""
+    reads = []
+
+    class Volumes:
+        def batch(self, names):
+            reads.append((threading.current_thread() is threading.main_thread(), names))
+            return torch.zeros(len(names), 2, 3)
+    cached = sft.EncoderTokens(torch.nn.Identity(), Volumes(), torch.device("cpu"), cache=True)
+    cached(["a"])
+    cached.prefetch([["a", "b"], ["b", "c"], ["c", "d"]])
+    for names in (["a", "b"], ["b", "c"], ["c", "d"]):
+        cached(names)
+    assert reads == [(True, ["a"]), (False, ["b"]), (False, ["c"]), (False, ["d"])]
+
+
 def test_nan_step_is_skipped_or_stops(phantom_world, tiny_llm, vision_weights, tmp_path):
     two = ["--max-steps", 2]
     skipped = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "a", *two, "--inject-nan", "1:0"))
