@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy.stats import rankdata
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer
 
@@ -210,9 +210,9 @@ def validate(net: CLIP3D, tokenizer, val: PairDataset, labels: dict, args, devic
     net.eval()
     rank, world = get_rank(), world_size()
     shard = list(range(rank, len(val), world))
+    keys = [[(0, j) for j in shard[i:i + args.micro_batch]] for i in range(0, len(shard), args.micro_batch)]
     image = []
-    for i in range(0, len(shard), args.micro_batch):
-        volumes, _ = collate([val[(0, j)] for j in shard[i:i + args.micro_batch]])
+    for volumes, _ in runtime.data_loader(val, batch_sampler=keys, num_workers=args.workers, collate_fn=collate):
         with autocast(device):
             image.append(net.encode_image(volumes.to(device)).float().cpu())
     image = torch.cat(image) if image else torch.zeros(0, args.embed_dim)
@@ -332,9 +332,9 @@ def main(argv=None) -> dict:
     print0(f"{len(train)} train / {len(val)} valid pairs, world {world} x micro-batch {args.micro_batch} x accum "
            f"{args.accum} = batch {args.batch_size}, {total_steps} steps ({steps_per_epoch}/epoch), device {device}")
 
-    batches = iter(DataLoader(train, batch_sampler=micro_batches(len(train), run.start, total_steps, args, rank, world),
-                              num_workers=args.workers, collate_fn=collate, pin_memory=device.type == "cuda",
-                              worker_init_fn=runtime.ignore_stop_signals))   # the stop signals are the loop's
+    sampler = micro_batches(len(train), run.start, total_steps, args, rank, world)
+    batches = iter(runtime.data_loader(train, batch_sampler=sampler, num_workers=args.workers, collate_fn=collate,
+                                       pin_memory=device.type == "cuda"))
 
     def snapshot() -> dict:   # a resumable state, and the encoder alone beside it (atomic, BrgSA names, its step)
         if rank == 0:

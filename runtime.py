@@ -7,10 +7,12 @@ be written again, and drift, in every stage.
 from __future__ import annotations
 
 import argparse
+import atexit
 import fcntl
 import glob
 import json
 import math
+import multiprocessing.util   # registers multiprocessing's exit handler: _kill_workers must come after
 import os
 import random
 import shutil
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
 
 
 def setup_distributed() -> tuple[int, int, int, torch.device]:
@@ -331,11 +334,25 @@ def _on_stop_signal(signum, frame) -> None:
     _stop_signal = signum  # the loop finishes its step, saves a checkpoint and stops
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """A DataLoader worker's init: SIGINT and SIGTERM sent to the whole process group (Slurm's cancel or time limit,
-    `kill -- -PGID`) are the main process's to handle; a worker killed by one would end the run without a checkpoint."""
+def _ignore_stop_signals(worker_id: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+
+
+@atexit.register   # after multiprocessing's exit handler, so it runs before it (atexit runs the last first)
+def _kill_workers() -> None:
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # torch's handler would report each kill as a worker failure
+    for worker in multiprocessing.active_children():
+        if worker.daemon:
+            worker.kill()
+
+
+def data_loader(dataset, **kwargs) -> DataLoader:
+    """A DataLoader whose workers leave SIGINT and SIGTERM sent to the whole process group (Slurm's cancel or time
+    limit, `kill -- -PGID`) to the main process, which finishes its step and saves; a worker killed by one would end
+    the run without a checkpoint. When an error ends the process with workers still alive (a traceback keeps their
+    iterator), they are killed at exit: multiprocessing would send them SIGTERM, which they ignore, and wait forever."""
+    return DataLoader(dataset, worker_init_fn=_ignore_stop_signals, **kwargs)
 
 
 def exit_code() -> int:

@@ -331,6 +331,22 @@ def test_augmented_crops_do_not_depend_on_the_data_workers_or_a_resume(phantom_w
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_validation_reads_its_volumes_in_the_data_workers(phantom_world, tmp_path, monkeypatch):
+    """Validation reads its volumes through the --workers DataLoader workers, as training does (at CT-RATE's size a
+    serial read would take longer than the encoder's passes), and its metrics do not depend on how many there are."""
+    clip3d.main([str(a) for a in run_args(phantom_world, tmp_path / "a", "--max-steps", 1, "--workers", 0)])
+
+    class InWorkers(clip3d.PairDataset):
+        def __getitem__(self, key):
+            assert torch.utils.data.get_worker_info() is not None, "a volume read on the main process"
+            return super().__getitem__(key)
+    monkeypatch.setattr(clip3d, "PairDataset", InWorkers)
+    clip3d.main([str(a) for a in run_args(phantom_world, tmp_path / "b", "--max-steps", 1, "--workers", 2)])
+    a, b = ({k: v for k, v in json.loads(open(tmp_path / x / "metrics.jsonl").readline()).items() if k != "time_s"}
+            for x in "ab")
+    assert "zs_auc_mean" in a and a == b
+
+
 def test_a_resume_may_change_the_micro_batch(phantom_world, tmp_path):
     """--micro-batch is a memory option (gradient caching keeps the loss of the whole batch): a resume may change it,
     although the number of micro-steps it sets is saved with the run's settings."""
@@ -362,6 +378,29 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits(phanto
     assert proc.returncode == 143 and "Traceback" not in out, out[-2000:]
     step = int(out.split("stopped by SIGTERM after step ")[1].split(":")[0])
     assert (tmp_path / "ckpt" / f"step_{step:08d}" / "state.pt").is_file()
+    time.sleep(1)
+    assert subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout == b""   # no orphan
+
+
+def test_an_error_with_loader_workers_alive_ends_the_process(phantom_world, tmp_path):
+    """A volume that does not load fails in a DataLoader worker and ends the run with that error and a non-zero
+    status. The error's traceback keeps the workers' iterator alive, and the workers ignore SIGTERM (above), so at exit
+    multiprocessing would wait for them forever: runtime.data_loader's workers are killed there instead."""
+    import time
+    root = Path(shutil.copytree(phantom_world["root"], tmp_path / "world"))
+    cache = root / Path(phantom_world["train_cache"]).relative_to(phantom_world["root"])
+    for f in cache.glob("*.npy"):
+        np.save(f, np.zeros((2, 2, 2), np.int16))
+    args = [str(a) for a in run_args({"root": root}, tmp_path / "out", "--max-steps", 2, "--workers", 2)]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "clip3d.py"), *args], cwd=ROOT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        raise AssertionError("clip3d.py hung after its error") from None
+    assert proc.returncode == 1 and "not the int16" in out and "preprocess it again" in out, out[-2000:]
     time.sleep(1)
     assert subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout == b""   # no orphan
 
