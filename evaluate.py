@@ -285,8 +285,7 @@ def positional_bias(reports: str | Path, out_png: str | Path | None = None, bins
         ax.set(xlabel="normalised position in report", ylabel="density", xlim=(0, 1))
         ax.legend()
         fig.tight_layout()
-        Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_png, dpi=150)
+        write_atomic(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
         plt.close(fig)
         out["png"] = str(out_png)
     return out
@@ -367,10 +366,9 @@ def case_sheet(png: Path, cache, q: dict, findings: list[str], recs: dict, qset:
         text = textwrap.fill(textwrap.shorten(rationale, int(col_in * 12) * 24, placeholder=" […]"), int(col_in * 12))
         ax.text(0, 1, f"answer: {mark(think)}\nw/o think: {mark(plain)}\n\nrationale:\n{text}", va="top", fontsize=9,
                 transform=ax.transAxes)
-    png.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():   # a character the font lacks (e.g. CJK from the LLM) is drawn as a box
         warnings.filterwarnings("ignore", "Glyph .* missing from font")
-        fig.savefig(png, dpi=100)
+        write_atomic(png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
 

@@ -205,14 +205,15 @@ def readable(path: Path) -> Path:
     return path
 
 
-def write_atomic(path: str | Path, text: str) -> None:
+def write_atomic(path: str | Path, text) -> None:
     """Write a UTF-8 text file atomically: a temporary file in the same folder (a rename across file systems fails),
-    renamed over `path`. A failed write (a full disk) removes the temporary and leaves the earlier file as it was."""
+    renamed over `path`. A failed write (a full disk) removes the temporary and leaves the earlier file as it was.
+    `text` may instead be a function that writes the file at the path it is given (a figure's savefig)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name[:200]}.tmp-{os.getpid()}-{threading.get_ident()}")   # threads may share a path
     try:
-        tmp.write_text(text, encoding="utf-8")
+        text(tmp) if callable(text) else tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -638,7 +639,8 @@ def plot_curves(metrics: str | Path, series: tuple[str, ...], png: str | Path) -
     for ax in axes.flat[len(series):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(png, dpi=100, metadata={"Description": json.dumps({"points": counts})})  # what each panel holds
+    write_atomic(png, lambda tmp: fig.savefig(tmp, format="png", dpi=100,   # metadata: what each panel holds
+                                              metadata={"Description": json.dumps({"points": counts})}))
     plt.close(fig)
 
 

@@ -609,7 +609,8 @@ def test_case_sheets(eval_setup, tmp_path, monkeypatch):
     texts, savefig = {}, Figure.savefig
 
     def spy(fig, path, *a, **kw):                             # each saved figure's text, then the real savefig
-        texts[str(path)] = "\n".join(t.get_text() for t in fig.findobj(matplotlib.text.Text))
+        final = E.Path(path).with_name(E.Path(path).name[1:].split(".tmp-")[0])   # write_atomic's temporary
+        texts[str(final)] = "\n".join(t.get_text() for t in fig.findobj(matplotlib.text.Text))
         return savefig(fig, path, *a, **kw)
     monkeypatch.setattr(Figure, "savefig", spy)
     res = E.main(eval_argv(world, tmp_path, tmp_path / "out", "--tasks", "mmvqa", "--case-sheets", "3"))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import curve_points
 import clip3d
 import data
 import evaluate
@@ -478,15 +479,20 @@ def test_saving_the_encoder_clears_what_a_killed_save_left(tmp_path):
 
 
 WRITES_LIMITED = """
-import json, os, resource, sys
+import json, math, os, resource, sys
 import torch
 import data, runtime
 os.chdir(sys.argv[1])
 runtime.save_train_state("ckpt", 1, {"w": torch.zeros(10)})
 data.write_json("out/results.json", {"earlier": 1})
+open("out/m.jsonl", "w").write(json.dumps({"step": 1, "loss": 1.0}) + "\\n")
+runtime.plot_curves("out/m.jsonl", ("loss",), "out/curves.png")
+rows = [{"step": i, "loss": math.sin(i * i), "lr": math.cos(3 * i * i), "acc": math.sin(7 * i)} for i in range(300)]
+open("out/m.jsonl", "w").write("".join(json.dumps(r) + "\\n" for r in rows))   # a figure of ~90 kB
 resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))   # bytes per file (EFBIG)
 for write in (lambda: runtime.save_train_state("ckpt", 2, {"w": torch.zeros(10_000)}),
-              lambda: data.write_json("out/results.json", list(range(10_000)))):
+              lambda: data.write_json("out/results.json", list(range(10_000))),
+              lambda: runtime.plot_curves("out/m.jsonl", ("loss", "lr", "acc"), "out/curves.png")):
     try:
         write()
     except Exception as e:
@@ -501,13 +507,15 @@ def test_writes_cut_short_by_a_full_disk_keep_the_earlier_files_and_leave_no_tem
     run = subprocess.run([sys.executable, "-c", WRITES_LIMITED, str(tmp_path)], capture_output=True, text=True,
                          cwd=Path(runtime.__file__).parent)
     assert run.returncode == 0, run.stderr[-2000:]
-    ckpt, results = map(json.loads, run.stdout.splitlines())
+    ckpt, results, curves = map(json.loads, run.stdout.splitlines())
     assert ckpt.startswith("RuntimeError: ckpt/step_00000002 was not written ("), ckpt
     assert "nothing else was touched" in ckpt and "GB free there" in ckpt
-    assert results == "OSError: [Errno 27] File too large"
+    assert results == curves == "OSError: [Errno 27] File too large"
     assert runtime.latest_train_state(tmp_path / "ckpt")["w"].shape == (10,)
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == {"earlier": 1}
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["ckpt", "out", "results.json", "state.pt", "step_00000001"]
+    assert curve_points(tmp_path / "out" / "curves.png") == {"loss": 1}                  # the earlier figure, whole
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["ckpt", "curves.png", "m.jsonl", "out", "results.json",
+                                                           "state.pt", "step_00000001"]
 
 
 def test_an_out_folder_that_cannot_be_written_stops_the_run_naming_it_and_the_flag(tmp_path):
