@@ -688,11 +688,14 @@ def read_json(path, lines: bool = False):
 
 def read_sentence_labels(jsonl) -> dict[str, dict]:
     """{VolumeName: {'findings': [(sentence, abnormal)]|None, 'impressions': [...]|None}}; a label other than
-    true/false/0/1 (the string "0" would read as abnormal) is an error naming the file and volume."""
-    recs = read_json(jsonl, lines=True)
+    true/false/0/1 (the string "0" would read as abnormal), or a volume listed twice with other labels, is an error
+    naming the file and volume."""
+    recs, seen = read_json(jsonl, lines=True), {}
     for r in recs:
         if bad := [a for k in ("findings", "impressions") for _, a in r[k] or [] if a not in (0, 1)]:
             raise ValueError(f"{jsonl}: {r['VolumeName']}: sentence label {bad[0]!r} is not true, false, 0 or 1")
+        if seen.setdefault(r["VolumeName"], r) != r:
+            raise ValueError(f"{jsonl}: {r['VolumeName']} is listed twice, with other labels")
     return {r["VolumeName"]: {k: [(s, bool(a)) for s, a in r[k]] if r[k] else None for k in ("findings", "impressions")}
             for r in recs}
 

@@ -756,7 +756,8 @@ def test_split_sentences_only_at_a_capital_digit_or_bracket():
 
 def test_json_inputs_read_past_a_bom_and_blank_lines_and_name_what_does_not_parse(tmp_path):
     """The question, VQA and sentence-label files as editors and pandas leave them: a byte-order mark, CRLF line ends,
-    blank lines (JSON lines); a file that does not parse is named, a JSON-lines file with its line."""
+    blank lines (JSON lines); a file that does not parse is named, a JSON-lines file with its line; a sentence-label
+    file that lists a volume twice with other labels is refused, as the CSVs are."""
     rec = {"VolumeName": "valid_1_a_1.nii.gz", "findings": [["Effusion.", 1]], "impressions": None}
     (jsonl := tmp_path / "s.jsonl").write_bytes(b"\xef\xbb\xbf" + (json.dumps(rec) + "\r\n\r\n").encode())
     assert data.read_sentence_labels(jsonl) == {rec["VolumeName"]: {"findings": [("Effusion.", True)],
@@ -768,6 +769,11 @@ def test_json_inputs_read_past_a_bom_and_blank_lines_and_name_what_does_not_pars
         jsonl.write_text(json.dumps({**rec, "impressions": [["Clear.", 0], ["Effusion.", label]]}) + "\n")
         with pytest.raises(ValueError, match=rf"{jsonl}: valid_1_a_1.nii.gz: sentence label {label!r} is not true"):
             data.read_sentence_labels(jsonl)
+    jsonl.write_text(json.dumps(rec) + "\n" + json.dumps(rec) + "\n")              # a file appended twice: one volume
+    assert list(data.read_sentence_labels(jsonl)) == [rec["VolumeName"]]
+    jsonl.write_text(json.dumps(rec) + "\n" + json.dumps({**rec, "findings": [["Effusion.", 0]]}) + "\n")
+    with pytest.raises(ValueError, match=rf"{jsonl}: valid_1_a_1.nii.gz is listed twice, with other labels"):
+        data.read_sentence_labels(jsonl)
     (questions := tmp_path / "q.json").write_text("")
     with pytest.raises(ValueError, match=rf"{questions}: not valid JSON"):
         data.read_questions(questions)
