@@ -215,20 +215,21 @@ class EncoderTokens:
 
     def prefetch(self, batches: list[list[str]]) -> None:
         """Start reading the volumes that calls on these name lists, in this order, will encode (with the cache, not
-        those an earlier call of the list encodes); what an earlier call read ahead and nothing used is dropped."""
+        those an earlier call of the list encodes; calls on one set of volumes share a read); what an earlier call
+        read ahead and nothing used is dropped."""
         for unused in self.ahead.values():
             unused.cancel()   # if not started yet
         self.ahead, encoded = {}, set(self.kept)
         for names in batches:
             todo = tuple(sorted(set(names) - encoded))
-            if todo:
+            if todo and todo not in self.ahead:
                 self.ahead[todo] = self.reader.submit(self.volumes.batch, list(todo))
             if self.cache:
                 encoded.update(todo)
 
     @torch.no_grad()
     def encode(self, names: list[str]) -> torch.Tensor:
-        ahead = self.ahead.pop(tuple(names), None)
+        ahead = self.ahead.get(tuple(names))   # kept for another call of the step on the same volumes
         x = ahead.result() if ahead is not None else self.volumes.batch(names)
         with autocast(self.device):
             tokens = self.vit(x.to(self.device)).float()

@@ -514,6 +514,23 @@ def test_read_ahead_with_cached_features_reads_what_each_call_will_encode():
     assert reads == [(True, ["a"]), (False, ["b"]), (False, ["c"]), (False, ["d"])]
 
 
+def test_read_ahead_without_the_cache_reads_a_set_of_volumes_once_for_the_calls_on_it():
+    """Without --cache-features, two micro-batches of a step on the same volumes (batch size 1, two questions about one
+    scan) share one read from the reader thread, rather than one read each and a third on the main thread."""
+    reads = []
+
+    class Volumes:
+        def batch(self, names):
+            reads.append((threading.current_thread() is threading.main_thread(), names))
+            return torch.zeros(len(names), 2, 3)
+    tokens = sft.EncoderTokens(torch.nn.Identity(), Volumes(), torch.device("cpu"), cache=False)
+    tokens(["x"])
+    tokens.prefetch([["a"], ["b"], ["a"]])
+    for names in (["a"], ["b"], ["a"]):
+        tokens(names)
+    assert reads == [(True, ["x"]), (False, ["a"]), (False, ["b"])]
+
+
 def test_nan_step_is_skipped_or_stops(phantom_world, tiny_llm, vision_weights, tmp_path):
     two = ["--max-steps", 2]
     skipped = sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "a", *two, "--inject-nan", "1:0"))
