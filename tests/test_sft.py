@@ -497,38 +497,34 @@ def test_cached_features_of_a_device_encoder_are_not_pinned(monkeypatch):
     assert pinned == []
 
 
-def test_read_ahead_with_cached_features_reads_what_each_call_will_encode():
-    """--cache-features: a volume in two micro-batches of a step is encoded by the first, so the second call encodes
-    only the rest; the read-ahead asks for exactly that, and every call is served from the reader thread."""
+def read_ahead_reads(cache: bool, first: list[str], step: list[list[str]]) -> list[tuple[bool, list[str]]]:
+    """(on the main thread?, names) of each volume read by EncoderTokens: a call on `first`, then the micro-batches of
+    `step` read ahead and called in order."""
     reads = []
 
     class Volumes:
         def batch(self, names):
             reads.append((threading.current_thread() is threading.main_thread(), names))
             return torch.zeros(len(names), 2, 3)
-    cached = sft.EncoderTokens(torch.nn.Identity(), Volumes(), torch.device("cpu"), cache=True)
-    cached(["a"])
-    cached.prefetch([["a", "b"], ["b", "c"], ["c", "d"]])
-    for names in (["a", "b"], ["b", "c"], ["c", "d"]):
-        cached(names)
-    assert reads == [(True, ["a"]), (False, ["b"]), (False, ["c"]), (False, ["d"])]
+    tokens = sft.EncoderTokens(torch.nn.Identity(), Volumes(), torch.device("cpu"), cache=cache)
+    tokens(first)
+    tokens.prefetch(step)
+    for names in step:
+        tokens(names)
+    return reads
+
+
+def test_read_ahead_with_cached_features_reads_what_each_call_will_encode():
+    """--cache-features: a volume in two micro-batches of a step is encoded by the first, so the second call encodes
+    only the rest; the read-ahead asks for exactly that, and every call is served from the reader thread."""
+    assert read_ahead_reads(True, ["a"], [["a", "b"], ["b", "c"], ["c", "d"]]) == [
+        (True, ["a"]), (False, ["b"]), (False, ["c"]), (False, ["d"])]
 
 
 def test_read_ahead_without_the_cache_reads_a_set_of_volumes_once_for_the_calls_on_it():
     """Without --cache-features, two micro-batches of a step on the same volumes (batch size 1, two questions about one
     scan) share one read from the reader thread, rather than one read each and a third on the main thread."""
-    reads = []
-
-    class Volumes:
-        def batch(self, names):
-            reads.append((threading.current_thread() is threading.main_thread(), names))
-            return torch.zeros(len(names), 2, 3)
-    tokens = sft.EncoderTokens(torch.nn.Identity(), Volumes(), torch.device("cpu"), cache=False)
-    tokens(["x"])
-    tokens.prefetch([["a"], ["b"], ["a"]])
-    for names in (["a"], ["b"], ["a"]):
-        tokens(names)
-    assert reads == [(True, ["x"]), (False, ["a"]), (False, ["b"])]
+    assert read_ahead_reads(False, ["x"], [["a"], ["b"], ["a"]]) == [(True, ["x"]), (False, ["a"]), (False, ["b"])]
 
 
 def test_nan_step_is_skipped_or_stops(phantom_world, tiny_llm, vision_weights, tmp_path):
