@@ -357,29 +357,37 @@ def test_a_resume_may_change_the_micro_batch(phantom_world, tmp_path):
         clip3d.main([str(a) for a in run_args(phantom_world, tmp_path / "odd", "--micro-batch", 3)])
 
 
+def clip3d_process(args: list) -> subprocess.Popen:
+    """clip3d.py in a session of its own (its pid is the process group's), one thread, output in proc.stdout."""
+    return subprocess.Popen([sys.executable, str(ROOT / "clip3d.py"), *map(str, args)], cwd=ROOT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def group(pid: int) -> list[str]:
+    """The pids still in process group `pid`."""
+    return subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.split()
+
+
 def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits(phantom_world, tmp_path):
     """SIGTERM sent to the whole process group (Slurm's cancel or time limit), DataLoader workers included: the workers
     ignore it, the loop finishes its step, saves a resumable checkpoint and exits 143, leaving no worker behind."""
     import signal
     import time
-    args = [str(a) for a in run_args(phantom_world, tmp_path, "--epochs", 400, "--workers", 2, "--eval-every", 0,
-                                     "--save-every", 0)]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "clip3d.py"), *args], cwd=ROOT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = clip3d_process(run_args(phantom_world, tmp_path, "--epochs", 400, "--workers", 2, "--eval-every", 0,
+                                   "--save-every", 0))
     deadline = time.time() + 120
     while not (tmp_path / "metrics.jsonl").is_file() or not (tmp_path / "metrics.jsonl").read_text():
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-2000:]
         time.sleep(0.2)
-    workers = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    assert len(workers) == 3, workers                                      # the main process and its two workers
+    assert len(group(proc.pid)) == 3, group(proc.pid)                      # the main process and its two workers
     os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "Traceback" not in out, out[-2000:]
     step = int(out.split("stopped by SIGTERM after step ")[1].split(":")[0])
     assert (tmp_path / "ckpt" / f"step_{step:08d}" / "state.pt").is_file()
     time.sleep(1)
-    assert subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout == b""   # no orphan
+    assert group(proc.pid) == []                                           # no orphan
 
 
 def test_an_error_with_loader_workers_alive_ends_the_process(phantom_world, tmp_path):
@@ -391,10 +399,7 @@ def test_an_error_with_loader_workers_alive_ends_the_process(phantom_world, tmp_
     cache = root / Path(phantom_world["train_cache"]).relative_to(phantom_world["root"])
     for f in cache.glob("*.npy"):
         np.save(f, np.zeros((2, 2, 2), np.int16))
-    args = [str(a) for a in run_args({"root": root}, tmp_path / "out", "--max-steps", 2, "--workers", 2)]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "clip3d.py"), *args], cwd=ROOT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = clip3d_process(run_args({"root": root}, tmp_path / "out", "--max-steps", 2, "--workers", 2))
     try:
         out, _ = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
@@ -402,7 +407,7 @@ def test_an_error_with_loader_workers_alive_ends_the_process(phantom_world, tmp_
         raise AssertionError("clip3d.py hung after its error") from None
     assert proc.returncode == 1 and "not the int16" in out and "preprocess it again" in out, out[-2000:]
     time.sleep(1)
-    assert subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout == b""   # no orphan
+    assert group(proc.pid) == []                                           # no orphan
 
 
 def test_a_skipped_step_is_counted_in_the_checkpoint(phantom_world, tmp_path, monkeypatch):
