@@ -133,7 +133,8 @@ def rss_peak_mb():
     except OSError:
         yield out
         return
-    rss = lambda: int(os.pread(statm, 128, 0).split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20   # ~2 us a read
+    page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
+    rss = lambda: int(os.pread(statm, 128, 0).split()[1]) * page_mb   # ~2 us a read
     before = highest = rss()
     try:
         Path("/proc/self/clear_refs").write_text("5")                # resets VmHWM (peak RSS) to the current RSS
