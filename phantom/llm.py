@@ -78,8 +78,7 @@ def mmvqa_target(item: dict, abnormal_names_present: list[str], think: bool = Tr
     first is one look at the image restricted to the option names; the walk copies the options in order and gives
     each name the stance it had the last time it was written (hence "X present", no colon); the key is the letter
     next to "present"; the list of all findings comes last, so that it gives the walk nothing to copy from."""
-    key = item["answer"]
-    answer = f"<answer>{key}</answer>"
+    key, answer = item["answer"], f"<answer>{item['answer']}</answer>"
     if not think:
         return answer
     present = list(abnormal_names_present)  # names spelled as in the options: the rationale copies them verbatim

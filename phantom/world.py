@@ -10,6 +10,7 @@ import csv
 import fcntl
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -68,9 +69,7 @@ class _Canvas:
         return box, (x[:, None, None], y[None, :, None], z[None, None, :])
 
     def paint(self, box, mask, value, where=None):
-        if where is not None:
-            mask = mask & where[box]
-        self.vol[box][mask] = value
+        self.vol[box][mask if where is None else mask & where[box]] = value
 
     def ellipsoid(self, c, r, value, where=None):
         c, r = np.asarray(c, float), np.asarray(r, float)
@@ -325,8 +324,7 @@ _FINDING_TEXT = {  # name -> (findings sentence variants, impression); {side} {l
     "Lung opacity": (["A ground-glass opacity is seen in the {side} {lobe} lobe."],
                      "Ground-glass opacity in the {side} lung."),
     "Pulmonary fibrotic sequela": (["Apical pleuroparenchymal thickening and fibrotic bands consistent with "
-                                    "sequelae are seen in the {side} lung."],
-                                   "Fibrotic sequelae."),
+                                    "sequelae are seen in the {side} lung."], "Fibrotic sequelae."),
     "Pleural effusion": (["Pleural effusion measuring {mm} mm in its thickest part is seen in the {side} hemithorax."],
                          "Pleural effusion on the {side}."),
     "Pleural effusion/bilateral": (["Bilateral pleural effusion, thicker on the {side}, is observed."],
@@ -524,6 +522,9 @@ def ensure_world(root="runs/phantom", n_train=None, n_valid=None, n_rad=None, se
     files, the tiny LLM and text encoder) and return data.paths(root) plus "tiny_llm". Idempotent and safe under
     concurrent callers (file lock); a root holding other data is never touched. The RL subset is rl_frac of the
     training patients (the paper's 5 % of a few hundred phantom patients would leave too few questions)."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):   # a worker importing the main script
+        raise RuntimeError("phantom.ensure_world ran while a worker process imported the main script, and would wait "
+                           "forever for the lock its parent holds: call it under `if __name__ == '__main__':`")
     paths = data.paths(root)
     root, ds = paths["root"], paths["dataset"]
     if [d for d in ("dataset", "cache", "sentences", "mmvqa") if any((root / d).glob("*"))] \

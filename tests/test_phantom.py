@@ -1,6 +1,11 @@
 """The phantom package: the tiny LLM it builds and the warm-up that teaches it (phantom/llm.py, phantom/warmup.py)."""
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +17,8 @@ import model
 import phantom
 from phantom import warmup
 from phantom.llm import build_tiny_llm, phantom_texts
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +92,29 @@ def test_ensure_world_builds_the_tiny_llm_once_and_it_learns_the_phantom_languag
     assert n_tokens < len(report) / 3  # whole words and phrases, not bytes
     assert tok.decode(tok(report, add_special_tokens=False)["input_ids"]) == report
 
+
+
+def test_ensure_world_in_a_script_without_the_main_guard_fails_with_the_fix_not_a_hang(tmp_path):
+    """A user's script that calls ensure_world at module level, unguarded: the volume workers import the script
+    again and would wait forever for the lock the building parent holds. It must end within seconds, naming the
+    guard, and leave no worker behind."""
+    script = tmp_path / "build.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\nimport phantom\n"
+                      f"phantom.ensure_world({str(tmp_path / 'world')!r}, n_train=4, n_valid=2, n_rad=2)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, out[-2000:]
+    assert "call it under `if __name__ == '__main__':`" in out
+    for _ in range(20):   # the workers end within seconds of their parent (init reaps them)
+        if not (left := subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout):
+            break
+        time.sleep(0.5)
+    assert not left, left
 
 STAGE = """import sys
 from pathlib import Path
