@@ -106,8 +106,8 @@ class VolumeReadError(ValueError):
 
 
 def read_csv_rows(csv_path, key: str = "VolumeName") -> dict[str, dict]:
-    """{row[key]: row} of a CSV with a header (a UTF-8 byte-order mark is ignored); a missing key column, a row of
-    another length than the header, or a key listed twice with other values is an error naming the file and line."""
+    """{row[key]: row} of a CSV with a header (UTF-8, a byte-order mark ignored); no key column, no row, a row of
+    another length than the header, or a key listed twice with other values is an error naming the file (and line)."""
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader, out = csv.DictReader(f), {}
         if key not in (reader.fieldnames or []):
@@ -118,6 +118,8 @@ def read_csv_rows(csv_path, key: str = "VolumeName") -> dict[str, dict]:
             if out.get(row[key], row) != row:
                 raise ValueError(f"{csv_path} line {reader.line_num}: {row[key]} is listed twice, with other values")
             out[row[key]] = row
+        if not out:
+            raise ValueError(f"{csv_path}: a header and no rows")
         return out
 
 
@@ -469,7 +471,7 @@ def read_reports(csv_path) -> dict[str, dict]:
     def section(text):
         return None if (text or "").strip() in ("", "Not given.") else text.strip()
     rows = read_csv_rows(csv_path)
-    if rows and (missing := {"Findings_EN", "Impressions_EN"} - set(next(iter(rows.values())))):
+    if missing := {"Findings_EN", "Impressions_EN"} - set(next(iter(rows.values()))):
         raise ValueError(f"{csv_path}: no {' or '.join(sorted(missing))} column (CT-RATE's reports: {REPORT_COLUMNS})")
     return {k: {"findings": section(r["Findings_EN"]), "impressions": section(r["Impressions_EN"])}
             for k, r in rows.items()}

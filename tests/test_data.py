@@ -227,6 +227,23 @@ def test_reoriented_views_preprocess_like_contiguous_arrays(tmp_path):
         assert np.abs(got.astype(int) - expected).max() <= 1 and (got != expected).mean() < 1e-3, name
 
 
+def test_a_csv_with_a_header_and_no_rows_is_an_error_naming_it(tmp_path):
+    """A CSV cut after its header (an interrupted download, a filter that matched nothing) holds nothing to train on
+    or score: every reader names the file, and `data.py label` writes no sentence file and fails."""
+    readers = {"reports": (data.read_reports, ",".join(data.REPORT_COLUMNS)),
+               "labels": (data.read_labels, "VolumeName," + ",".join(data.ABNORMALITIES)),
+               "metadata": (data.read_metadata, "VolumeName,XYSpacing,ZSpacing"),
+               "rad": (data.read_radchestct_labels, "NoteAcc_DEID," + ",".join(sorted(data.MAPPED)))}
+    for name, (read, header) in readers.items():
+        (tmp_path / f"{name}.csv").write_text(header + "\n")
+        with pytest.raises(ValueError, match=f"{name}.csv: a header and no rows"):
+            read(tmp_path / f"{name}.csv")
+    r = subprocess.run([sys.executable, "data.py", "label", "--reports", str(tmp_path / "reports.csv"), "--out",
+                        str(tmp_path / "sentences.jsonl")], cwd=Path(data.__file__).parent, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.splitlines()[-1].endswith("reports.csv: a header and no rows")
+    assert not list(tmp_path.glob("sentences*"))
+
 def test_bad_label_csvs_raise_errors_naming_file_and_row(tmp_path):
     """A label that is not 0/1, a short row, a renamed column or a volume listed twice with other labels would
     become wrong labels or a late, nameless error: each is an error naming the file and the volume or line."""
