@@ -17,6 +17,9 @@ Deliberate choices:
 7. results.json records the provenance of every number: argv, commit, package versions, hashes of the inputs.
 8. Case sheets (PNG): a few questions per set, labelled scans with distinct answers first: the model's view of the
    scan, its true findings, the question, and every run's rationale and answers side by side, sft (S1) next to grpo.
+9. Each run's outputs are kept in <out>/generated/<run>.json as soon as they are made. An evaluation with the same
+   checkpoint files, inputs, settings and code takes them instead of generating again: after a crash or a kill only
+   the unfinished run is generated again, and a rerun that adds a judge or a run generates nothing else.
 
 Run:
   python evaluate.py                # 1 CPU, phantom world: runs/{sft,sft_noram,sft_noarw,sft_lora,grpo,grpo_nocon}/vlm
@@ -534,6 +537,31 @@ def evaluate_reasoning(judge, mmvqa: dict, questions: list[dict], reports: dict)
     return out
 
 
+def output_key(ckpt, caches: dict, questions: dict, reports: dict, report_names: list, tasks: set, args, device) -> str:
+    """What a run's generated outputs depend on: its checkpoint's files and the volume caches (by size and mtime), the
+    questions and report prompts, the generation settings, this code, torch and transformers."""
+    files = [*Path(ckpt).rglob("*"), *(c.dir / n for c in caches.values() for n in ("preset.json", "manifest.jsonl"))]
+    code = [sha256(Path(__file__).with_name(f"{m}.py")) for m in ("evaluate", "model", "data", "grpo", "runtime")]
+    return hashlib.sha256(json.dumps([
+        [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(files) if f.is_file()],
+        questions if "mmvqa" in tasks else None, code, args.batch_size,
+        [(n, data.report_instruction(reports[n])) for n in report_names] if "reports" in tasks else None,
+        args.max_new_tokens, args.max_report_tokens, args.sentence_encoder, device.type, torch.__version__,
+        _version("transformers")], default=str).encode()).hexdigest()
+
+
+def kept_outputs(path: Path, key: str) -> dict | None:
+    """The outputs an earlier evaluation kept at `path` under the same key, else None. Rank 0 reads the file and tells
+    the other ranks, which then skip the run's generation too (and get {})."""
+    kept = json.loads(path.read_text()) if get_rank() == 0 and path.is_file() else None
+    kept = kept if kept and kept.get("key") == key else None
+    if world_size() > 1:
+        found = [kept is not None]
+        dist.broadcast_object_list(found)
+        kept = kept if get_rank() == 0 else {} if found[0] else None
+    return kept
+
+
 # ====================================== significance, provenance, tables ======================================
 def unpaired(a: dict, b: dict) -> dict | None:
     """{"skipped": reason} when two MMVQA summaries did not answer the same questions in the same order (pairing by
@@ -731,7 +759,8 @@ def parse_args(argv=None):
     g.add_argument("--judge-retries", type=at_least(0), default=2)
     g.add_argument("--judge-workers", type=at_least(1), default=4, help="concurrent requests")
     g = p.add_argument_group("output")
-    g.add_argument("--out", default="runs/eval", help="results.{json,md}, cases/, positional_bias.png, judge_cache/")
+    g.add_argument("--out", default="runs/eval", help="results.{json,md}, generated/, cases/, positional_bias.png, "
+                   "judge_cache/")
     g.add_argument("--case-sheets", type=at_least(0), default=4, help="questions per set drawn in <out>/cases/*.png")
     return parse_with_preset(p, argv, PHANTOM)
 
@@ -852,6 +881,15 @@ def main(argv=None) -> dict | None:
 
     generated = {}   # each run's generated reports, scored after the last collective
     for label, ckpt in ckpts:
+        kept_file = out_dir / "generated" / f"{label}.json"    # written as soon as made: a crash loses one run at most
+        key = output_key(ckpt, caches, questions, reports, report_names, tasks, args, device)
+        if (kept := kept_outputs(kept_file, key)) is not None:
+            print0(f"{label}: outputs kept in {kept_file} (same checkpoint files, inputs, settings and code)")
+            if rank == 0:
+                results["runs"][label] = kept["run"]
+                if kept["reports"] is not None:
+                    generated[label] = [tuple(r) for r in kept["reports"]]
+            continue
         print0(f"evaluating {label}: {ckpt}")
         try:
             vlm = model.VLM.load(ckpt, device=device, dtype=compute_dtype(device)).eval()  # frozen: bf16 on CUDA
@@ -872,6 +910,8 @@ def main(argv=None) -> dict | None:
         if "reports" in tasks and report_names:
             generated[label] = generate_reports(vlm, caches["CT-RATE"], reports, report_names, args, label)
         results["runs"][label] = run
+        if rank == 0:
+            write_atomic(kept_file, json.dumps({"key": key, "run": run, "reports": generated.get(label)}, default=str))
         del vlm
     # the last collective: rank 0 scores alone from here (a judge may take hours; no rank waits on it) and the
     # others are done

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -758,7 +759,8 @@ def test_scan_id_groups_reconstructions():
 
 @pytest.mark.slow
 def test_sharded_equals_single_process(eval_setup, server, tmp_path):
-    """2-process gloo torchrun gives exactly the single-process results (outputs, answers, scores, judge grades)."""
+    """2-process gloo torchrun gives exactly the single-process results (outputs, answers, scores, judge grades), and
+    takes the outputs a single process kept (both ranks skip the generation)."""
     import os
     import subprocess
     import sys
@@ -768,14 +770,17 @@ def test_sharded_equals_single_process(eval_setup, server, tmp_path):
             "sharded": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "evaluate.py"]}
     out = {}
-    for name, cmd in runs.items():
-        argv = eval_argv(world, root, tmp_path / name, "--tasks", "mmvqa,reports,reasoning", "--n-mmvqa", "5",
+    for name, cmd, folder in (*((n, c, n) for n, c in runs.items()), ("kept", runs["sharded"], "single")):
+        argv = eval_argv(world, root, tmp_path / folder, "--tasks", "mmvqa,reports,reasoning", "--n-mmvqa", "5",
                          "--judge-base-url", server.url, "--judge-model", "m")
         proc = subprocess.run(cmd + argv, cwd=E.Path(E.__file__).parent, env=env, capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("evaluating sft (") == 1 and proc.stdout.count("wrote ") == 1   # rank 0 prints
-        out[name] = json.loads((tmp_path / name / "results.json").read_text())
+        assert proc.stdout.count("sft: outputs kept in") == (name == "kept")
+        out[name] = json.loads((tmp_path / folder / "results.json").read_text())
+    assert {k: v for k, v in out["kept"].items() if k != "provenance"} == {
+        k: v for k, v in out["single"].items() if k != "provenance"}
     assert out["sharded"]["provenance"]["world_size"] == 2 and out["single"]["provenance"]["world_size"] == 1
     a, b = out["single"]["runs"]["sft"], out["sharded"]["runs"]["sft"]
     assert a["mmvqa"] == b["mmvqa"]
@@ -850,6 +855,44 @@ def test_a_checkpoint_gone_during_the_evaluation_is_skipped_and_the_others_kept(
     assert list(res["runs"]) == list(saved["runs"]) == ["sft"] and saved["reference"] == "sft"
     assert saved["selection"]["not_found"]["grpo"] == str(runs / "grpo" / "vlm")
     assert list(saved["selection"]["evaluated"]) == ["sft"]
+
+
+def test_each_runs_outputs_are_kept_and_a_rerun_generates_only_what_is_missing(eval_setup, tmp_path, monkeypatch):
+    """An error in the second run (its checkpoint fails to load: CUDA out of memory, say) keeps the first run's outputs
+    in <out>/generated/; the rerun loads only the second checkpoint and writes what a fresh evaluation writes. A
+    checkpoint written again (a new mtime) or another generation setting is generated again."""
+    world, root = eval_setup
+    for name in ("sft", "grpo"):
+        shutil.copytree(root / "runs/sft/vlm", tmp_path / "runs" / name / "vlm")
+    monkeypatch.setenv("PATH", str(tmp_path))   # no METEOR JVM: quicker, and the same for every evaluation here
+    argv = lambda out, *extra: eval_argv(world, root, tmp_path / out, "--runs", str(tmp_path / "runs"), "--tasks",
+                                         "mmvqa,reports", "--case-sheets", "0", *extra)
+    saved = lambda out: {k: v for k, v in json.loads((tmp_path / out / "results.json").read_text()).items()
+                         if k != "provenance"}
+    E.main(argv("fresh"))
+    loads, load, fail = [], E.model.VLM.load, ["grpo"]
+
+    def load_or_fail(ckpt, *a, **k):
+        loads.append(Path(ckpt).parent.name)
+        if loads[-1] in fail:
+            raise RuntimeError("CUDA out of memory")
+        return load(ckpt, *a, **k)
+    monkeypatch.setattr(E.model.VLM, "load", load_or_fail)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        E.main(argv("eval"))
+    assert [f.name for f in (tmp_path / "eval" / "generated").iterdir()] == ["sft.json"]
+    assert not (tmp_path / "eval" / "results.json").exists()
+    fail.clear()
+    sft_written_again = lambda: os.utime(tmp_path / "runs" / "sft" / "vlm" / "config.json")
+    for change, generated in ((None, ["grpo"]), (None, []), (sft_written_again, ["sft"]),
+                              ("--max-new-tokens", ["sft", "grpo"])):
+        loads.clear()
+        if callable(change):
+            change()
+        E.main(argv("eval", *(["--max-new-tokens", "10"] if change == "--max-new-tokens" else [])))
+        assert loads == generated
+        if change is None:
+            assert saved("eval") == saved("fresh")
 
 
 def test_an_out_folder_that_cannot_be_written_stops_before_any_model_loads(eval_setup, tmp_path, monkeypatch):
