@@ -538,23 +538,34 @@ def evaluate_reasoning(judge, mmvqa: dict, questions: list[dict], reports: dict)
 
 
 def output_key(ckpt, caches: dict, questions: dict, reports: dict, report_names: list, tasks: set, args, device) -> str:
-    """What a run's generated outputs depend on: its checkpoint's files and the volume caches (by size and mtime), the
-    questions and report prompts, the generation settings, this code, torch and transformers."""
-    files = [*Path(ckpt).rglob("*"), *(c.dir / n for c in caches.values() for n in ("preset.json", "manifest.jsonl"))]
+    """What a run's generated outputs depend on: the files of its checkpoint, of the sentence encoder and of the volume
+    caches' indexes (by size and mtime), the questions and report prompts, the generation settings, this code, the
+    libraries that generate and the device."""
+    dirs = [ckpt, *([args.sentence_encoder] if args.sentence_encoder else [])]    # symbolic links followed
+    files = [*(Path(d, f) for top in dirs for d, _, fs in os.walk(top, followlinks=True) for f in fs),
+             *(c.dir / n for c in caches.values() for n in ("preset.json", "manifest.jsonl"))]
     code = [sha256(Path(__file__).with_name(f"{m}.py")) for m in ("evaluate", "model", "data", "grpo", "runtime")]
     return hashlib.sha256(json.dumps([
         [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(files) if f.is_file()],
         questions if "mmvqa" in tasks else None, code, args.batch_size,
         [(n, data.report_instruction(reports[n])) for n in report_names] if "reports" in tasks else None,
-        args.max_new_tokens, args.max_report_tokens, args.sentence_encoder, device.type, torch.__version__,
-        _version("transformers")], default=str).encode()).hexdigest()
+        args.max_new_tokens, args.max_report_tokens, torch.__version__,
+        [_version(p) for p in ("transformers", "tokenizers", "flash-attn")], device.type,
+        torch.cuda.get_device_name(device) if device.type == "cuda" else None],
+        default=str).encode()).hexdigest()
 
 
 def kept_outputs(path: Path, key: str) -> dict | None:
-    """The outputs an earlier evaluation kept at `path` under the same key, else None. Rank 0 reads the file and tells
-    the other ranks, which then skip the run's generation too (and get {})."""
-    kept = json.loads(path.read_text()) if get_rank() == 0 and path.is_file() else None
-    kept = kept if kept and kept.get("key") == key else None
+    """The outputs an earlier evaluation kept at `path` under the same key, else None (a file that does not read is
+    said and replaced). Rank 0 reads it and tells the other ranks, which then skip the run's generation too (and get
+    {})."""
+    kept = None
+    if get_rank() == 0 and path.is_file():
+        try:
+            kept = data.read_json(path)
+        except ValueError as e:
+            print0(f"{e}: generating again")
+    kept = kept if isinstance(kept, dict) and kept.get("key") == key else None
     if world_size() > 1:
         found = [kept is not None]
         dist.broadcast_object_list(found)

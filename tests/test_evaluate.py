@@ -857,10 +857,12 @@ def test_a_checkpoint_gone_during_the_evaluation_is_skipped_and_the_others_kept(
     assert list(saved["selection"]["evaluated"]) == ["sft"]
 
 
-def test_each_runs_outputs_are_kept_and_a_rerun_generates_only_what_is_missing(eval_setup, tmp_path, monkeypatch):
+def test_each_runs_outputs_are_kept_and_a_rerun_generates_only_what_is_missing(eval_setup, tmp_path, monkeypatch,
+                                                                               capsys):
     """An error in the second run (its checkpoint fails to load: CUDA out of memory, say) keeps the first run's outputs
     in <out>/generated/; the rerun loads only the second checkpoint and writes what a fresh evaluation writes. A
-    checkpoint written again (a new mtime) or another generation setting is generated again."""
+    checkpoint written again (a new mtime), a kept file that does not read (named), or another generation setting is
+    generated again."""
     world, root = eval_setup
     for name in ("sft", "grpo"):
         shutil.copytree(root / "runs/sft/vlm", tmp_path / "runs" / name / "vlm")
@@ -884,16 +886,39 @@ def test_each_runs_outputs_are_kept_and_a_rerun_generates_only_what_is_missing(e
     assert not (tmp_path / "eval" / "results.json").exists()
     fail.clear()
     sft_written_again = lambda: os.utime(tmp_path / "runs" / "sft" / "vlm" / "config.json")
-    for change, generated in ((None, ["grpo"]), (None, []), (sft_written_again, ["sft"]),
+    grpo_kept_torn = lambda: (tmp_path / "eval" / "generated" / "grpo.json").write_text('{"key": "0')
+    for change, generated in ((None, ["grpo"]), (None, []), (sft_written_again, ["sft"]), (grpo_kept_torn, ["grpo"]),
                               ("--max-new-tokens", ["sft", "grpo"])):
         loads.clear()
         if callable(change):
             change()
+        capsys.readouterr()
         E.main(argv("eval", *(["--max-new-tokens", "10"] if change == "--max-new-tokens" else [])))
         assert loads == generated
+        assert ("grpo.json: not valid JSON" in capsys.readouterr().out) == (change is grpo_kept_torn)
         if change is None:
             assert saved("eval") == saved("fresh")
 
+
+def test_the_kept_outputs_key_sees_every_file_the_outputs_depend_on(tmp_path):
+    """A file rewritten anywhere under the checkpoint (a symbolic link to a shared LLM folder included) or under the
+    sentence encoder changes the key; the same files and settings give the same key."""
+    (tmp_path / "shared_llm").mkdir()
+    (tmp_path / "shared_llm" / "model.safetensors").write_bytes(b"a")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    (tmp_path / "ckpt" / "llm").symlink_to(tmp_path / "shared_llm")
+    (tmp_path / "encoder").mkdir()
+    (tmp_path / "encoder" / "model.safetensors").write_bytes(b"e")
+    args = SimpleNamespace(sentence_encoder=str(tmp_path / "encoder"), batch_size=2, max_new_tokens=8,
+                           max_report_tokens=8)
+    key = lambda: E.output_key(tmp_path / "ckpt", {}, {}, {}, [], {"mmvqa"}, args, torch.device("cpu"))
+    first = key()
+    assert key() == first
+    for rewritten in (tmp_path / "shared_llm" / "model.safetensors", tmp_path / "encoder" / "model.safetensors"):
+        rewritten.write_bytes(b"bb")
+        assert key() != first
+        first = key()
 
 def test_an_out_folder_that_cannot_be_written_stops_before_any_model_loads(eval_setup, tmp_path, monkeypatch):
     """--out an existing file (a read-only folder alike): the whole evaluation ran and its results were lost at the
