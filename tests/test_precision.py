@@ -55,6 +55,7 @@ def test_each_stage_requests_flash_attention_2_on_cuda_and_sdpa_on_the_cpu(stage
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
     monkeypatch.setattr(model, "flash_attn_func", lambda q, k, v: q)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a stand-in GPU")   # evaluate's kept key
     with pytest.raises(Requested):
         stage_run(stage, phantom_world, parts, tmp_path)
     assert requests[0]["attn_implementation"] == ("flash_attention_2" if cuda else "sdpa")
