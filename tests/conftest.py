@@ -1,4 +1,5 @@
 """Shared fixtures: a small phantom world built once per test session."""
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,3 +24,8 @@ def curve_points(png) -> dict:
     with Image.open(png) as im:
         assert im.format == "PNG" and im.size[0] >= 600
         return json.loads(im.info["Description"])["points"]
+
+
+def group(pid: int) -> list[str]:
+    """The pids still in process group `pid`."""
+    return subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.split()

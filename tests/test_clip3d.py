@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import curve_points
+from conftest import curve_points, group
 import clip3d
 import model as M
 
@@ -362,11 +362,6 @@ def clip3d_process(args: list) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "clip3d.py"), *map(str, args)], cwd=ROOT, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def group(pid: int) -> list[str]:
-    """The pids still in process group `pid`."""
-    return subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.split()
 
 
 def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits(phantom_world, tmp_path):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from conftest import group
 import data
 import model
 import phantom
@@ -111,10 +112,10 @@ def test_ensure_world_in_a_script_without_the_main_guard_fails_with_the_fix_not_
     assert proc.returncode == 1, out[-2000:]
     assert "call it under `if __name__ == '__main__':`" in out
     for _ in range(20):   # the workers end within seconds of their parent (init reaps them)
-        if not (left := subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout):
+        if not (left := group(proc.pid)):
             break
         time.sleep(0.5)
-    assert not left, left
+    assert left == [], left
 
 STAGE = """import sys
 from pathlib import Path
