@@ -887,16 +887,17 @@ def test_each_runs_outputs_are_kept_and_a_rerun_generates_only_what_is_missing(e
     fail.clear()
     sft_written_again = lambda: os.utime(tmp_path / "runs" / "sft" / "vlm" / "config.json")
     grpo_kept_torn = lambda: (tmp_path / "eval" / "generated" / "grpo.json").write_text('{"key": "0')
-    for change, generated in ((None, ["grpo"]), (None, []), (sft_written_again, ["sft"]), (grpo_kept_torn, ["grpo"]),
-                              ("--max-new-tokens", ["sft", "grpo"])):
+    steps = [(None, [], ["grpo"]), (None, [], []), (sft_written_again, [], ["sft"]), (grpo_kept_torn, [], ["grpo"]),
+             (None, ["--max-new-tokens", "10"], ["sft", "grpo"])]   # (change, flags, checkpoints loaded)
+    for change, flags, generated in steps:
         loads.clear()
-        if callable(change):
+        if change:
             change()
         capsys.readouterr()
-        E.main(argv("eval", *(["--max-new-tokens", "10"] if change == "--max-new-tokens" else [])))
+        E.main(argv("eval", *flags))
         assert loads == generated
         assert ("grpo.json: not valid JSON" in capsys.readouterr().out) == (change is grpo_kept_torn)
-        if change is None:
+        if not change and not flags:
             assert saved("eval") == saved("fresh")
 
 
