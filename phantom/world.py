@@ -6,6 +6,7 @@ what is missing: raw dataset, caches, sentence labels and MMVQA (with data.py's 
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
 import hashlib
@@ -236,8 +237,7 @@ def _draw_findings(cv: _Canvas, p: dict, lungs: list, lung: np.ndarray, P, at, h
         for x, y, z, r in p["nodes"]:
             cv.ellipsoid(P(x, y, z), (r, r, r * 1.2), 45.0)
     if L[A["Hiatal hernia"]]:
-        o = p["hernia"]
-        c = P(8, 40, -105)
+        o, c = p["hernia"], P(8, 40, -105)
         cv.ellipsoid(c, (o["r"],) * 3, o["hu"])
         cv.ellipsoid(np.add(c, (0, 0, o["r"] * 0.45)), (o["r"] * 0.8, o["r"] * 0.8, o["r"] * 0.45), -950.0)
     if L[A["Arterial wall calcification"]]:
@@ -443,10 +443,9 @@ def _phantom_patient_job(job) -> list[dict]:
         meta.update(VolumeName=name, Manufacturer=maker, SeriesDescription="PHANTOM", ManufacturerModelName="Phantom",
                     PatientSex=p["sex"], PatientAge=f"{p['age']:03d}Y", ReconstructionDiameter="360",
                     GantryDetectorTilt="0", PatientPosition="HFS", ConvolutionKernel=["B", "YA"][r - 1],
-                    ImagePositionPatient=f"[{-origin[0]}, {-origin[1]}, {origin[2]}]",
+                    ImagePositionPatient=f"[{-origin[0]}, {-origin[1]}, {origin[2]}]", XYSpacing=f"[{sxy}, {sxy}]",
                     ImageOrientationPatient="[1, 0, 0, 0, 1, 0]", SliceLocation=f"{origin[2]}", SamplesPerPixel="1",
                     PhotometricInterpretation="MONOCHROME2", Rows=str(nxy), Columns=str(nxy),
-                    XYSpacing=f"[{sxy}, {sxy}]",
                     RescaleIntercept="-8192" if maker == "Siemens Healthineers" else "-1024",
                     RescaleSlope="1", NumberofSlices=str(nz), ZSpacing=str(sz), StudyDate="20240101")
         rows.append({"name": name, "meta": meta, "labels": p["labels"].astype(int).tolist(),
@@ -491,12 +490,10 @@ def make_phantom(out, n_train=400, n_valid=340, n_rad=340, seed=0, workers=None,
         _write_csv(out / "multi_abnormality_labels" / f"{split}_predicted_labels.csv", ["VolumeName"] + ABNORMALITIES,
                    [[r["name"]] + r["labels"] for r in rows])
         text = lambda sents: " ".join(s for s, _ in sents)
-        reports = []
-        for r in rows:
-            h = int(hashlib.md5(r["name"].encode()).hexdigest(), 16) % 100  # a few reports lack a section
-            reports.append([r["name"], "Chest CT for evaluation.", "Non-contrast chest CT.",
-                            "Not given." if h == 0 else text(r["findings"]),
-                            "Not given." if h in (1, 2) else text(r["impression"])])
+        h = {r["name"]: int(hashlib.md5(r["name"].encode()).hexdigest(), 16) % 100 for r in rows}  # some lack a section
+        reports = [[r["name"], "Chest CT for evaluation.", "Non-contrast chest CT.",
+                    "Not given." if h[r["name"]] == 0 else text(r["findings"]),
+                    "Not given." if h[r["name"]] in (1, 2) else text(r["impression"])] for r in rows]
         _write_csv(out / "radiology_text_reports" / f"{csv_split}_reports.csv", REPORT_COLUMNS, reports)
         vqa = [dict(item, id=f"{item['id'].rsplit('_', 1)[0]}_{i}") for i, item in
                enumerate(it for r in rows for it in r["vqa"])]
@@ -520,8 +517,9 @@ def ensure_world(root="runs/phantom", n_train=None, n_valid=None, n_rad=None, se
                  progress=False) -> dict[str, Path]:
     """Build whatever part of the phantom world under root is missing (dataset, caches, sentence labels, MMVQA
     files, the tiny LLM and text encoder) and return data.paths(root) plus "tiny_llm". Idempotent and safe under
-    concurrent callers (file lock); a root holding other data is never touched. The RL subset is rl_frac of the
-    training patients (the paper's 5 % of a few hundred phantom patients would leave too few questions)."""
+    concurrent callers (file lock); a root holding other data is never touched; a complete world that this user
+    cannot write (shared read-only) is used as it is. The RL subset is rl_frac of the training patients (the
+    paper's 5 % of a few hundred phantom patients would leave too few questions)."""
     if getattr(multiprocessing.current_process(), "_inheriting", False):   # a worker importing the main script
         raise RuntimeError("phantom.ensure_world ran while a worker process imported the main script, and would wait "
                            "forever for the lock its parent holds: call it under `if __name__ == '__main__':`")
@@ -532,8 +530,10 @@ def ensure_world(root="runs/phantom", n_train=None, n_valid=None, n_rad=None, se
         raise SystemExit(f"{root} holds data that is not a phantom world: pass --preset real, or another root")
     root.mkdir(parents=True, exist_ok=True)
     asked = {"n_train": n_train, "n_valid": n_valid, "n_rad": n_rad, "seed": seed, "rl_frac": rl_frac}
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # torchrun ranks (or parallel tests) wait for the first builder
+    writable = os.access(root, os.W_OK)   # False: a world shared read-only, e.g. by a class
+    with open(root / ".lock", "a") if writable else contextlib.nullcontext() as lock:
+        if writable:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # torchrun ranks (or parallel tests) wait for the first builder
         # a parameter left out keeps the value the existing world was built with (else the default)
         built = json.loads((root / "phantom.json").read_text()) if (root / "phantom.json").exists() else {}
         params = {k: v if v is not None else built.get(k, PHANTOM_DEFAULTS[k]) for k, v in asked.items()}

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,6 +117,31 @@ def test_ensure_world_in_a_script_without_the_main_guard_fails_with_the_fix_not_
             break
         time.sleep(0.5)
     assert left == [], left
+
+
+def test_a_complete_world_shared_read_only_serves_a_user_who_cannot_write_it(phantom_world, tmp_path):
+    """One phantom world shared by a class, read-only: another user's stage uses it as it is and changes nothing in
+    it (ensure_world opened its lock file for writing first and stopped with a PermissionError)."""
+    world = tmp_path / "world"
+    shutil.copytree(phantom_world["root"], world, symlinks=True)
+
+    def files():
+        return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in world.rglob("*")}
+    before, as_another_user = files(), []
+    if os.geteuid() == 0:   # root writes anywhere: drop the capabilities that let it, which another user lacks
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv (util-linux) to drop the capability to write anywhere")
+        as_another_user = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
+    subprocess.run(["chmod", "-R", "a-w", world], check=True)
+    try:
+        r = subprocess.run([*as_another_user, sys.executable, str(REPO / "clip3d.py"), "--data-root", str(world),
+                            "--out", str(tmp_path / "run"), "--batch-size", "4", "--max-steps", "1",
+                            "--eval-every", "1000"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", world], check=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (tmp_path / "run" / "vision_encoder.safetensors").is_file()
+    assert files() == before
 
 STAGE = """import sys
 from pathlib import Path
