@@ -799,9 +799,9 @@ def find_checkpoints(args) -> tuple[list[tuple[str, Path]], dict]:
                          "checkpoint dir: --ckpt DIR)")
     found = [(n, d) for n, d in where.items() if n not in missing]
     for c in map(Path, args.ckpt or []):   # each checked now: a bad one found after the first run's work loses it
-        if not (c / "config.json").is_file():
-            hint = f"; {c / 'vlm'} is one" if (c / "vlm" / "config.json").is_file() else ""
-            raise SystemExit(f"--ckpt {c} is not a VLM checkpoint (no config.json){hint}")
+        if not model.is_vlm_dir(c):
+            hint = f"; {c / 'vlm'} is one" if model.is_vlm_dir(c / "vlm") else ""
+            raise SystemExit(f"--ckpt {c} is not a VLM checkpoint (config.json and llm/){hint}")
     found += [(Path(c).parent.name if Path(c).name == "vlm" else Path(c).name, Path(c)) for c in args.ckpt or []]
     first = {}
     for label, d in found:   # results.json keys runs by label: one would overwrite the other

@@ -406,8 +406,9 @@ def rank_questions(n: int, global_batch: int, seed: int, step: int) -> list[int]
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if not (Path(args.sft) / "config.json").is_file():
-        raise SystemExit(f"{args.sft} is missing: run `python sft.py` first (or pass --sft)")
+    if not model.is_vlm_dir(args.sft):
+        hint = f"{Path(args.sft) / 'vlm'} is one" if model.is_vlm_dir(Path(args.sft) / "vlm") else "run sft.py first"
+        raise SystemExit(f"--sft {args.sft} is not a VLM checkpoint (config.json and llm/): {hint}")
     rank, _, world, device = runtime.setup_distributed()
     paths = data.paths(args.data_root, args.preset)
     volumes, val_volumes = data.VolumeCache(paths["train_cache"]), data.VolumeCache(paths["valid_cache"])

@@ -261,6 +261,11 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def is_vlm_dir(path: str | Path) -> bool:
+    """Whether path holds a checkpoint VLM.save wrote (config.json, llm/), not a run's, an LLM's or clip3d's folder."""
+    return (Path(path) / "config.json").is_file() and (Path(path) / "llm").is_dir()
+
+
 class VLM(nn.Module):
     """ViT3D + Bridge + causal LM. Build with VLM.build(llm_dir, ...) or VLM.load(ckpt_dir)."""
 
@@ -304,8 +309,8 @@ class VLM(nn.Module):
     def load(cls, ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "VLM":
         """Rebuild a VLM written by vlm.save(ckpt_dir, meta), the LLM in `dtype` (choice 7); meta: config["meta"]."""
         ckpt_dir = Path(ckpt_dir)
-        if not (ckpt_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{ckpt_dir} is not a complete VLM checkpoint (no config.json)")
+        if not is_vlm_dir(ckpt_dir):
+            raise FileNotFoundError(f"{ckpt_dir} is not a complete VLM checkpoint (config.json and llm/)")
         config = json.loads((ckpt_dir / "config.json").read_text())
         llm, tokenizer = load_llm(ckpt_dir / "llm", device, dtype)
         written = config.get("versions", {}).get("transformers")

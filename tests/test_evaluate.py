@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from scipy import stats
 import data
 import evaluate as E
 import grpo
+import model
 
 JAVA = shutil.which("java") is not None
 
@@ -542,7 +544,7 @@ def test_run_selection(phantom_world, tmp_path, capsys):
 
 def test_two_checkpoints_with_one_label_are_an_error(tmp_path):
     for d in ("runs/sft/vlm", "other/sft/vlm"):
-        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "llm").mkdir(parents=True)
         (tmp_path / d / "config.json").write_text("{}")
     args = E.parse_args(["sft", "--runs", str(tmp_path / "runs"), "--ckpt", str(tmp_path / "other/sft/vlm")])
     with pytest.raises(SystemExit, match=f"both be labelled 'sft': {tmp_path / 'runs/sft/vlm'} and "
@@ -553,17 +555,38 @@ def test_two_checkpoints_with_one_label_are_an_error(tmp_path):
 def test_a_misspelled_task_or_a_bad_ckpt_stops_before_any_work(tmp_path):
     """Both used to cost results: unknown tasks were ignored (an empty results.json replaced the earlier one), and a
     bad --ckpt after a good one stopped the run after the good one's work, with nothing written."""
-    (tmp_path / "good").mkdir()
-    (tmp_path / "good" / "config.json").write_text("{}")
-    (tmp_path / "run" / "vlm").mkdir(parents=True)
-    (tmp_path / "run" / "vlm" / "config.json").write_text("{}")
+    for d in ("good", "run/vlm"):
+        (tmp_path / d / "llm").mkdir(parents=True)
+        (tmp_path / d / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match=r"--tasks: no task mmvq, report \(mmvqa, reports, reasoning, bias\)"):
         E.main(["--tasks", "mmvq,report", "--out", str(tmp_path / "out")])
     args = E.parse_args(["--ckpt", str(tmp_path / "good"), "--ckpt", str(tmp_path / "run")])
-    with pytest.raises(SystemExit, match=f"--ckpt {tmp_path / 'run'} is not a VLM checkpoint .no config.json.; "
+    with pytest.raises(SystemExit, match=f"--ckpt {tmp_path / 'run'} is not a VLM checkpoint .config.json and llm/.; "
                                          f"{tmp_path / 'run' / 'vlm'} is one"):
         E.find_checkpoints(args)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_that_is_not_a_vlm_checkpoint_is_named_before_any_work(tmp_path):
+    """clip3d's output or an LLM's folder (each with a config.json) as --sft, --ckpt or VLM.load's folder is named as
+    no checkpoint (it passed the first look, and loading said "Repo id must be in the form ..." about <dir>/llm); a
+    run's folder is named with the checkpoint inside it."""
+    clip, run = tmp_path / "clip3d", tmp_path / "sft"
+    clip.mkdir()
+    (clip / "config.json").write_text('{"epochs": 12}')
+    (run / "vlm" / "llm").mkdir(parents=True)
+    (run / "vlm" / "config.json").write_text("{}")
+    no = re.escape(f"{clip} is not a VLM checkpoint (config.json and llm/)")
+    with pytest.raises(SystemExit, match=f"^--sft {no}: run sft.py first$"):
+        grpo.main(["--sft", str(clip), "--out", str(tmp_path / "out"), "--data-root", str(tmp_path / "world")])
+    with pytest.raises(SystemExit, match=re.escape(f"--sft {run} is not a VLM checkpoint (config.json and llm/): "
+                                                   f"{run / 'vlm'} is one")):
+        grpo.main(["--sft", str(run), "--out", str(tmp_path / "out"), "--data-root", str(tmp_path / "world")])
+    with pytest.raises(SystemExit, match=f"^--ckpt {no}$"):
+        E.find_checkpoints(E.parse_args(["--ckpt", str(clip)]))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{clip} is not a complete VLM checkpoint")):
+        model.VLM.load(clip)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "world").exists()
 
 
 def test_report_subset_leaves_out_reports_without_text(phantom_world, tmp_path):

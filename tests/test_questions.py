@@ -105,6 +105,7 @@ def test_grpo_refuses_a_bad_file_before_loading_a_model(phantom_world, tmp_path,
     items[index] = spoil(items[index])
     root = world_with(phantom_world, tmp_path, **{name: items})
     write(tmp_path / "not_a_model" / "config.json", {})                   # loading it would fail differently
+    (tmp_path / "not_a_model" / "llm").mkdir()
     with pytest.raises(ValueError) as e:
         grpo.main(["--data-root", str(root), "--sft", str(tmp_path / "not_a_model"), "--out", str(tmp_path / "o")])
     assert str(e.value) == f"{root / 'mmvqa' / name}.json item {index}: {message}"
@@ -115,6 +116,7 @@ def test_evaluate_refuses_a_bad_file_before_loading_a_model(phantom_world, tmp_p
     bad = write(tmp_path / "bad.json", [item(), item(options={"A": "x", "B": "y"}, answer="D")])
     (tmp_path / "no_model").mkdir()
     (tmp_path / "no_model" / "config.json").write_text("{}")   # passes evaluate's first look; loading it would fail
+    (tmp_path / "no_model" / "llm").mkdir()
     with pytest.raises(ValueError, match=f'^{bad} item 1: answer "D" is not one of its options A, B$'):
         E.main(["--data-root", str(phantom_world["root"]), "--ckpt", str(tmp_path / "no_model"), "--tasks", "mmvqa",
                 flag, str(bad), "--out", str(tmp_path / "o")])
