@@ -2,6 +2,7 @@
 import argparse
 import sys
 
+import runtime
 from phantom import ensure_world, make_phantom
 from phantom.world import PHANTOM_DEFAULTS
 
@@ -13,7 +14,6 @@ def main(argv=None) -> None:
         sys.exit(quickstart.main(argv[1:]))
     if argv[:1] == ["warmup"]:                      # the warm-up takes sft.py's flags
         from phantom import warmup
-        import runtime
         warmup.main(argv[1:])
         sys.exit(runtime.exit_code())
     ap = argparse.ArgumentParser(prog="python -m phantom", description=__doc__)
@@ -31,7 +31,8 @@ def main(argv=None) -> None:
         default = "default: the existing world's, else" if name == "world" else "default:"
         for key, what in (("n_train", "training volumes"), ("n_valid", "validation volumes"),
                           ("n_rad", "RAD-ChestCT volumes"), ("seed", "seed")):
-            a.add_argument("--" + key.replace("_", "-"), type=int, help=f"{what} ({default} {PHANTOM_DEFAULTS[key]})")
+            a.add_argument("--" + key.replace("_", "-"), type=runtime.at_least(int(key != "seed")),
+                           help=f"{what} ({default} {PHANTOM_DEFAULTS[key]})")
     args = ap.parse_args(argv)
     if args.cmd == "dataset":
         make_phantom(args.out, *[PHANTOM_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k)

@@ -500,12 +500,9 @@ def make_phantom(out, n_train=400, n_valid=340, n_rad=340, seed=0, workers=None,
         (out / "vqa").mkdir(parents=True, exist_ok=True)
         (out / "vqa" / f"{split}_vqa.json").write_text(json.dumps(vqa, indent=1))
     rad84 = []
-    for r in by_split["rad"]:
-        row = np.zeros(len(RAD_ABNORMALITIES), int)
-        for k, name in enumerate(ABNORMALITIES):
-            if r["labels"][k] and RAD_TO_CTRATE[name]:
-                row[RAD_ABNORMALITIES.index(RAD_TO_CTRATE[name][0])] = 1
-        rad84.append([r["name"]] + [f"{v:.1f}" for v in row])
+    for r in by_split["rad"]:   # each drawn finding sets the RAD-ChestCT label it maps to (data.RAD_TO_CTRATE)
+        on = {RAD_TO_CTRATE[name][0] for k, name in enumerate(ABNORMALITIES) if r["labels"][k] and RAD_TO_CTRATE[name]}
+        rad84.append([r["name"]] + ["1.0" if label in on else "0.0" for label in RAD_ABNORMALITIES])
     _write_csv(out / "radchestct" / "imgtest_abnormality_labels_84.csv", ["NoteAcc_DEID"] + RAD_ABNORMALITIES, rad84)
 
 

@@ -119,6 +119,20 @@ def test_ensure_world_in_a_script_without_the_main_guard_fails_with_the_fix_not_
     assert left == [], left
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["world", "--n-train", "0"], "argument --n-train: must be at least 1, not 0"),
+    (["world", "--n-rad", "-2"], "argument --n-rad: must be at least 1, not -2"),
+    (["dataset", "--out", "x", "--seed", "-1"], "argument --seed: must be at least 0, not -1")])
+def test_the_world_commands_refuse_sizes_no_world_can_have(tmp_path, monkeypatch, capsys, argv, message):
+    """--n-train 0 used to stop deep in preprocessing ("source folder .../train_fixed does not exist")."""
+    from phantom.__main__ import main
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_complete_world_shared_read_only_serves_a_user_who_cannot_write_it(phantom_world, tmp_path):
     """One phantom world shared by a class, read-only: another user's stage uses it as it is and changes nothing in
     it (ensure_world opened its lock file for writing first and stopped with a PermissionError)."""
