@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from runtime import atomic_dir, clean_after_kill, compute_dtype, readable, versions
@@ -241,9 +242,12 @@ def load_llm(llm_dir: str | Path, device: str | torch.device = "cpu", dtype: tor
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device, dtype = torch.device(device), dtype or torch.float32
-    llm, info = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype, local_files_only=True,
-                                                     attn_implementation=attn_implementation(device),
-                                                     output_loading_info=True)
+    try:
+        llm, info = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype, local_files_only=True,
+                                                         attn_implementation=attn_implementation(device),
+                                                         output_loading_info=True)
+    except SafetensorError as e:   # a weights file cut short (a copy stopped midway): transformers names none
+        raise ValueError(f"{llm_dir}: a weights file does not read ({e}); copy the folder again") from e
     if missing := sorted(info["missing_keys"]):   # transformers would start them at random, with a warning only
         raise ValueError(f"{llm_dir}: {len(missing)} LLM weights are not in the checkpoint (the first: {missing[0]})")
     try:
@@ -259,6 +263,14 @@ def load_llm(llm_dir: str | Path, device: str | torch.device = "cpu", dtype: tor
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """0, 1, 2, ... over each row's real tokens (pads get 0), so padding never shifts a row's positions."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def read_checkpoint_file(path: Path):
+    """A checkpoint's .json or .safetensors file; one that does not read (cut short, edited) is an error naming it."""
+    try:
+        return json.loads(path.read_text()) if path.suffix == ".json" else load_file(path)
+    except (SafetensorError, ValueError, OSError) as e:   # JSON's and UTF-8's decoding errors are ValueErrors
+        raise ValueError(f"{path} does not read ({type(e).__name__}: {e}); copy the checkpoint again") from e
 
 
 def is_vlm_dir(path: str | Path) -> bool:
@@ -311,7 +323,7 @@ class VLM(nn.Module):
         ckpt_dir = Path(ckpt_dir)
         if not is_vlm_dir(ckpt_dir):
             raise FileNotFoundError(f"{ckpt_dir} is not a complete VLM checkpoint (config.json and llm/)")
-        config = json.loads((ckpt_dir / "config.json").read_text())
+        config = read_checkpoint_file(ckpt_dir / "config.json")
         llm, tokenizer = load_llm(ckpt_dir / "llm", device, dtype)
         written = config.get("versions", {}).get("transformers")
         if config.get("rope_theta") not in (None, rope_theta(llm.config)):  # e.g. 5.x's rope_parameters read by 4.x
@@ -319,8 +331,8 @@ class VLM(nn.Module):
                                f" the LLM's rope theta reads as {rope_theta(llm.config)}, not {config['rope_theta']}; "
                                f"load it with transformers {str(written).split('.')[0]}.x")
         vit = ViT3D(**config["vit"])
-        vit.load_state_dict(load_file(ckpt_dir / "vision.safetensors"), strict=True)
-        bridge_state = load_file(ckpt_dir / "bridge.safetensors")
+        vit.load_state_dict(read_checkpoint_file(ckpt_dir / "vision.safetensors"), strict=True)
+        bridge_state = read_checkpoint_file(ckpt_dir / "bridge.safetensors")
         bridge = Bridge(vit.width, vit.grid, config["llm_dim"], bridge_state["anchor"], ram=config["ram"])
         bridge.load_state_dict(bridge_state, strict=True)
         return cls(vit, bridge, llm, tokenizer, config).to(device)

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 import data
@@ -436,8 +436,11 @@ def main(argv=None) -> dict:
     earlier = {k: data.read_json(p) for k, p in (("warmup", llm_dir / "warmup_meta.json"),
                                                  ("clip3d", vision.parent / "config.json")) if p.is_file()}
     if vision.suffix == ".safetensors":   # clip3d's encoder says how far its run got
-        with safe_open(vision, "pt") as f:
-            made = earlier["vision_weights"] = f.metadata() or {}
+        try:
+            with safe_open(vision, "pt") as f:
+                made = earlier["vision_weights"] = f.metadata() or {}
+        except SafetensorError as e:   # cut short (a copy stopped midway): name it
+            raise SystemExit(f"--vision-weights {vision} does not read ({e})") from None
         if int(made.get("step", 0)) < int(made.get("total_steps", 0)):
             print0(f"note: {vision} is clip3d's encoder after step {made['step']} of {made['total_steps']}, an "
                    f"unfinished run (`python clip3d.py --resume`)")

@@ -613,7 +613,7 @@ def test_an_unfinished_encoder_is_said_and_recorded_and_a_torn_clip3d_config_sto
         phantom_world, tiny_llm, tmp_path, capsys):
     """clip3d writes its encoder with each checkpoint, so a killed clip3d leaves one that looks finished: its header
     says the step, sft says so and keeps it in the checkpoint's meta. A clip3d config.json cut short is named before
-    any training step, not after the last one."""
+    any training step, not after the last one, and so is an encoder file cut short."""
     from safetensors import safe_open
     clip = tmp_path / "clip3d"
     torch.manual_seed(1)
@@ -627,6 +627,11 @@ def test_an_unfinished_encoder_is_said_and_recorded_and_a_torn_clip3d_config_sto
     assert not (tmp_path / "a" / "metrics.jsonl").exists()
     runtime.cleanup_distributed()
     (clip / "config.json").write_text('{"epochs": 12}')
+    whole = vit.read_bytes()                                   # an encoder cut short is named too
+    (clip / "torn.safetensors").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(SystemExit, match=f"--vision-weights {clip / 'torn.safetensors'} does not read"):
+        sft.main(sft_args(phantom_world, tiny_llm, str(clip / "torn.safetensors"), tmp_path / "a"))
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()
     sft.main(sft_args(phantom_world, tiny_llm, str(vit), tmp_path / "b"))
     assert (f"note: {vit} is clip3d's encoder after step 71 of 300, an unfinished run (`python clip3d.py --resume`)"
             in capsys.readouterr().out)
