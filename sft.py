@@ -431,6 +431,8 @@ def main(argv=None) -> dict:
     if not (llm_dir / "config.json").is_file():
         raise SystemExit(f"{llm_dir} is not an LLM directory (no config.json): " + (
             "run `python -m phantom warmup` first (or pass --llm)" if args.preset == "phantom" else "check --llm"))
+    if model.is_vlm_dir(llm_dir):   # transformers would say only "Unrecognized model"
+        raise SystemExit(f"--llm {llm_dir} is a VLM checkpoint, not an LLM directory (its LLM: {llm_dir / 'llm'})")
     if not vision.is_file():
         raise SystemExit(f"{vision} is missing: run `python clip3d.py` first (or pass --vision-weights)")
     earlier = {k: data.read_json(p) for k, p in (("warmup", llm_dir / "warmup_meta.json"),

@@ -431,12 +431,17 @@ def test_targets_cut_at_max_len_are_counted_and_a_prompt_too_long_names_its_exam
         sft.main(sft_args(phantom_world, tiny_llm, vision_weights, tmp_path / "b", "--max-len", shortest))
 
 
-def test_a_missing_llm_directory_is_named_with_the_preset_s_remedy(tmp_path):
+def test_a_missing_llm_directory_or_a_vlm_checkpoint_as_llm_is_named(tmp_path):
     vit = tmp_path / "vision.safetensors"
     vit.touch()
     for preset, remedy in (("phantom", "run `python -m phantom warmup` first"), ("real", "check --llm")):
         with pytest.raises(SystemExit, match=f"{tmp_path}/none is not an LLM directory .no config.json.: {remedy}"):
             sft.main(["--preset", preset, "--llm", str(tmp_path / "none"), "--vision-weights", str(vit)])
+    (tmp_path / "vlm" / "llm").mkdir(parents=True)       # a VLM checkpoint given as --llm: transformers said only
+    (tmp_path / "vlm" / "config.json").write_text("{}")   # "Unrecognized model in ..."
+    with pytest.raises(SystemExit, match=f"--llm {tmp_path / 'vlm'} is a VLM checkpoint, not an LLM directory "
+                                         f".its LLM: {tmp_path / 'vlm' / 'llm'}.$"):
+        sft.main(["--llm", str(tmp_path / "vlm"), "--vision-weights", str(vit)])
 
 
 def test_a_feature_cache_too_big_for_host_memory_stops_at_the_start():
