@@ -269,7 +269,7 @@ def read_checkpoint_file(path: Path):
     """A checkpoint's .json or .safetensors file; one that does not read (cut short, edited) is an error naming it."""
     try:
         return json.loads(path.read_text()) if path.suffix == ".json" else load_file(path)
-    except (SafetensorError, ValueError, OSError) as e:   # JSON's and UTF-8's decoding errors are ValueErrors
+    except (SafetensorError, ValueError) as e:   # JSON's and UTF-8's decoding errors are ValueErrors; OSErrors name it
         raise ValueError(f"{path} does not read ({type(e).__name__}: {e}); copy the checkpoint again") from e
 
 
