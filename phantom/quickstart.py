@@ -7,7 +7,7 @@ goes on: finished stages are skipped, one with a checkpoint resumes, any other s
 the running stages after their current step, with resumable checkpoints.
 
 Run:
-  python -m phantom quickstart              # about 18 minutes on 2 idle CPU cores
+  python -m phantom quickstart              # about 15 minutes on 2 idle CPU cores
   python -m phantom quickstart --fresh      # forget earlier runs and redo every stage
   python -m phantom quickstart --long       # every validation question and table 4's GRPO run
 """
