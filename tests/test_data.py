@@ -244,6 +244,7 @@ def test_a_csv_with_a_header_and_no_rows_is_an_error_naming_it(tmp_path):
     assert r.returncode == 1 and r.stderr.splitlines()[-1].endswith("reports.csv: a header and no rows")
     assert not list(tmp_path.glob("sentences*"))
 
+
 def test_bad_label_csvs_raise_errors_naming_file_and_row(tmp_path):
     """A label that is not 0/1, a short row, a renamed column or a volume listed twice with other labels would
     become wrong labels or a late, nameless error: each is an error naming the file and the volume or line."""

@@ -944,6 +944,7 @@ def test_the_kept_outputs_key_sees_every_file_the_outputs_depend_on(tmp_path):
         assert key() != first
         first = key()
 
+
 def test_an_out_folder_that_cannot_be_written_stops_before_any_model_loads(eval_setup, tmp_path, monkeypatch):
     """--out an existing file (a read-only folder alike): the whole evaluation ran and its results were lost at the
     end (NotADirectoryError: .../cases). It now stops first, naming the folder and --out."""

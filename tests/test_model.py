@@ -543,6 +543,7 @@ def test_a_checkpoint_file_cut_short_is_named(vlm, tmp_path, part):
     (tmp_path / "vlm" / part).write_bytes(whole)
     assert M.VLM.load(tmp_path / "vlm").config["ram"] == vlm.config["ram"]
 
+
 def test_interrupted_save_leaves_previous_checkpoint_loadable(vlm, tmp_path):
     inputs = _inputs(vlm, tmp_path)
     ckpt = tmp_path / "vlm"

@@ -1,4 +1,5 @@
-"""The phantom package: the tiny LLM it builds and the warm-up that teaches it (phantom/llm.py, phantom/warmup.py)."""
+"""The phantom package: the world and its command line (phantom/world.py, phantom/__main__.py), the tiny LLM it builds
+and the warm-up that teaches it (phantom/llm.py, phantom/warmup.py), the quick start."""
 import json
 import os
 import re
@@ -95,7 +96,6 @@ def test_ensure_world_builds_the_tiny_llm_once_and_it_learns_the_phantom_languag
     assert tok.decode(tok(report, add_special_tokens=False)["input_ids"]) == report
 
 
-
 def test_ensure_world_in_a_script_without_the_main_guard_fails_with_the_fix_not_a_hang(tmp_path):
     """A user's script that calls ensure_world at module level, unguarded: the volume workers import the script
     again and would wait forever for the lock the building parent holds. It must end within seconds, naming the
@@ -156,6 +156,7 @@ def test_a_complete_world_shared_read_only_serves_a_user_who_cannot_write_it(pha
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert (tmp_path / "run" / "vision_encoder.safetensors").is_file()
     assert files() == before
+
 
 STAGE = """import sys
 from pathlib import Path
