@@ -500,12 +500,15 @@ _ABNORMAL = re.compile(  # finding terms, from a word's start (no "stent" in "co
     r"scoliosis|kyphosis|dilat|aneurysm|infiltrat|granulom|scar|reticul|honeycomb|bands?\b|plaque|increase|decrease|"
     r"herniat|collapse|septal|tree-in-bud|bronchiolect|air trapping|hypodens|hyperdens|stones?\b|calcul(?:us|i)\b|"
     r"atroph|hypertroph|metal|wire|tubes?\b|tubercul|tumou?r|malignan|metasta|neoplas|carcinom|embol|thromb|"
-    r"crazy[- ]paving|air[- ]fluid)", re.I)
+    r"crazy[- ]paving|air[- ]fluid|infect)", re.I)
 _NEGATES_AFTER = re.compile(r"\b(?:no|without|free of|negative for|absence of|none of|neither)\b", re.I)  # to the end
 _NEGATES_PART = re.compile(  # negates its own comma-separated part of a clause
     r"\b(?:not|none|absent|normal|unremarkable|within normal limits|patent|open|intact|natural|preserved|clear|"
     r"negative|ruled out|cannot be evaluated|\w+n't)\b", re.I)
 _CLAUSE = re.compile(r";|,?\s+\b(?:but|however|whereas|although|while)\b|\.\s", re.I)
+# a finding left possible ("cannot be ruled out", "not excluded", "should be excluded") is raised, not negated
+HEDGE = re.compile(r"\b(?:(?:can ?not|can't|could not|couldn't|should|must|to) be|not(?: be)?) "
+                   r"(?:ruled out|excluded)\b", re.I)
 
 
 def rule_label(sentence: str) -> bool:
@@ -513,7 +516,7 @@ def rule_label(sentence: str) -> bool:
     (and the like) negate the rest of their clause ("No nodule, mass or consolidation."; "Atelectasis without
     effusion." is abnormal); "not", "normal", "unremarkable" (and the like) negate their comma-separated part ("Heart
     size increased, pericardial effusion not observed." is abnormal); clauses end at ";", "but", "however", ..."""
-    for clause in filter(None, _CLAUSE.split(sentence)):
+    for clause in filter(None, _CLAUSE.split(HEDGE.sub(" possible", sentence))):
         cue = _NEGATES_AFTER.search(clause)
         head = clause[:cue.start()] if cue else clause   # what "no", "without" leave un-negated
         if any(_ABNORMAL.search(h) and not _NEGATES_PART.search(p) for p, h in zip(clause.split(","), head.split(","))):
@@ -558,7 +561,7 @@ def clinical_stances(text: str) -> dict[str, str]:
     A mention is denied when a negation cue precedes it in its clause ("no pleural effusion") or a post-negation
     follows it ("pleural effusion is not seen"); clauses are split at sentence ends and at but/however/whereas/while."""
     stance: dict[str, set] = {}
-    for clause in CLAUSE.split(text):
+    for clause in CLAUSE.split(HEDGE.sub(" possible", text)):
         spans = sorted((m.start(), m.end(), name) for name, rx in TERM_RE.items() for m in rx.finditer(clause))
         taken = -1
         for start, end, name in spans:

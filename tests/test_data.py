@@ -640,6 +640,12 @@ REAL_STYLE = {  # CT-RATE-style sentences -> abnormal?
     "Pulmonary edema.": True,
     "A tumor is seen in the left upper lobe.": True,
     "Malignancy cannot be excluded.": True,
+    # a finding left possible is raised, not negated; one ruled out is negated
+    "Pneumonia cannot be ruled out.": True,
+    "Pleural effusion is not excluded, no pneumothorax.": True,
+    "Metastasis should be ruled out clinically.": True,
+    "An infectious process cannot be excluded.": True,
+    "Pneumothorax was ruled out.": False,
     "Density increase in the right lower lobe.": True,
     "Micronodules are seen in both lungs.": True,
     "The findings are consistent with the clinical history.": False,   # "stent" inside "consistent"

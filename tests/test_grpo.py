@@ -95,6 +95,9 @@ def test_clinical_stances():
                               "but coronary artery wall calcification is present. Cardiomegaly? No cardiomegaly.")
     assert s == {"Pleural effusion": "deny", "Emphysema": "affirm", "Lung nodule": "deny", "Consolidation": "deny",
                  "Coronary artery wall calcification": "affirm", "Cardiomegaly": "both"}
+    s = data.clinical_stances("Pleural effusion cannot be ruled out. Consolidation was ruled out. A nodule is not "
+                              "excluded.")   # a finding left possible is raised
+    assert s == {"Pleural effusion": "affirm", "Consolidation": "deny", "Lung nodule": "affirm"}
 
 
 def test_offline_consistency_scores():
