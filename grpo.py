@@ -7,7 +7,8 @@ is trained with group-normalised advantages, a PPO-clipped surrogate and a k3 KL
 Deliberate choices:
 1. G completions per question by plain temperature sampling, kept as generated ids (never decoded and re-tokenised)
    and scored at the same temperature, so the sampled and the trained distributions agree. Each question samples
-   from its own generator seeded by (seed, step, question): 1 and N ranks draw the same completions.
+   from its own generator seeded by (seed, step, question): 1 and N ranks draw the same completions (up to float noise
+   from padding).
 2. The loss mask runs through the first EOS, built from lengths, never from token values. A completion without EOS
    within --max-new-tokens is truncated (no format reward, counted); a prompt over --max-prompt-len stops the run.
 3. Advantages (r - mean_G) / (std_G + 1e-4); a group whose rewards are all equal gets exactly zero advantages.

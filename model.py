@@ -8,7 +8,7 @@ Deliberate choices:
    BrgSA_vision_encoder.pth loads strictly. Attention: flash-attn if installed, on CUDA in bf16/fp16, else SDPA.
 2. The anchor of eq. (1), the mean input-embedding row over the real vocabulary, is computed at build: a frozen buffer.
 3. Each row finds its own placeholder positions, so left and right padding are both correct; position ids come from
-   the attention mask, so a left-padded row scores exactly like the same row unpadded.
+   the attention mask, so a left-padded row scores as the same row unpadded (up to float noise).
 4. generate() is a short hand-written loop: plain temperature sampling with a KV cache, G samples per prompt from one
    image encoding, completions returned as the generated ids (never decoded and re-tokenised).
 5. The chat template's turn end (<|im_end|> for ChatML models) is the EOS everywhere; pad is a different token, but
@@ -261,7 +261,7 @@ def load_llm(llm_dir: str | Path, device: str | torch.device = "cpu", dtype: tor
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """0, 1, 2, ... over each row's real tokens (pads get 0), so padding never shifts a row's positions."""
+    """0, 1, ... over each row's real tokens (left pads get 0, right pads the last): padding never shifts a position."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
