@@ -71,15 +71,19 @@ def accuracy_reward(completion: str, answer: str, options: dict | None = None) -
 # ---- Consistency reward (paper §3.3): does the <think> rationale agree with the scan's radiology report? -------------
 
 def offline_consistency(think: str, report: str) -> float:
-    """Raw consistency in [0, 1]: mentioned-and-agreeing abnormalities / (those the rationale mentions plus those the
-    report affirms); agreeing = affirming what the report affirms or denying what it does not. No clinical term: 0."""
+    """Raw consistency in [0, 1]: the F1 of precision (the abnormalities the rationale mentions that agree with the
+    report: affirming what it affirms, denying what it does not) and recall (the report's affirmed abnormalities the
+    rationale affirms; 1 if it affirms none). A list of denials earns nothing against a report that affirms a finding.
+    No clinical term: 0."""
     said = data.clinical_stances(think)
     if not said:
         return 0.0
     report_affirms = {n for n, s in data.clinical_stances(report).items() if s != "deny"}
     agree = sum((s == "affirm" and n in report_affirms) or (s == "deny" and n not in report_affirms)
                 for n, s in said.items())
-    return agree / len(set(said) | report_affirms)
+    found = sum(s == "affirm" and n in report_affirms for n, s in said.items())
+    precision, recall = agree / len(said), found / len(report_affirms) if report_affirms else 1.0
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 
 def discretise(score: float, thresholds: list[float], levels: list[float]) -> float:

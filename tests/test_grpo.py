@@ -104,9 +104,13 @@ def test_offline_consistency_scores():
     # report affirms {Emphysema, Coronary artery wall calcification}
     assert offline_consistency("Emphysema and coronary artery wall calcification; no pleural effusion.", REPORT) == 1.0
     assert offline_consistency("Emphysema. No pleural effusion.", REPORT) == 2 / 3        # missed the calcification
-    assert offline_consistency("Pleural effusion and emphysema.", REPORT) == 1 / 3          # one wrong, one missed
+    assert offline_consistency("Pleural effusion and emphysema.", REPORT) == 1 / 2          # one wrong, one missed
     assert offline_consistency("No emphysema.", REPORT) == 0.0
     assert offline_consistency("The scan looks interesting.", REPORT) == 0.0                # nothing clinical
+    # denials alone, each true, find none of the report's findings: nothing to gain from listing them
+    denials = "No pleural effusion, cardiomegaly, nodule, consolidation, atelectasis or bronchiectasis."
+    assert offline_consistency(denials, REPORT) == 0.0
+    assert offline_consistency(denials, "No pleural effusion. The heart is normal.") == 1.0  # a report without findings
 
 
 def test_discretise_spec_thresholds():
@@ -118,7 +122,7 @@ def test_discretise_spec_thresholds():
 def test_offline_scorer_levels():
     score = make_consistency_scorer("offline")
     got = score(["Emphysema and coronary artery wall calcification.", "Emphysema. No pleural effusion.",
-                 "Pleural effusion and emphysema.", "", "No emphysema."], [REPORT] * 5)
+                 "Pleural effusion, cardiomegaly and emphysema.", "", "No emphysema."], [REPORT] * 5)
     assert got == [1.0, 0.8, 0.5, 0.0, 0.0]
     score = make_consistency_scorer("offline", thresholds=[0.5], levels=[0.0, 1.0])
     assert score(["Emphysema. No pleural effusion."], [REPORT]) == [1.0]
