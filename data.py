@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from runtime import at_least, lock_folder, pid_alive, read_appended, unlock_folder, write_atomic
+from runtime import at_least, lock_folder, pid_alive, read_appended, unlock_folder, writable_dir, write_atomic
 
 REPORT_COLUMNS = ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"]
 # CT-RATE's 18 abnormalities, in its label columns' order, and the RAD-ChestCT labels each is read from (BrgSA's
@@ -416,6 +416,9 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
         raise ValueError(f"{src} holds {len(twice)} volume(s) more than once, e.g. {twice[0]}: "
                          f"{[str(p) for p in found if volume_key(p.name) == twice[0]]}; point --src at one copy "
                          f"(one snapshot; train_fixed, not dataset/)")
+    if not found:   # nothing to cache: no cache folder made, which a stage would take for an empty cache
+        return {**dict.fromkeys(["written", "skipped", "bad", "excluded", "removed"], 0),
+                "not_volume": dict(sorted(other.items()))}
     lock_folder(out, "preprocessing", wait=True)              # one writer: the manifest's lines and files agree
     try:
         check_preset(out, preset)
@@ -425,8 +428,11 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
             stale.unlink()
         manifest = out / "manifest.jsonl"
         meta = read_metadata(metadata) if metadata else {}
-        listed = [line.strip() for line in Path(no_chest).read_text().splitlines()] if no_chest else []
-        excluded = KNOWN_BAD | {volume_key(name) for name in listed if name}
+        listed = {volume_key(n) for n in Path(no_chest).read_text("utf-8-sig").split()} if no_chest else set()
+        if unmatched := len(listed - {volume_key(p.name) for p in found}):
+            print(f"note: {unmatched} of the {len(listed)} volumes in {no_chest} are not under {src} (another split's "
+                  f"list, or a partial download?)", flush=True)
+        excluded = KNOWN_BAD | listed
         files = [p for p in found if volume_key(p.name) not in excluded]
         cached = [r for _, r in read_appended(manifest)]   # a line cut short: that volume is preprocessed again
         removed = [r for r in cached if volume_key(r["VolumeName"]) in excluded]   # cached, then excluded
@@ -493,8 +499,8 @@ def split_sentences(text: str | None) -> list[str]:
 
 
 _ABNORMAL = re.compile(  # finding terms, from a word's start (no "stent" in "consistent"); a few take prefixes
-    r"\b(?:\w*megal|\w*steatosis|\w*nodul|\w*calcif|\w*atelecta|\w*pneumothorax|\w*pneumoni|\w*edema|opacit|"
-    r"effusion|atheroscl|emphysem|bulla|consolidat|thicken|bronchiectas|lymphadenopath|lymph nodes? (?:up to|"
+    r"\b(?:\w*megal|\w*steatosis|\w*nodul|\w*calcif|\w*atelecta|\w*pneumothorax|\w*pneumoni|\w*edema|opacit|effusion|"
+    r"atheroscl|emphysem|bull(?:a|ous)|consolidat|thicken|(?:bronchi)?ecta[st]|lymphadenopath|lymph nodes? (?:up to|"
     r"measuring|with|of)|hernia|enlarg|ground[- ]glass|fibro|sequela|mosaic|catheter|port\b|pacemaker|stent|clips?\b|"
     r"prosthe|sternotomy|postoperative|operated|resect|mass|lesion|cyst|fracture|degenerat|osteophyt|spondylo|"
     r"scoliosis|kyphosis|dilat|aneurysm|infiltrat|granulom|scar|reticul|honeycomb|bands?\b|plaque|increase|decrease|"
@@ -601,15 +607,21 @@ class Chat:
         try:
             reply = self.client.chat.completions.create(model=self.model, messages=messages, temperature=0,
                                                         **({"max_tokens": max_tokens} if max_tokens else {}))
-            text = reply.choices[0].message.content
         except Exception as e:  # connection, timeout and HTTP errors after the client's retries: the caller counts it
-            return None, f"{type(e).__name__}: {str(e).replace(self._key, '***')[:200]}"
+            status = getattr(e, "status_code", None)   # the openai client retries these, never another status
+            tries = f" after {self.retries + 1} attempts" if status is None or status in (408, 409, 429) \
+                or status >= 500 else ""
+            text = str(e).replace(self._key, "***") if len(self._key) >= 8 else str(e)   # "x": no secret, kept legible
+            return None, f"{type(e).__name__}{tries}: {text[:200]}"
+        if not getattr(reply, "choices", None):   # e.g. a proxy's HTML page
+            return None, f"not a chat completion: {str(reply)[:200]!r}"
+        text = reply.choices[0].message.content
         try:
-            parsed = parse(text)
+            parsed = parse(text) if isinstance(text, str) else None   # None: e.g. a tool call, a refusal
         except (ValueError, TypeError):
             parsed = None
         if parsed is None:
-            return None, f"unparseable reply: {str(text)[:200]!r}"
+            return None, f"unparseable reply: {text[:200] if isinstance(text, str) else text!r}"
         if path:
             write_json(path, {"model": self.model, "reply": text, "parsed": parsed})
         return parsed, None
@@ -650,10 +662,8 @@ class OpenAILabeller:
                 labels = json.loads(text[text.index("["): text.rindex("]") + 1])
                 return [bool(v) for v in labels] if len(labels) == len(todo) and set(labels) <= {0, 1} else None
             answers, error = self.chat.ask(LABEL_PROMPT + "\n".join(f"{i + 1}. {s}" for i, s in enumerate(todo)), parse)
-            if error:   # the client retries transport errors, never an unparseable reply
-                tries = "" if error.startswith("unparseable") else f" after {self.chat.retries + 1} attempts"
-                raise RuntimeError(f"OpenAI labeller failed at {self.chat.base_url} (model {self.model}){tries}: "
-                                   f"{error}")
+            if error:
+                raise RuntimeError(f"OpenAI labeller failed at {self.chat.base_url} (model {self.model}): {error}")
             with self.lock, open(self.cache_file, "a") as f:
                 for s, a in zip(todo, answers):
                     self.cache[(self.model, s)] = a
@@ -673,10 +683,14 @@ def label_reports(reports: dict, out_path, labeller=None, workers=1, progress=Tr
         return rec
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path.with_suffix(".tmp"), "w") as f, ThreadPoolExecutor(workers) as pool:
-        for rec in tqdm(pool.map(label, reports.items()), total=len(reports), desc="label", disable=not progress):
-            f.write(json.dumps(rec) + "\n")
-    os.replace(out_path.with_suffix(".tmp"), out_path)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f, ThreadPoolExecutor(workers) as pool:
+            for rec in tqdm(pool.map(label, reports.items()), total=len(reports), desc="label", disable=not progress):
+                f.write(json.dumps(rec) + "\n")
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_json(path, lines: bool = False):
@@ -1018,7 +1032,7 @@ def main(argv=None):
         f"{p.name}: {p.spacing} mm, stored {p.shape}, cropped to {p.crop} when read" for p in PRESETS.values()))
     a.add_argument("--workers", type=at_least(1), default=1, help="processes")
     a.add_argument("--no-chest", help="no_chest_{train,valid}.txt: volumes to exclude")
-    a.add_argument("--spacing", type=at_least(0.001), nargs=3, default=(0.8, 0.8, 0.8), help="RAD-ChestCT voxel (mm)")
+    a.add_argument("--spacing", type=at_least(0.001), nargs=3, help="RAD-ChestCT voxel (mm); unset = 0.8 0.8 0.8")
     a = command("label", "split reports into sentences and label each normal/abnormal")
     a.add_argument("--reports", required=True, help="CT-RATE reports CSV")
     a.add_argument("--out", required=True, help="sentence labels, JSON lines")
@@ -1027,7 +1041,7 @@ def main(argv=None):
     a.add_argument("--model", help="model name; unset = $OPENAI_MODEL")
     a.add_argument("--api-key-env", default="OPENAI_API_KEY", help="NAME of the env variable holding the key")
     a.add_argument("--cache", default="runs/label_cache", help="reply cache folder")
-    a.add_argument("--timeout", type=at_least(0.0), default=60.0, help="seconds per request")
+    a.add_argument("--timeout", type=at_least(0.001), default=60.0, help="seconds per request")
     a.add_argument("--retries", type=at_least(0), default=3, help="the client's retries, with back-off (errors, 429)")
     a.add_argument("--workers", type=at_least(1), default=1, help="parallel requests (openai labeller)")
     a = command("mmvqa", "build MMVQA questions (official MCQ format) from a label CSV")
@@ -1036,14 +1050,15 @@ def main(argv=None):
     a.add_argument("--format", choices=["ctrate", "radchestct"], default="ctrate", help="labels format")
     a.add_argument("--seed", type=int, default=0, help="options' order and the RL subset")
     a.add_argument("--per-label", action="store_true", help="one question per positive label, not per volume")
-    a.add_argument("--rl-frac", type=at_least(0.0, 1.0), help="share of patients kept (RL subset: 0.05); unset = all")
+    a.add_argument("--rl-frac", type=at_least(1e-6, 1.0), help="share of patients kept (RL subset: 0.05); unset = all")
     args = ap.parse_args(argv)
-
+    if args.cmd != "preprocess" and Path(args.out).is_dir():   # before the work, not at its end
+        ap.error(f"--out {args.out} is a folder: name the file to write")
     if args.cmd == "preprocess":
-        if args.format == "ctrate" and not args.metadata:
-            ap.error("--metadata is required for --format ctrate")
+        if (args.format == "ctrate") != bool(args.metadata) or (args.format == "ctrate" and args.spacing):
+            ap.error("--format ctrate needs --metadata and takes its spacing from it; radchestct takes --spacing")
         stats = preprocess_dir(args.src, args.out, args.format, args.metadata, PRESETS[args.preset], args.workers,
-                               tuple(args.spacing), args.no_chest)
+                               tuple(args.spacing or (0.8, 0.8, 0.8)), args.no_chest)
         other, bad_list = stats["not_volume"], Path(args.out) / "bad_files.jsonl"
         kinds = f" ({', '.join(f'{k}: {n}' for k, n in other.items())})" if other else ""
         removed = f" ({stats['removed']} taken out of the cache)" if stats["removed"] else ""
@@ -1059,9 +1074,11 @@ def main(argv=None):
                                       args.retries) if args.labeller == "openai" else None
         except ValueError as e:
             ap.error(str(e))
+        writable_dir(Path(args.out).parent)
         label_reports(read_reports(args.reports), args.out, labeller, args.workers)
         print(f"sentence labels written to {args.out}")
     elif args.cmd == "mmvqa":
+        writable_dir(Path(args.out).parent)
         labels = read_labels(args.labels) if args.format == "ctrate" else read_radchestct_labels(args.labels)
         if args.rl_frac is not None:
             keep = set(rl_subset(list(labels), args.rl_frac, args.seed))

@@ -650,6 +650,10 @@ REAL_STYLE = {  # CT-RATE-style sentences -> abnormal?
     "Micronodules are seen in both lungs.": True,
     "The findings are consistent with the clinical history.": False,   # "stent" inside "consistent"
     "The volume was calculated from the sections.": False,             # "calcul" inside "calculated"
+    "Bronchiectatic changes are seen in the lower lobes.": True,
+    "Bullous changes are seen in both apices.": True,
+    "The ascending aorta is ectatic.": True,
+    "As expected, the trachea is open.": False,                        # "ectat" inside "expected"
 }
 
 
@@ -688,13 +692,17 @@ class FakeLLM(BaseHTTPRequestHandler):
         lines = body["messages"][-1]["content"].split("\n\n", 1)[1].split("\n")
         labels = [int(data.rule_label(l.split(". ", 1)[1])) for l in lines]
         content = f"Labels: {json.dumps(labels)}" if FakeLLM.mode in ("ok", "429") else "I cannot help with that."
+        content = None if FakeLLM.mode == "null" else content   # a tool call or a refusal has no text
         reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                  "choices": [{"index": 0, "finish_reason": "stop",
-                              "message": {"role": "assistant", "content": content}}],
-                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-        raw = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
+                              "message": {"role": "assistant", "content": content}}]
+                 * (FakeLLM.mode != "no choices"), "usage": {"prompt_tokens": 1, "completion_tokens": 1,
+                                                             "total_tokens": 2}}
+        raw = b"<html>a proxy's login page</html>" if FakeLLM.mode == "html" else json.dumps(reply).encode()
+        if FakeLLM.mode == "404":   # a model the server does not serve
+            raw = json.dumps({"error": {"message": f"no model {body['model']}"}}).encode()
+        self.send_response(404 if FakeLLM.mode == "404" else 200)
+        self.send_header("Content-Type", "text/html" if FakeLLM.mode == "html" else "application/json")
         self.send_header("Content-Length", str(len(raw)))
         self.end_headers()
         self.wfile.write(raw)
@@ -731,6 +739,32 @@ def test_openai_labeller_against_a_local_server(fake_llm, tmp_path):
     dead = data.OpenAILabeller("http://127.0.0.1:9/v1", "m", "NO_KEY_ENV", tmp_path / "c2", timeout=1, retries=0)
     with pytest.raises(RuntimeError, match="127.0.0.1:9"):
         dead(["No effusion."])
+
+
+def test_openai_labeller_names_replies_that_hold_no_labels_and_counts_only_the_attempts_made(fake_llm, tmp_path,
+                                                                                              monkeypatch):
+    """A reply without text, without choices or not JSON at all, and an error the client does not retry (404), are
+    each named after one request; a server error after the client's retries says how many attempts; a short dummy
+    key (local servers take any) is not blanked out of the messages; a failed `label` leaves no file behind."""
+    monkeypatch.setenv("SHORT_KEY", "o")
+    lab = data.OpenAILabeller(fake_llm, "fake-model", "SHORT_KEY", tmp_path / "cache", timeout=5, retries=2)
+    for mode, said, requests in (("null", "fake-model): unparseable reply: None", 1),
+                                 ("no choices", "fake-model): not a chat completion", 1),
+                                 ("html", "fake-model): not a chat completion: \"<html>a proxy's login page", 1),
+                                 ("404", "fake-model): NotFoundError: Error code: 404 - no model fake-model", 1),
+                                 ("error", "fake-model): InternalServerError after 3 attempts: Error code: 500", 3)):
+        FakeLLM.mode, FakeLLM.requests = mode, 0
+        with pytest.raises(RuntimeError) as e:
+            lab([f"A nodule is seen ({mode})."])
+        assert said in str(e.value) and FakeLLM.requests == requests, (mode, str(e.value))
+    with open(reports := tmp_path / "r.csv", "w", newline="") as f:
+        csv.writer(f).writerows([data.REPORT_COLUMNS, ["v_1_a_1.nii.gz", "", "", "Cardiomegaly.", "Not given."]])
+    (out := tmp_path / "out").mkdir()
+    with pytest.raises(RuntimeError, match="unparseable reply: None"):
+        FakeLLM.mode = "null"
+        data.main(["label", "--reports", str(reports), "--out", str(out / "s.jsonl"), "--labeller", "openai",
+                   "--base-url", fake_llm, "--model", "fake-model", "--cache", str(tmp_path / "cache")])
+    assert list(out.iterdir()) == []
 
 
 def test_openai_labeller_waits_out_a_rate_limit(fake_llm, tmp_path):
@@ -1074,6 +1108,42 @@ def test_preprocess_that_finds_no_volume_fails(tmp_path):
     (src / "valid_1_a_1.nii.gz").write_bytes(b"a CT-RATE volume, not RAD-ChestCT's .npz")
     with pytest.raises(SystemExit, match=r"0 written.*1 not a volume \(\*.gz: 1\): no radchestct volume under --src"):
         data.main(["preprocess", "--src", str(src), "--format", "radchestct", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()   # no empty cache that a stage would read as one
+
+
+def test_data_commands_refuse_flags_that_do_not_apply_and_an_out_folder_before_any_work(tmp_path, capsys):
+    """--spacing belongs to RAD-ChestCT (CT-RATE's comes from the metadata CSV), --metadata to CT-RATE; a timeout of 0
+    s or an RL share of 0 no run can use; --out naming a folder stops label and mmvqa before the work, not after it."""
+    labels = Path("/nonexistent/labels.csv")
+    for argv, said in ((["preprocess", "--src", "s", "--out", "o", "--metadata", "m.csv", "--spacing", "1", "1", "1"],
+                        "radchestct takes --spacing"),
+                       (["preprocess", "--src", "s", "--out", "o", "--format", "radchestct", "--metadata", "m.csv"],
+                        "--format ctrate needs --metadata"),
+                       (["label", "--reports", "r.csv", "--out", "o", "--timeout", "0"], "--timeout: must be at least"),
+                       (["mmvqa", "--labels", str(labels), "--out", "o", "--rl-frac", "0"], "--rl-frac: must be at"),
+                       (["mmvqa", "--labels", str(labels), "--out", str(tmp_path)], f"--out {tmp_path} is a folder"),
+                       (["label", "--reports", "r.csv", "--out", str(tmp_path)], f"--out {tmp_path} is a folder")):
+        with pytest.raises(SystemExit) as e:
+            data.main(argv)
+        assert e.value.code == 2 and said in " ".join(capsys.readouterr().err.split()), argv
+
+
+def test_a_no_chest_list_with_a_byte_order_mark_excludes_its_first_volume_and_names_unknown_volumes(tmp_path, capsys):
+    """Lists written on Windows (a byte-order mark, CRLF) exclude every volume they name, the first included; volumes
+    the list names that are not under --src (another split's list) are counted in a note."""
+    src, out = tmp_path / "src", tmp_path / "cache"
+    rows = []
+    for i in (1, 2, 3):
+        write_nifti(data.ctrate_path(src, f"valid_{i}_a_1.nii.gz"), chest())
+        rows.append(meta_row(f"valid_{i}_a_1.nii.gz"))
+    with open(meta := tmp_path / "meta.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=world.METADATA_COLUMNS, restval="")
+        w.writeheader()
+        w.writerows(rows)
+    (listed := tmp_path / "no_chest.txt").write_bytes(b"\xef\xbb\xbfvalid_1_a_1.nii.gz\r\ntrain_9_a_1.nii.gz\r\n")
+    stats = data.preprocess_dir(src, out, "ctrate", meta, data.PHANTOM, no_chest=listed, progress=False)
+    assert stats["written"] == 2 and stats["excluded"] == 1 and "valid_1_a_1" not in data.VolumeCache(out)
+    assert f"note: 1 of the 2 volumes in {listed} are not under {src}" in capsys.readouterr().out
 
 
 def test_headers_that_would_turn_rescale_or_resize_a_volume_wrongly_are_read_as_stored_or_refused(tmp_path):
