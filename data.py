@@ -1045,7 +1045,7 @@ def main(argv=None):
     a.add_argument("--retries", type=at_least(0), default=3, help="the client's retries, with back-off (errors, 429)")
     a.add_argument("--workers", type=at_least(1), default=1, help="parallel requests (openai labeller)")
     a = command("mmvqa", "build MMVQA questions (official MCQ format) from a label CSV")
-    a.add_argument("--labels", required=True, help="CT-RATE or RAD-ChestCT labels CSV")
+    a.add_argument("--labels", required=True, nargs="+", help="CT-RATE or RAD-ChestCT labels CSVs (e.g. every split)")
     a.add_argument("--out", required=True, help="questions JSON")
     a.add_argument("--format", choices=["ctrate", "radchestct"], default="ctrate", help="labels format")
     a.add_argument("--seed", type=int, default=0, help="options' order and the RL subset")
@@ -1079,7 +1079,12 @@ def main(argv=None):
         print(f"sentence labels written to {args.out}")
     elif args.cmd == "mmvqa":
         writable_dir(Path(args.out).parent)
-        labels = read_labels(args.labels) if args.format == "ctrate" else read_radchestct_labels(args.labels)
+        labels = {}
+        for path in args.labels:
+            more = read_labels(path) if args.format == "ctrate" else read_radchestct_labels(path)
+            if twice := sorted(labels.keys() & more.keys()):
+                raise SystemExit(f"{path}: {twice[0]} (and {len(twice) - 1} more) also in an earlier --labels file")
+            labels |= more
         if args.rl_frac is not None:
             keep = set(rl_subset(list(labels), args.rl_frac, args.seed))
             labels = {n: v for n, v in labels.items() if n in keep}

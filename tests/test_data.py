@@ -1032,6 +1032,21 @@ def test_mmvqa_cli_runs_as_a_script(tmp_path, phantom_world):
         data.read_radchestct_labels(phantom_world["radchestct_labels"]), 4)
 
 
+def test_mmvqa_reads_several_label_files_as_one_and_refuses_a_volume_in_two(tmp_path, phantom_world, capsys):
+    """RAD-ChestCT's labels come per split (imgtrain / imgvalid / imgtest): given all, the questions are those of one
+    file holding every row; a volume in two files is named, never read twice."""
+    lines = Path(phantom_world["radchestct_labels"]).read_text().splitlines(keepends=True)
+    (a := tmp_path / "a.csv").write_text("".join(lines[:5]))
+    (b := tmp_path / "b.csv").write_text("".join(lines[:1] + lines[5:]))
+    data.main(["mmvqa", "--format", "radchestct", "--labels", str(a), str(b), "--out", str(tmp_path / "q.json")])
+    whole = data.build_mmvqa(data.read_radchestct_labels(phantom_world["radchestct_labels"]), 0)
+    assert data.read_json(tmp_path / "q.json") == whole and len(whole) > 5
+    key = lines[1].split(",")[0]
+    with pytest.raises(SystemExit, match=rf"{phantom_world['radchestct_labels']}: {key} \(and 3 more\) also in an "):
+        data.main(["mmvqa", "--format", "radchestct", "--labels", str(a), str(phantom_world["radchestct_labels"]),
+                   "--out", str(tmp_path / "q2.json")])
+
+
 def test_write_json_from_many_threads_to_one_path(tmp_path):
     """data.Chat caches a reply per prompt from worker threads: equal prompts write one path at the same time."""
     from concurrent.futures import ThreadPoolExecutor
