@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--text-encoder", help="local HF encoder dir, e.g. CXR-BERT; unset = <data-root>/text_encoder")
     g.add_argument("--embed-dim", type=at_least(1), default=256, help="shared embedding width")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=at_least(0.0), default=5e-5)
+    g.add_argument("--lr", type=at_least(0.0), default=5e-5, help="peak learning rate (cosine schedule)")
     g.add_argument("--weight-decay", type=at_least(0.0), default=0.05)
     g.add_argument("--batch-size", type=at_least(1), default=64, help="global batch per optimizer step")
     g.add_argument("--micro-batch", type=at_least(0), default=8,

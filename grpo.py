@@ -388,7 +388,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--mu", type=at_least(1), default=1, help="policy iterations per rollout batch")
     g.add_argument("--loss-reduction", default="sequence", choices=["sequence", "token"])
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=at_least(0.0), default=1e-6)
+    g.add_argument("--lr", type=at_least(0.0), default=1e-6, help="peak learning rate (cosine decay to 0 over --steps)")
     g.add_argument("--steps", type=at_least(1), default=1000)
     g.add_argument("--warmup-frac", type=at_least(0.0, 1.0), default=0.0)
     g.add_argument("--weight-decay", type=at_least(0.0), default=0.0)
