@@ -1050,10 +1050,12 @@ def main(argv=None):
     a.add_argument("--format", choices=["ctrate", "radchestct"], default="ctrate", help="labels format")
     a.add_argument("--seed", type=int, default=0, help="options' order and the RL subset")
     a.add_argument("--per-label", action="store_true", help="one question per positive label, not per volume")
-    a.add_argument("--rl-frac", type=at_least(1e-6, 1.0), help="share of patients kept (RL subset: 0.05); unset = all")
+    a.add_argument("--rl-frac", type=at_least(0.0, 1.0), help="share of patients kept (RL subset: 0.05); unset = all")
     args = ap.parse_args(argv)
     if args.cmd != "preprocess" and Path(args.out).is_dir():   # before the work, not at its end
         ap.error(f"--out {args.out} is a folder: name the file to write")
+    if args.cmd == "mmvqa" and args.rl_frac == 0:
+        ap.error("--rl-frac: must be above 0 (unset = every patient)")
     if args.cmd == "preprocess":
         if (args.format == "ctrate") != bool(args.metadata) or (args.format == "ctrate" and args.spacing):
             ap.error("--format ctrate needs --metadata and takes its spacing from it; radchestct takes --spacing")

@@ -1135,7 +1135,7 @@ def test_data_commands_refuse_flags_that_do_not_apply_and_an_out_folder_before_a
                        (["preprocess", "--src", "s", "--out", "o", "--format", "radchestct", "--metadata", "m.csv"],
                         "--format ctrate needs --metadata"),
                        (["label", "--reports", "r.csv", "--out", "o", "--timeout", "0"], "--timeout: must be at least"),
-                       (["mmvqa", "--labels", str(labels), "--out", "o", "--rl-frac", "0"], "--rl-frac: must be at"),
+                       (["mmvqa", "--labels", str(labels), "--out", "o", "--rl-frac", "0"], "--rl-frac: must be above"),
                        (["mmvqa", "--labels", str(labels), "--out", str(tmp_path)], f"--out {tmp_path} is a folder"),
                        (["label", "--reports", "r.csv", "--out", str(tmp_path)], f"--out {tmp_path} is a folder")):
         with pytest.raises(SystemExit) as e:
