@@ -416,11 +416,11 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
         raise ValueError(f"{src} holds {len(twice)} volume(s) more than once, e.g. {twice[0]}: "
                          f"{[str(p) for p in found if volume_key(p.name) == twice[0]]}; point --src at one copy "
                          f"(one snapshot; train_fixed, not dataset/)")
-    if not found:   # nothing to cache: no cache folder made, which a stage would take for an empty cache
-        return {**dict.fromkeys(["written", "skipped", "bad", "excluded", "removed"], 0),
-                "not_volume": dict(sorted(other.items()))}
     lock_folder(out, "preprocessing", wait=True)              # one writer: the manifest's lines and files agree
     try:
+        if not found:   # nothing to cache: no preset.json, which would make the folder pass for an (empty) cache
+            return {**dict.fromkeys(["written", "skipped", "bad", "excluded", "removed"], 0),
+                    "not_volume": dict(sorted(other.items()))}
         check_preset(out, preset)
         if not (out / "preset.json").exists():
             write_json(out / "preset.json", asdict(preset))

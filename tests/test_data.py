@@ -1123,7 +1123,7 @@ def test_preprocess_that_finds_no_volume_fails(tmp_path):
     (src / "valid_1_a_1.nii.gz").write_bytes(b"a CT-RATE volume, not RAD-ChestCT's .npz")
     with pytest.raises(SystemExit, match=r"0 written.*1 not a volume \(\*.gz: 1\): no radchestct volume under --src"):
         data.main(["preprocess", "--src", str(src), "--format", "radchestct", "--out", str(tmp_path / "out")])
-    assert not (tmp_path / "out").exists()   # no empty cache that a stage would read as one
+    assert not (tmp_path / "out" / "preset.json").exists()   # no empty cache that a stage would read as one
 
 
 def test_data_commands_refuse_flags_that_do_not_apply_and_an_out_folder_before_any_work(tmp_path, capsys):
