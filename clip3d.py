@@ -322,7 +322,8 @@ def main(argv=None) -> dict:
     opt = runtime.adamw(list(net.parameters()), args.lr, args.weight_decay, betas=(0.9, 0.95))
     run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at, args=vars(args),
                       curves=("loss", "lr", "zs_auc_mean", "v2r_R@1", "v2r_R@5", "r2v_R@5"),
-                      save_every=args.save_every, save_last=True)   # the encoder file is written with each save
+                      save_every=args.save_every, save_last=True,   # the encoder file is written with each save
+                      inputs=(args.text_encoder, args.vit_init))
     if run.state is not None:
         net.load_state_dict(run.state["model"])
         opt.load_state_dict(run.state["optimizer"])

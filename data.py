@@ -460,7 +460,7 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
                         os.replace(out / f"{volume_key(rec['VolumeName'])}.tmp.npy", out / rec["file"])
         except OSError as e:   # a full disk, a file-size limit: every volume after would fail the same way
             raise OSError(f"{out}: cannot write the cache ({e.strerror or e}; "
-                          f"{shutil.disk_usage(out).free / 1e9:.1f} GB free there): make room and rerun, what is "
+                          f"{shutil.disk_usage(out).free / 1e9:.3g} GB free there): make room and rerun, what is "
                           f"written stays done") from e
         finally:
             if pool:
@@ -1048,7 +1048,7 @@ def main(argv=None):
     a.add_argument("--labels", required=True, nargs="+", help="CT-RATE or RAD-ChestCT labels CSVs (e.g. every split)")
     a.add_argument("--out", required=True, help="questions JSON")
     a.add_argument("--format", choices=["ctrate", "radchestct"], default="ctrate", help="labels format")
-    a.add_argument("--seed", type=int, default=0, help="options' order and the RL subset")
+    a.add_argument("--seed", type=at_least(0, 2**31 - 1), default=0, help="options' order and the RL subset")
     a.add_argument("--per-label", action="store_true", help="one question per positive label, not per volume")
     a.add_argument("--rl-frac", type=at_least(0.0, 1.0), help="share of patients kept (RL subset: 0.05); unset = all")
     args = ap.parse_args(argv)

@@ -196,7 +196,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 def sample_seed(seed: int, step: int, question: int) -> int:
     """A question's sampling generator depends on (seed, step, question) only: the same samples on any number of
     ranks, and a resumed run replays the uninterrupted one."""
-    return (seed * 1_000_003 + step) * 1_000_033 + question
+    return ((seed * 1_000_003 + step) * 1_000_033 + question) % 2**63   # within manual_seed's range
 
 
 def row_logprobs(vlm, x: torch.Tensor | None, input_ids, attention_mask, rows: slice, T: int, args) -> torch.Tensor:
@@ -334,10 +334,11 @@ def train_step(net, ref: model.VLM, optimizer, qs: list[dict], x: torch.Tensor |
                                 args.loss_reduction)
         grad_norm, applied = runtime.optimizer_step(optimizer, params, args.grad_clip, args.nan_policy, step, loss)
 
-    # 5. logging sums over ranks
-    groups = torch.nan_to_num(rewards).view(-1, G)
+    # 5. logging sums over ranks; rewards over the rows left in the loss (an excluded group's r_con is unknown)
+    kept = ~excluded.cpu()
+    groups = rewards.view(-1, G)[kept.view(-1, G)[:, 0]]                        # (groups left in, G)
     sums = all_reduce(torch.tensor([
-        r_fmt.sum(), r_acc.sum(), torch.nan_to_num(r_con).sum(), groups.sum(), groups.std(1).sum(),
+        r_fmt[kept].sum(), r_acc[kept].sum(), r_con[kept].sum(), groups.sum(), groups.std(1).sum(),
         (groups == groups[:, :1]).all(1).sum(), lengths.sum(), (~finished).sum(), excluded.sum(), len(texts),
         len(groups), *(weight * v for v in (stats["kl"], stats["clip_frac"], loss.item()))], dtype=torch.float64,
         device=vlm.device), "sum")
@@ -349,9 +350,10 @@ def train_step(net, ref: model.VLM, optimizer, qs: list[dict], x: torch.Tensor |
 def log_row(step: int, out: dict) -> dict:
     """Per-completion and per-group means of train_step's sums (kl, clip_frac and loss: the mean over ranks)."""
     s = out["sums"]
-    return {"step": step, **{k: s[k] / s["n"] for k in ("reward", "r_fmt", "r_acc", "r_con", "completion_len",
-                                                         "truncated", "excluded")},
-            "reward_std": s["reward_std"] / s["groups"], "zero_std_frac": s["zero_std_frac"] / s["groups"],
+    kept, groups = s["n"] - s["excluded"] or math.nan, s["groups"] or math.nan   # rows, groups left in the loss
+    return {"step": step, **{k: s[k] / kept for k in ("reward", "r_fmt", "r_acc", "r_con")},
+            **{k: s[k] / s["n"] for k in ("completion_len", "truncated", "excluded")},
+            **{k: s[k] / groups for k in ("reward_std", "zero_std_frac")},
             **{k: s[k] / world_size() for k in ("kl", "clip_frac", "loss")}, "grad_norm": out["grad_norm"]}
 
 
@@ -380,7 +382,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--batch-size", type=at_least(1), default=2, help="questions per rank and step")
     g.add_argument("--max-prompt-len", type=at_least(1), default=1024, help="prompt tokens with image; longer: error")
     g.add_argument("--max-new-tokens", type=at_least(1), default=512)
-    g.add_argument("--temperature", type=at_least(0.0), default=1.0, help="sampling temperature = scoring temperature")
+    g.add_argument("--temperature", type=at_least(0.01), default=1.0, help="sampling temperature = scoring temperature")
     g.add_argument("--clip-eps", type=at_least(0.0), default=0.2)
     g.add_argument("--kl-beta", type=at_least(0.0), default=0.04)
     g.add_argument("--no-think-frac", type=at_least(0.0, 1.0), default=0.0,
@@ -447,7 +449,7 @@ def main(argv=None) -> dict:
     optimizer = runtime.adamw(params, args.lr, args.weight_decay)
     run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at, args=vars(args),
                       curves=("reward", "r_fmt", "r_acc", "r_con", "reward_std", "kl", "completion_len", "truncated",
-                              "val_acc"), save_every=args.save_every)
+                              "val_acc"), save_every=args.save_every, inputs=(args.sft,))
     if run.state is not None:
         runtime.load_train_state(net, optimizer, run.state)
         run.state = None

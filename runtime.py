@@ -184,9 +184,10 @@ def atomic_dir(final: str | Path):
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(e, Exception):
             raise
+        kept = f" (the earlier {final.name} stays)" if final.exists() else ""
         raise (OSError if isinstance(e, OSError) else RuntimeError)(   # torch says only "unexpected pos 704 vs 598"
-            f"{final} was not written ({type(e).__name__}: {e}); nothing else was touched (an earlier {final.name} "
-            f"stays); {shutil.disk_usage(final.parent).free / 1e9:.1f} GB free there") from e
+            f"{final} was not written ({type(e).__name__}: {e}); nothing else was touched{kept}; "
+            f"{shutil.disk_usage(final.parent).free / 1e9:.3g} GB free there") from e
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
         os.replace(final, old)  # two renames: the window between them has no `final`, never a half-written one
@@ -508,17 +509,23 @@ class Run:
     delete), this rank's RNG state restored, and metrics.jsonl keeps the rows up to the step resumed from; a
     checkpoint written with other flags (`args`, except RESUME_MAY_CHANGE) or another world size is refused: the run
     would not continue as it began. `skipped` counts the optimizer steps the loop skipped (a
-    non-finite loss or gradient), over the whole run: it is saved with each checkpoint and resumed. Create it after
+    non-finite loss or gradient), over the whole run: it is saved with each checkpoint and resumed. An input of the
+    run (`inputs`: a checkpoint, a model folder) where the run writes is refused. Create it after
     the model is built (building consumes RNG), before the loop. The folder is locked until cleanup_distributed: a
     second process running there (an --overwrite would wipe the first's outputs) is refused."""
 
     def __init__(self, out: str | Path, resume: bool, overwrite: bool = False, stop_at: int | None = None,
                  keep: int = 2, curves: tuple[str, ...] = (), save_every: int = 0, save_last: bool = False,
-                 args: dict | None = None):
+                 args: dict | None = None, inputs: tuple = ()):
         global _stop_signal
         if resume and overwrite:
             raise SystemExit("--resume and --overwrite exclude each other: continue the earlier run or start afresh")
         self.out, self.stop_at, self.keep, self.curves = Path(out), stop_at, keep, curves
+        writes = [self.out / n for n in ("vlm", "vision_encoder.safetensors", "config.json", "metrics.jsonl", "ckpt")]
+        for given in (Path(i).resolve() for i in inputs if i):   # e.g. grpo.py --sft D/vlm --out D
+            if given == self.out.resolve() or any(w.resolve() in (given, *given.parents) for w in writes):
+                raise SystemExit(f"{given} is an input of this run, and {self.out} is where the run writes (and with "
+                                 f"--overwrite deletes) its outputs: choose another --out")
         self.save_every, self.save_last, self.args = save_every, save_last, args
         self.rank, self.world = get_rank(), world_size()
         if self.rank == 0:
@@ -534,8 +541,10 @@ class Run:
         self.skipped = self.state.get("skipped", 0) if self.state is not None else 0
         if self.state is not None:
             rngs, saved = self.state["rng"], self.state.get("args") or {}
+            same = lambda a, b: a == b or isinstance(a, str) and isinstance(b, str) and \
+                os.path.realpath(a) == os.path.realpath(b)   # a path spelled otherwise: "../x/" for "/tmp/x"
             changed = [f"--{k.replace('_', '-')} {saved[k]} -> {v}" for k, v in (args or {}).items()
-                       if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != v]
+                       if k in saved and k not in RESUME_MAY_CHANGE and not same(saved[k], v)]
             changed += [f"world size {len(rngs)} -> {self.world}"] if len(rngs) != self.world else []
             if changed:
                 raise SystemExit(f"{self.out}: its checkpoint was written with other settings ({'; '.join(changed)}): "
@@ -570,8 +579,12 @@ class Run:
     def log(self, row: dict) -> None:
         """Append one row to metrics.jsonl (rank 0)."""
         if self._log is not None:
-            self._log.write(json.dumps(json_safe(row)) + "\n")
-            self._log.flush()
+            try:
+                self._log.write(json.dumps(json_safe(row)) + "\n")
+                self._log.flush()
+            except OSError as e:   # a full disk: name the file and the space left
+                raise OSError(f"{self.out / 'metrics.jsonl'}: cannot append ({e.strerror}); "
+                              f"{shutil.disk_usage(self.out).free / 1e9:.3g} GB free there") from e
 
     def save(self, step: int, state: dict) -> None:
         """Save a resumable checkpoint: `state`, the step, the skipped-step count, every rank's RNG state and the run's
@@ -588,7 +601,10 @@ class Run:
         """After optimizer step `step` of `total`, on every rank: save a resumable checkpoint of `state()` (a collective
         under FSDP) every `save_every` steps before the last (0: none), at the last with `save_last`, and when a stop
         was requested; True when the run stops here (its message printed)."""
+        global _stop_signal
         stop = self.should_stop(step, device)
+        if stop and step == total:   # nothing is left to stop: the run ends as a finished one (exit status 0)
+            _stop_signal, stop = None, False
         due = step < total and self.save_every and step % self.save_every == 0
         if stop or due or (self.save_last and step == total):
             self.save(step, state())
@@ -682,8 +698,9 @@ def run_flags(parser: argparse.ArgumentParser, out: str, outputs: str, save_ever
     to the group returned."""
     g = parser.add_argument_group("run-time")
     g.add_argument("--out", default=out, help=f"{outputs}, metrics.jsonl, curves.png")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under <out>/ckpt")
-    g.add_argument("--overwrite", action="store_true", help="start afresh over an earlier run in <out>")
+    either = g.add_mutually_exclusive_group()   # refused at the command line, before any work
+    either.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under <out>/ckpt")
+    either.add_argument("--overwrite", action="store_true", help="start afresh over an earlier run in <out>")
     g.add_argument("--save-every", type=at_least(0), default=save_every,
                    help="optimizer steps between resumable checkpoints; 0 = none in between")
     g.add_argument("--nan-policy", default="skip", choices=["skip", "stop"],
@@ -691,7 +708,7 @@ def run_flags(parser: argparse.ArgumentParser, out: str, outputs: str, save_ever
     if shard:
         g.add_argument("--shard", default="ddp", choices=["ddp", "fsdp"], help="under torchrun: replicate what "
                        "trains (DDP) or shard it, its gradients and AdamW state (FSDP2)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=at_least(0, 2**31 - 1), default=0)
     g.add_argument("--stop-at", type=at_least(1), default=None, help=HIDDEN)   # save and exit after this step
     return g
 

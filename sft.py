@@ -375,7 +375,8 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or 10**12)
     optimizer = runtime.adamw(params, args.lr, args.weight_decay)
     run = runtime.Run(args.out, args.resume, args.overwrite, args.stop_at, args=vars(args),
-                      curves=("loss", "lr", "grad_norm"), save_every=args.save_every)
+                      curves=("loss", "lr", "grad_norm"), save_every=args.save_every,
+                      inputs=(args.llm, args.vision_weights))
     if run.state is not None:
         runtime.load_train_state(wrapped, optimizer, run.state)
         run.state = None

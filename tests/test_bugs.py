@@ -231,6 +231,10 @@ def test_a_judge_excluded_group_does_not_reach_the_update(ckpt, monkeypatch):
     assert all(torch.allclose(excluded[n], 2 * silent[n], atol=1e-6) for n in excluded)
     assert not all(torch.allclose(live[n], silent[n], atol=1e-6) for n in live)   # question 0 could have mattered
     assert any(bool(d.abs().max() > 1e-4) for d in excluded.values())             # question 1 still trains
+    # the logged rewards are the means over the rows left in: question 1's (0, 0.5, 1), one group
+    row = grpo.log_row(1, grpo_update(ckpt, [math.nan, 0.9, 0.9] + second, args)[1])
+    assert row["reward"] == row["r_con"] == 0.5 and row["r_fmt"] == row["r_acc"] == 0.0 and row["excluded"] == 0.5
+    assert row["reward_std"] == pytest.approx(0.5) and row["zero_std_frac"] == 0.0
 
 
 # ---- 6. a truncated completion earns no format reward ----------------------------------------------------------

@@ -585,3 +585,9 @@ def test_one_and_two_processes_agree(phantom_world, sft_ckpt, tmp_path, reductio
     # summation order differs across ranks; Adam can magnify a float-noise gradient into up to lr = 1e-3 per step,
     # so allow a tenth of one step
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_the_largest_seed_seeds_every_sample():
+    """--seed up to 2**31 - 1 (the command line's bound): each question's generator seed stays within torch's range."""
+    assert 0 <= grpo.sample_seed(2**31 - 1, 10**6, 10**6) < 2**63
+    assert isinstance(grpo.asks_think(2**31 - 1, 10**6, 10**6, 0.5), bool)

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -283,6 +284,38 @@ def test_end_step_saves_when_due_and_on_a_stop_request(tmp_path, capsys):
         assert sorted(p.name for p in (tmp_path / str(save_last)).glob("ckpt/*")) == expected
 
 
+def test_a_stop_request_during_the_last_step_lets_the_run_finish(tmp_path, capsys):
+    """SIGTERM (a time limit) or --stop-at at the last step: nothing is left to stop, so the run finishes as one, exit
+    status 0, and no line says to resume it (a resume would rewrite its final outputs from nothing)."""
+    run = runtime.Run(tmp_path, resume=False, stop_at=4)
+    runtime._on_stop_signal(signal.SIGTERM, None)
+    assert not run.end_step(4, 4, lambda: {}) and runtime.exit_code() == 0
+    run.close()
+    assert "stopped" not in capsys.readouterr().out and not (tmp_path / "ckpt").exists()
+
+
+def test_a_run_writing_where_its_input_lies_is_refused_and_a_path_spelled_otherwise_resumes(tmp_path, monkeypatch):
+    """grpo.py --sft D/vlm --out D (or sft.py --llm D --out D) would replace, and with --overwrite delete, the run's
+    own input: refused before anything is touched. A resume may name a path otherwise ("../x/" for "/tmp/x")."""
+    (sft_vlm := tmp_path / "D" / "vlm").mkdir(parents=True)
+    for out, given in ((tmp_path / "D", sft_vlm), (tmp_path / "D", tmp_path / "D"), (tmp_path / "D", sft_vlm / "llm")):
+        with pytest.raises(SystemExit, match=rf"^{given} is an input of this run, and {out} is where the run writes"):
+            runtime.Run(out, resume=False, overwrite=True, inputs=(None, str(given)))
+        runtime.unlock_folder(out)
+    assert sft_vlm.is_dir()
+    runtime.Run(tmp_path / "E", resume=False, inputs=(str(sft_vlm),)).close()   # beside it: fine
+    runtime.unlock_folder(tmp_path / "E")
+    run = runtime.Run(tmp_path / "r", resume=False, args={"data_root": str(tmp_path / "D"), "lr": 1.0})
+    run.save(1, {})
+    run.close()
+    runtime.unlock_folder(tmp_path / "r")
+    monkeypatch.chdir(tmp_path / "D" / "vlm")
+    assert runtime.Run(tmp_path / "r", resume=True, args={"data_root": "../../D/", "lr": 1.0}).start == 1
+    runtime.unlock_folder(tmp_path / "r")
+    with pytest.raises(SystemExit, match=r"other settings \(--lr 1.0 -> 2.0\)"):
+        runtime.Run(tmp_path / "r", resume=True, args={"data_root": "../../D/", "lr": 2.0})
+
+
 def test_every_training_stage_has_the_shared_run_time_flags():
     shared = {"preset", "data_root", "out", "resume", "overwrite", "save_every", "nan_policy", "seed", "stop_at"}
     for stage in (clip3d, sft, grpo):
@@ -292,8 +325,17 @@ def test_every_training_stage_has_the_shared_run_time_flags():
         ("runs/sft", "runs/grpo", "runs/clip3d")
 
 
+def test_resume_and_overwrite_together_stop_at_the_command_line(capsys):
+    for stage in (clip3d, sft, grpo):   # before the models are built, not after
+        with pytest.raises(SystemExit):
+            stage.parse_args(["--resume", "--overwrite"])
+        assert "argument --overwrite: not allowed with argument --resume" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("stage, argv, said", [
     ("clip3d", ["--batch-size", "0"], "--batch-size: must be at least 1, not 0"),
+    ("sft", ["--seed", "-1"], "--seed: must be at least 0 and at most 2147483647, not -1"),
+    ("grpo", ["--temperature", "0"], "--temperature: must be at least 0.01, not 0"),
     ("clip3d", ["--warmup-frac", "1.5"], "--warmup-frac: must be at least 0.0 and at most 1.0, not 1.5"),
     ("sft", ["--epochs", "0"], "--epochs: must be at least 1, not 0"),
     ("sft", ["--lr", "-0.001"], "--lr: must be at least 0.0, not -0.001"),
