@@ -291,6 +291,8 @@ def main(argv=None) -> dict:
     rank, _, world, device = runtime.setup_distributed()
     args.micro_batch = args.micro_batch or max(1, args.batch_size // world)
     args.accum = args.batch_size // (args.micro_batch * world)
+    if args.batch_size < 2:   # a pair's negatives are the batch's other reports: with none the loss is always 0
+        raise SystemExit("--batch-size 1: the contrastive loss needs at least 2 pairs per batch")
     if args.accum * args.micro_batch * world != args.batch_size:
         raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of micro-batch x world "
                          f"({args.micro_batch} x {world})")

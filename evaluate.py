@@ -627,7 +627,10 @@ def compare(specs: list[str]) -> dict:
         path = next((spec[:i] for i in cuts if Path(spec[:i]).is_file()), None)
         if path is None:
             raise SystemExit(f"--compare {spec}: no results file (RESULTS_JSON[:LABEL])")
-        loaded = data.read_json(path)["runs"]
+        loaded = data.read_json(path)
+        if not (isinstance(loaded, dict) and isinstance(loaded.get("runs"), dict)):
+            raise SystemExit(f"--compare {spec}: {path} is not an evaluate.py results.json (no \"runs\")")
+        loaded = loaded["runs"]
         label = spec[len(path) + 1:] or next(iter(loaded), None)
         if label not in loaded:
             raise SystemExit(f"--compare {spec}: {path} has no run {label!r} "
@@ -866,10 +869,14 @@ def main(argv=None) -> dict | None:
     tasks, out_dir = set(args.tasks.split(",")), Path(args.out)
     if unknown := tasks - {"mmvqa", "reports", "reasoning", "bias"}:
         raise SystemExit(f"--tasks: no task {', '.join(sorted(unknown))} (mmvqa, reports, reasoning, bias)")
+    if "reasoning" in tasks and "mmvqa" not in tasks:
+        raise SystemExit("--tasks reasoning grades the rationales of task mmvqa: add mmvqa")
     rank, _, _, device = setup_distributed()   # cuda:LOCAL_RANK when there is a GPU, else cpu
     model_tasks = tasks & {"mmvqa", "reports", "reasoning"}
     paths = eval_paths(args) if model_tasks or not args.bias_reports else {}
     results = {"provenance": provenance(args, argv), "runs": {}}
+    if rank == 0:
+        writable_dir(out_dir)   # now, not after hours of generation
     if "bias" in tasks and rank == 0:
         results["positional_bias"] = positional_bias(args.bias_reports or paths["train_reports"],
                                                      out_dir / "positional_bias.png")
@@ -882,8 +889,6 @@ def main(argv=None) -> dict | None:
         raise SystemExit(f"--reference {args.reference} is not one of the runs {labels}")
     if model_tasks:
         caches, questions, reports, report_names = load_inputs(args, tasks, paths, results["provenance"])
-    if rank == 0:
-        writable_dir(out_dir)   # now, not after hours of generation
     judge_url = args.judge_base_url or os.environ.get("JUDGE_BASE_URL")
     judge_model = args.judge_model or os.environ.get("JUDGE_MODEL")
     judge = data.Chat(judge_url, judge_model, args.judge_api_key_env, out_dir / "judge_cache", args.judge_timeout,

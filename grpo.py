@@ -138,6 +138,9 @@ def make_consistency_scorer(spec: str, thresholds: list[float] | None = None, le
                         add_special_tokens=not tok.chat_template).to(device)                  # holds BOS already
             return rm(**batch).logits[:, 0].float().tolist()
     else:
+        if not (os.environ.get("OPENAI_BASE_URL") or client):
+            raise ValueError(f"--consistency {spec} needs the endpoint's URL in $OPENAI_BASE_URL (its key in "
+                             f"$OPENAI_API_KEY)")
         chat = data.Chat(os.environ.get("OPENAI_BASE_URL"), arg, client=client)
 
         def judge_one(think: str, report: str) -> float:

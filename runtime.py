@@ -414,8 +414,8 @@ def gathered(net: torch.nn.Module):
 
 
 def train_state(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """{"model", "optimizer"}: trainable parameters, buffers and optimizer state, whole, on the CPU, keyed by name, so
-    a checkpoint resumes under one process, DDP or FSDP alike. A collective under FSDP; only rank 0's is complete."""
+    """{"model", "optimizer"}: trainable parameters, buffers and optimizer state, whole, on the CPU, keyed by name: one
+    layout under one process, DDP or FSDP. A collective under FSDP; only rank 0's is complete."""
     import torch.distributed.checkpoint.state_dict as dsd
     opts = dsd.StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     inner = getattr(net, "module", net)

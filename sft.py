@@ -84,7 +84,7 @@ def parse_args(argv=None, phantom: dict = PHANTOM, doc: str = __doc__, prog: str
     g.add_argument("--lora-rank", type=at_least(1), default=16)
     g.add_argument("--lora-alpha", type=at_least(0.0), default=32.0)
     g.add_argument("--lora-dropout", type=at_least(0.0, 1.0), default=0.05, help="on the adapters' input in training")
-    g.add_argument("--feature-stats", type=at_least(1), default=1000, help="volumes for the bridge's input statistics")
+    g.add_argument("--feature-stats", type=at_least(2), default=1000, help="volumes for the bridge's input statistics")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=at_least(0.0), default=1e-4, help="peak learning rate (cosine schedule)")
     g.add_argument("--epochs", type=at_least(1), default=1)

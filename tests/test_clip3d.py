@@ -421,3 +421,11 @@ def test_zero_eval_and_save_intervals_mean_at_the_end_only(phantom_world, tmp_pa
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert ["zs_auc_mean" in r for r in rows] == [False, True]                   # validated at the last step only
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step_00000002"]
+
+
+def test_a_batch_of_one_pair_is_refused_before_any_work(phantom_world, tmp_path):
+    """A pair's negatives are the other reports of its batch: with one pair the loss is 0 at every step, and the run
+    wrote an untrained encoder with exit status 0."""
+    with pytest.raises(SystemExit, match="--batch-size 1: the contrastive loss needs at least 2 pairs per batch"):
+        clip3d.main([str(a) for a in run_args(phantom_world, tmp_path, "--batch-size", 1)])
+    assert not any(tmp_path.iterdir())

@@ -221,6 +221,20 @@ def test_compare_specs(tmp_path):
         E.compare([b, b])
     with pytest.raises(SystemExit, match="no results file"):
         E.compare([str(tmp_path / "none.json:sft"), b])
+    for other in ({"a": 1}, [{"VolumeName": "x"}]):   # e.g. a question file: named, not a KeyError
+        (tmp_path / "q.json").write_text(json.dumps(other))
+        with pytest.raises(SystemExit, match=r"q.json is not an evaluate.py results.json"):
+            E.compare([str(tmp_path / "q.json"), b])
+
+
+def test_an_out_that_is_a_file_and_reasoning_without_mmvqa_stop_before_any_work(phantom_world, tmp_path):
+    """The positional-bias figure was written first, so --out naming a file failed with a FileExistsError traceback;
+    table 4 grades task mmvqa's rationales, and alone it wrote nothing and said nothing."""
+    (file := tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=rf"^{file}: cannot write there \(.+\): choose another --out$"):
+        E.main(["--data-root", str(phantom_world["root"]), "--out", str(file)])
+    with pytest.raises(SystemExit, match="--tasks reasoning grades the rationales of task mmvqa: add mmvqa"):
+        E.main(["--data-root", str(phantom_world["root"]), "--tasks", "reports,reasoning", "--out", str(tmp_path)])
 
 
 def test_mcnemar_only_pairs_the_same_questions():

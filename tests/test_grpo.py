@@ -201,6 +201,12 @@ class FakeJudge:
         return type("R", (), {"choices": [type("C", (), {"message": msg})]})
 
 
+def test_a_judge_scorer_without_an_endpoint_names_the_variable(monkeypatch):
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)   # grpo.py has no URL flag: the message names no flag
+    with pytest.raises(ValueError, match=r"--consistency judge:m needs the endpoint's URL in \$OPENAI_BASE_URL"):
+        make_consistency_scorer("judge:m")
+
+
 def test_judge_scorer():
     score = make_consistency_scorer("judge:some-model", client=FakeJudge(["7", " 10 ", "1"]))
     assert score(["a", "b", "c"], [REPORT] * 3) == [0.8, 1.0, 0.0]

@@ -325,6 +325,12 @@ def test_every_training_stage_has_the_shared_run_time_flags():
         ("runs/sft", "runs/grpo", "runs/clip3d")
 
 
+def test_input_statistics_over_one_volume_stop_at_the_command_line(capsys):
+    with pytest.raises(SystemExit):   # a spread over one volume is 0: before, a ValueError after the whole set-up
+        sft.parse_args(["--feature-stats", "1"])
+    assert "--feature-stats: must be at least 2, not 1" in capsys.readouterr().err
+
+
 def test_resume_and_overwrite_together_stop_at_the_command_line(capsys):
     for stage in (clip3d, sft, grpo):   # before the models are built, not after
         with pytest.raises(SystemExit):
