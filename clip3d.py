@@ -288,6 +288,7 @@ def train_step(ddp: nn.Module, net: CLIP3D, optimizer, micro_batches: list[tuple
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    runtime.earlier_run(Path(args.out), args.resume, args.overwrite)   # before any work; Run checks it again
     rank, _, world, device = runtime.setup_distributed()
     args.micro_batch = args.micro_batch or max(1, args.batch_size // world)
     args.accum = args.batch_size // (args.micro_batch * world)

@@ -416,6 +416,7 @@ def rank_questions(n: int, global_batch: int, seed: int, step: int) -> list[int]
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    runtime.earlier_run(Path(args.out), args.resume, args.overwrite)   # before any work; Run checks it again
     if not model.is_vlm_dir(args.sft):
         hint = f"{Path(args.sft) / 'vlm'} is one" if model.is_vlm_dir(Path(args.sft) / "vlm") else "run sft.py first"
         raise SystemExit(f"--sft {args.sft} is not a VLM checkpoint (config.json and llm/): {hint}")

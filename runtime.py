@@ -500,6 +500,15 @@ RESUME_MAY_CHANGE = {"out", "resume", "overwrite", "stop_at", "save_every", "nan
                      "log_every", "grad_ckpt", "micro_batch", "accum", "cache_features"}
 
 
+def earlier_run(out: Path, resume: bool, overwrite: bool) -> list[str]:
+    """What an earlier run left in `out`; a fresh run (neither resume nor overwrite) stops there, naming it."""
+    earlier = [p.name for p in (out / "metrics.jsonl", out / "ckpt") if p.exists()]
+    if earlier and not resume and not overwrite:
+        raise SystemExit(f"{out} holds an earlier run ({', '.join(earlier)}): pass --resume to continue it "
+                         f"or --overwrite to start afresh (or choose another --out)")
+    return earlier
+
+
 class Run:
     """A stage's output folder: metrics.jsonl, resumable checkpoints under ckpt/, and stop requests.
 
@@ -530,10 +539,7 @@ class Run:
         self.rank, self.world = get_rank(), world_size()
         if self.rank == 0:
             lock_folder(self.out, "run")   # before anything here is read or changed; released by cleanup_distributed
-        earlier = [p.name for p in (self.out / "metrics.jsonl", self.out / "ckpt") if p.exists()]
-        if earlier and not resume and not overwrite:
-            raise SystemExit(f"{self.out} holds an earlier run ({', '.join(earlier)}): pass --resume to continue it "
-                             f"or --overwrite to start afresh (or choose another --out)")
+        earlier = earlier_run(self.out, resume, overwrite)
         if self.world > 1:
             dist.barrier()  # every rank has looked at the folder before rank 0 changes it
         self.state = latest_train_state(self.out / "ckpt") if resume else None

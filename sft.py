@@ -425,6 +425,7 @@ def train(args, net: WeightedLM, examples: list[dict], image_input, device: torc
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    runtime.earlier_run(Path(args.out), args.resume, args.overwrite)   # before any work; Run checks it again
     for flag in ("llm", "vision_weights"):
         if getattr(args, flag) is None:
             raise SystemExit(f"--{flag.replace('_', '-')} is required with --preset real")

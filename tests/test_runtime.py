@@ -325,6 +325,15 @@ def test_every_training_stage_has_the_shared_run_time_flags():
         ("runs/sft", "runs/grpo", "runs/clip3d")
 
 
+def test_a_fresh_run_into_an_earlier_runs_folder_stops_before_any_work(tmp_path):
+    """Forgetting --resume (or --overwrite) stops at once, not after the models are built and the data read."""
+    (tmp_path / "metrics.jsonl").write_text("")
+    for main, argv in ((clip3d.main, ["--preset", "real", "--data-root", str(tmp_path / "none")]),
+                       (sft.main, ["--preset", "real"]), (grpo.main, ["--sft", str(tmp_path / "none")])):
+        with pytest.raises(SystemExit, match=rf"^{tmp_path} holds an earlier run \(metrics.jsonl\)"):
+            main([*argv, "--out", str(tmp_path)])
+
+
 def test_input_statistics_over_one_volume_stop_at_the_command_line(capsys):
     with pytest.raises(SystemExit):   # a spread over one volume is 0: before, a ValueError after the whole set-up
         sft.parse_args(["--feature-stats", "1"])
