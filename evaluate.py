@@ -875,9 +875,8 @@ def main(argv=None) -> dict | None:
     model_tasks = tasks & {"mmvqa", "reports", "reasoning"}
     paths = eval_paths(args) if model_tasks or not args.bias_reports else {}
     results = {"provenance": provenance(args, argv), "runs": {}}
-    if rank == 0:
-        writable_dir(out_dir)   # now, not after hours of generation
-    if "bias" in tasks and rank == 0:
+    if "bias" in tasks and rank == 0:   # its figure is written first
+        writable_dir(out_dir)
         results["positional_bias"] = positional_bias(args.bias_reports or paths["train_reports"],
                                                      out_dir / "positional_bias.png")
     ckpts, results["selection"] = find_checkpoints(args) if model_tasks else ([], None)
@@ -889,6 +888,8 @@ def main(argv=None) -> dict | None:
         raise SystemExit(f"--reference {args.reference} is not one of the runs {labels}")
     if model_tasks:
         caches, questions, reports, report_names = load_inputs(args, tasks, paths, results["provenance"])
+    if rank == 0:
+        writable_dir(out_dir)   # now, not after hours of generation
     judge_url = args.judge_base_url or os.environ.get("JUDGE_BASE_URL")
     judge_model = args.judge_model or os.environ.get("JUDGE_MODEL")
     judge = data.Chat(judge_url, judge_model, args.judge_api_key_env, out_dir / "judge_cache", args.judge_timeout,
