@@ -7,8 +7,7 @@ is trained with group-normalised advantages, a PPO-clipped surrogate and a k3 KL
 Deliberate choices:
 1. G completions per question by plain temperature sampling, kept as generated ids (never decoded and re-tokenised)
    and scored at the same temperature, so the sampled and the trained distributions agree. Each question samples
-   from its own generator seeded by (seed, step, question): 1 and N ranks draw the same completions (up to float noise
-   from padding).
+   from its own generator seeded by (seed, step, question): 1 and N ranks draw the same completions (float noise aside).
 2. The loss mask runs through the first EOS, built from lengths, never from token values. A completion without EOS
    within --max-new-tokens is truncated (no format reward, counted); a prompt over --max-prompt-len stops the run.
 3. Advantages (r - mean_G) / (std_G + 1e-4); a group whose rewards are all equal gets exactly zero advantages.
@@ -51,7 +50,6 @@ from data import parse_answer, think_text
 from runtime import all_reduce, at_least, autocast, get_rank, print0, world_size
 
 # ==== Rewards: pure functions of (completion text, example) ===========================================================
-
 def format_reward(completion: str) -> float:
     """r_fmt: 1.0 iff exactly one non-empty <think> block, then exactly one non-empty <answer> block, no other tags,
     nothing but white space outside them (data.well_formed)."""
@@ -69,12 +67,10 @@ def accuracy_reward(completion: str, answer: str, options: dict | None = None) -
 
 
 # ---- Consistency reward (paper §3.3): does the <think> rationale agree with the scan's radiology report? -------------
-
 def offline_consistency(think: str, report: str) -> float:
-    """Raw consistency in [0, 1]: the F1 of precision (the abnormalities the rationale mentions that agree with the
-    report: affirming what it affirms, denying what it does not) and recall (the report's affirmed abnormalities the
-    rationale affirms; 1 if it affirms none). A list of denials earns nothing against a report that affirms a finding.
-    No clinical term: 0."""
+    """Raw consistency in [0, 1], the F1 of precision (the rationale's stances that agree with the report: affirming
+    what it affirms, denying what it does not) and recall (the report's affirmed abnormalities the rationale affirms, 1
+    if it affirms none): a list of denials earns nothing against a report that affirms a finding. No clinical term: 0"""
     said = data.clinical_stances(think)
     if not said:
         return 0.0
@@ -139,8 +135,7 @@ def make_consistency_scorer(spec: str, thresholds: list[float] | None = None, le
             return rm(**batch).logits[:, 0].float().tolist()
     else:
         if not (os.environ.get("OPENAI_BASE_URL") or client):
-            raise ValueError(f"--consistency {spec} needs the endpoint's URL in $OPENAI_BASE_URL (its key in "
-                             f"$OPENAI_API_KEY)")
+            raise ValueError(f"--consistency {spec} needs the endpoint's URL in $OPENAI_BASE_URL")
         chat = data.Chat(os.environ.get("OPENAI_BASE_URL"), arg, client=client)
 
         def judge_one(think: str, report: str) -> float:
@@ -162,7 +157,6 @@ def make_consistency_scorer(spec: str, thresholds: list[float] | None = None, le
 
 
 # ==== GRPO: advantages and loss =======================================================================================
-
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
     """(r - mean_G) / (std_G + eps) per group of G consecutive rows; exactly 0 for a group whose rewards are equal."""
     r = rewards.view(-1, group_size)                                   # (B, G)
@@ -263,7 +257,6 @@ def validate(vlm, questions: list[dict], volumes, max_new_tokens: int, batch: in
 
 
 # ==== One GRPO step: rollout -> rewards -> advantages -> loss -> update ===============================================
-
 LOGGED = ["r_fmt", "r_acc", "r_con", "reward", "reward_std", "zero_std_frac", "completion_len", "truncated",
           "excluded", "n", "groups", "kl", "clip_frac", "loss"]
 
@@ -361,7 +354,6 @@ def log_row(step: int, out: dict) -> dict:
 
 
 # ==== Command line and the loop =======================================================================================
-
 # The phantom world's overrides of the paper's defaults: the tiny LLM moves within minutes at a larger lr, keeps its
 # tag format at temperature 0.7, answers in fewer tokens; the ViT stays frozen.
 PHANTOM = dict(lr=1e-5, steps=120, batch_size=4, max_new_tokens=96, temperature=0.7, eval_n=100,
