@@ -28,7 +28,6 @@ import json
 import multiprocessing
 import os
 import re
-import shutil
 import threading
 import time
 from collections import Counter
@@ -44,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from runtime import at_least, lock_folder, pid_alive, read_appended, unlock_folder, writable_dir, write_atomic
+from runtime import (at_least, free_space, lock_folder, pid_alive, read_appended, unlock_folder, writable_dir,
+                     write_atomic)
 
 REPORT_COLUMNS = ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"]
 # CT-RATE's 18 abnormalities, in its label columns' order, and the RAD-ChestCT labels each is read from (BrgSA's
@@ -65,6 +65,7 @@ MAPPED = {s for sources in RAD_TO_CTRATE.values() for s in sources}
 KNOWN_BAD = {"train_1267_a_4", "train_11755_a_3", "train_11755_a_4", "train_14384_a_2", "valid_251_a_2"}
 HU_MIN, HU_MAX, PAD_HU = -1000, 1000, -1024
 NORM_MEAN, NORM_STD = 0.4978, 0.2449  # the published encoder's normalisation
+RAD_SPACING = (0.8, 0.8, 0.8)  # RAD-ChestCT's isotropic voxel (mm): its .npz files store none
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ def read_ctrate_volume(path, meta_row: dict, how: dict | None = None) -> tuple[n
     return hu, spacing
 
 
-def read_radchestct_volume(path, spacing=(0.8, 0.8, 0.8)) -> tuple[np.ndarray, tuple[float, float, float]]:
+def read_radchestct_volume(path, spacing=RAD_SPACING) -> tuple[np.ndarray, tuple[float, float, float]]:
     """RAD-ChestCT .npz: key 'ct', (Z, Y, X) with index 0 = superior -> float32 HU (X, Y, Z) inferior-first."""
     path = Path(path)
     try:
@@ -400,7 +401,7 @@ def check_preset(cache_dir, preset: Preset) -> None:
 
 
 def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL, workers=1,
-                   spacing=(0.8, 0.8, 0.8), no_chest=None, progress=True) -> dict:
+                   spacing=RAD_SPACING, no_chest=None, progress=True) -> dict:
     """Preprocess every volume under src into out (resumable). Returns counts {'written', 'skipped' (done before),
     'bad' (listed with the reason in out/bad_files.jsonl), 'excluded' (no-chest list and KNOWN_BAD), 'removed'
     (excluded volumes an earlier run had cached: taken out of the cache), 'not_volume' ({kind: count} of the other
@@ -460,7 +461,7 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
                         os.replace(out / f"{volume_key(rec['VolumeName'])}.tmp.npy", out / rec["file"])
         except OSError as e:   # a full disk, a file-size limit: every volume after would fail the same way
             raise OSError(f"{out}: cannot write the cache ({e.strerror or e}; "
-                          f"{shutil.disk_usage(out).free / 1e9:.3g} GB free there): make room and rerun, what is "
+                          f"{free_space(out)}): make room and rerun, what is "
                           f"written stays done") from e
         finally:
             if pool:
@@ -681,16 +682,12 @@ def label_reports(reports: dict, out_path, labeller=None, workers=1, progress=Tr
             sents = split_sentences(item[1][key])
             rec[key] = [[s, a] for s, a in zip(sents, labeller(sents))] if sents else None
         return rec
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    try:
+
+    def write(tmp):   # atomically: a failed or killed run leaves no part of the file
         with open(tmp, "w") as f, ThreadPoolExecutor(workers) as pool:
             for rec in tqdm(pool.map(label, reports.items()), total=len(reports), desc="label", disable=not progress):
                 f.write(json.dumps(rec) + "\n")
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(out_path, write)
 
 
 def read_json(path, lines: bool = False):
@@ -1032,7 +1029,8 @@ def main(argv=None):
         f"{p.name}: {p.spacing} mm, stored {p.shape}, cropped to {p.crop} when read" for p in PRESETS.values()))
     a.add_argument("--workers", type=at_least(1), default=1, help="processes")
     a.add_argument("--no-chest", help="no_chest_{train,valid}.txt: volumes to exclude")
-    a.add_argument("--spacing", type=at_least(0.001), nargs=3, help="RAD-ChestCT voxel (mm); unset = 0.8 0.8 0.8")
+    a.add_argument("--spacing", type=at_least(0.001), nargs=3,
+                   help=f"RAD-ChestCT voxel (mm); unset = {' '.join(map(str, RAD_SPACING))}")
     a = command("label", "split reports into sentences and label each normal/abnormal")
     a.add_argument("--reports", required=True, help="CT-RATE reports CSV")
     a.add_argument("--out", required=True, help="sentence labels, JSON lines")
@@ -1052,15 +1050,17 @@ def main(argv=None):
     a.add_argument("--per-label", action="store_true", help="one question per positive label, not per volume")
     a.add_argument("--rl-frac", type=at_least(0.0, 1.0), help="share of patients kept (RL subset: 0.05); unset = all")
     args = ap.parse_args(argv)
-    if args.cmd != "preprocess" and Path(args.out).is_dir():   # before the work, not at its end
-        ap.error(f"--out {args.out} is a folder: name the file to write")
+    if args.cmd != "preprocess":   # the file to write: checked before the work, not at its end
+        if Path(args.out).is_dir():
+            ap.error(f"--out {args.out} is a folder: name the file to write")
+        writable_dir(Path(args.out).parent)
     if args.cmd == "mmvqa" and args.rl_frac == 0:
         ap.error("--rl-frac: must be above 0 (unset = every patient)")
     if args.cmd == "preprocess":
         if (args.format == "ctrate") != bool(args.metadata) or (args.format == "ctrate" and args.spacing):
             ap.error("--format ctrate needs --metadata and takes its spacing from it; radchestct takes --spacing")
         stats = preprocess_dir(args.src, args.out, args.format, args.metadata, PRESETS[args.preset], args.workers,
-                               tuple(args.spacing or (0.8, 0.8, 0.8)), args.no_chest)
+                               tuple(args.spacing or RAD_SPACING), args.no_chest)
         other, bad_list = stats["not_volume"], Path(args.out) / "bad_files.jsonl"
         kinds = f" ({', '.join(f'{k}: {n}' for k, n in other.items())})" if other else ""
         removed = f" ({stats['removed']} taken out of the cache)" if stats["removed"] else ""
@@ -1076,11 +1076,9 @@ def main(argv=None):
                                       args.retries) if args.labeller == "openai" else None
         except ValueError as e:
             ap.error(str(e))
-        writable_dir(Path(args.out).parent)
         label_reports(read_reports(args.reports), args.out, labeller, args.workers)
         print(f"sentence labels written to {args.out}")
     elif args.cmd == "mmvqa":
-        writable_dir(Path(args.out).parent)
         labels = {}
         for path in args.labels:
             more = read_labels(path) if args.format == "ctrate" else read_radchestct_labels(path)

@@ -187,12 +187,17 @@ def atomic_dir(final: str | Path):
         kept = f" (the earlier {final.name} stays)" if final.exists() else ""
         raise (OSError if isinstance(e, OSError) else RuntimeError)(   # torch says only "unexpected pos 704 vs 598"
             f"{final} was not written ({type(e).__name__}: {e}); nothing else was touched{kept}; "
-            f"{shutil.disk_usage(final.parent).free / 1e9:.3g} GB free there") from e
+            f"{free_space(final.parent)}") from e
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
         os.replace(final, old)  # two renames: the window between them has no `final`, never a half-written one
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def free_space(folder: Path) -> str:
+    """What a failed write says of the disk: "0.0039 GB free there" for 3.9 MB, "412 GB free there" for many."""
+    return f"{shutil.disk_usage(folder).free / 1e9:.3g} GB free there"
 
 
 def readable(path: Path) -> Path:
@@ -500,6 +505,10 @@ RESUME_MAY_CHANGE = {"out", "resume", "overwrite", "stop_at", "save_every", "nan
                      "log_every", "grad_ckpt", "micro_batch", "accum", "cache_features"}
 
 
+# What a stage writes in its --out, in the order --overwrite deletes it: the run's record (metrics, checkpoints) last.
+RUN_OUTPUTS = ("vlm", "curves.png", "vision_encoder.safetensors", "config.json", "metrics.jsonl", "ckpt")
+
+
 def earlier_run(out: Path, resume: bool, overwrite: bool) -> list[str]:
     """What an earlier run left in `out`; a fresh run (neither resume nor overwrite) stops there, naming it."""
     earlier = [p.name for p in (out / "metrics.jsonl", out / "ckpt") if p.exists()]
@@ -530,9 +539,9 @@ class Run:
         if resume and overwrite:
             raise SystemExit("--resume and --overwrite exclude each other: continue the earlier run or start afresh")
         self.out, self.stop_at, self.keep, self.curves = Path(out), stop_at, keep, curves
-        writes = [self.out / n for n in ("vlm", "vision_encoder.safetensors", "config.json", "metrics.jsonl", "ckpt")]
         for given in (Path(i).resolve() for i in inputs if i):   # e.g. grpo.py --sft D/vlm --out D
-            if given == self.out.resolve() or any(w.resolve() in (given, *given.parents) for w in writes):
+            if given == self.out.resolve() or any((self.out / n).resolve() in (given, *given.parents)
+                                                  for n in RUN_OUTPUTS):
                 raise SystemExit(f"{given} is an input of this run, and {self.out} is where the run writes (and with "
                                  f"--overwrite deletes) its outputs: choose another --out")
         self.save_every, self.save_last, self.args = save_every, save_last, args
@@ -570,8 +579,7 @@ class Run:
             metrics = self.out / "metrics.jsonl"
             if self.state is None:   # with --overwrite the earlier run's outputs go too: none may pass for this run's;
                 # metrics and checkpoints last, so that a kill in between leaves a folder a fresh run still refuses
-                earlier = ["vlm", "curves.png", "vision_encoder.safetensors", "config.json"] if overwrite else []
-                for path in (self.out / name for name in earlier + ["metrics.jsonl", "ckpt"]):
+                for path in (self.out / name for name in (RUN_OUTPUTS if overwrite else RUN_OUTPUTS[-2:])):
                     if path.is_dir():
                         shutil.rmtree(path, ignore_errors=True)
                     else:
@@ -590,7 +598,7 @@ class Run:
                 self._log.flush()
             except OSError as e:   # a full disk: name the file and the space left
                 raise OSError(f"{self.out / 'metrics.jsonl'}: cannot append ({e.strerror}); "
-                              f"{shutil.disk_usage(self.out).free / 1e9:.3g} GB free there") from e
+                              f"{free_space(self.out)}") from e
 
     def save(self, step: int, state: dict) -> None:
         """Save a resumable checkpoint: `state`, the step, the skipped-step count, every rank's RNG state and the run's
