@@ -474,9 +474,10 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
 
 # ================================================ reports and labels =============================================
 def read_reports(csv_path) -> dict[str, dict]:
-    """{VolumeName: {'findings': str|None, 'impressions': str|None}}; the literal 'Not given.' means absent."""
+    """{VolumeName: {'findings': str|None, 'impressions': str|None}}; 'Not given.' (CT-RATE's) and 'nan' (a CSV that
+    went through pandas) mean absent."""
     def section(text):
-        return None if (text or "").strip() in ("", "Not given.") else text.strip()
+        return None if (text or "").strip() in ("", "Not given.", "nan") else text.strip()
     rows = read_csv_rows(csv_path)
     if missing := {"Findings_EN", "Impressions_EN"} - set(next(iter(rows.values()))):
         raise ValueError(f"{csv_path}: no {' or '.join(sorted(missing))} column (CT-RATE's reports: {REPORT_COLUMNS})")
@@ -673,20 +674,23 @@ class OpenAILabeller:
 
 
 def label_reports(reports: dict, out_path, labeller=None, workers=1, progress=True) -> None:
-    """One JSON line per volume: {VolumeName, findings: [[sentence, abnormal], ...]|null, impressions: ...}."""
+    """One JSON line per volume: {VolumeName, findings: [[sentence, abnormal], ...]|null, impressions: ...}. Each
+    distinct section is labelled once: a scan's reconstructions share their report, and `workers` threads would
+    otherwise ask an LLM labeller for it twice."""
     labeller = labeller or (lambda sents: [rule_label(s) for s in sents])
+    texts = list(dict.fromkeys(r[k] for r in reports.values() for k in ("findings", "impressions") if r[k]))
 
-    def label(item):
-        rec = {"VolumeName": item[0]}
-        for key in ("findings", "impressions"):
-            sents = split_sentences(item[1][key])
-            rec[key] = [[s, a] for s, a in zip(sents, labeller(sents))] if sents else None
-        return rec
+    def label(text):
+        sents = split_sentences(text)
+        return [[s, a] for s, a in zip(sents, labeller(sents))] if sents else None
 
     def write(tmp):   # atomically: a failed or killed run leaves no part of the file
-        with open(tmp, "w") as f, ThreadPoolExecutor(workers) as pool:
-            for rec in tqdm(pool.map(label, reports.items()), total=len(reports), desc="label", disable=not progress):
-                f.write(json.dumps(rec) + "\n")
+        with ThreadPoolExecutor(workers) as pool:
+            done = dict(zip(texts, tqdm(pool.map(label, texts), total=len(texts), desc="label", disable=not progress)))
+        with open(tmp, "w") as f:
+            for name, r in reports.items():
+                f.write(json.dumps({"VolumeName": name, **{k: done.get(r[k]) for k in ("findings", "impressions")}})
+                        + "\n")
     write_atomic(out_path, write)
 
 

@@ -677,10 +677,11 @@ def test_split_sentences_and_reports(tmp_path):
 
 class FakeLLM(BaseHTTPRequestHandler):
     """A chat-completions endpoint that labels the numbered sentences with the rule labeller (or fails)."""
-    mode, requests, limited_until = "ok", 0, 0.0
+    mode, requests, limited_until, delay = "ok", 0, 0.0, 0.0
 
     def do_POST(self):
         FakeLLM.requests += 1
+        time.sleep(FakeLLM.delay)      # a slow endpoint: concurrent requests overlap
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         limited = FakeLLM.mode == "429" and time.monotonic() < FakeLLM.limited_until
         if self.path != "/v1/chat/completions" or FakeLLM.mode == "error" or limited:
@@ -715,7 +716,7 @@ class FakeLLM(BaseHTTPRequestHandler):
 def fake_llm():
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeLLM)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    FakeLLM.mode, FakeLLM.requests = "ok", 0
+    FakeLLM.mode, FakeLLM.requests, FakeLLM.delay = "ok", 0, 0.0
     yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     server.shutdown()
     server.server_close()
@@ -802,6 +803,26 @@ def test_label_cli_with_openai_labeller(fake_llm, tmp_path, monkeypatch):
     got = data.read_sentence_labels(tmp_path / "s.jsonl")
     assert got == {"v_1_a_1.nii.gz": {"findings": [("Trachea is open.", False), ("Cardiomegaly is seen.", True)],
                                       "impressions": None}}
+
+
+def test_label_asks_once_per_distinct_section_however_many_workers(fake_llm, tmp_path):
+    """A scan's reconstructions share one report: with 4 threads against a slow endpoint, each distinct section is
+    still one request, and every reconstruction gets its labels; a pandas-written 'nan' section is absent."""
+    shared = ["Trachea is open. Cardiomegaly is seen.", "Cardiomegaly."]
+    rows = [[f"valid_1_a_{i}.nii.gz", "", "", *shared] for i in (1, 2, 3)]
+    rows += [["valid_2_a_1.nii.gz", "", "", "Pleural effusion is seen.", "nan"]]
+    with open(reports := tmp_path / "r.csv", "w", newline="") as f:
+        csv.writer(f).writerows([data.REPORT_COLUMNS, *rows])
+    FakeLLM.delay = 0.3
+    data.main(["label", "--reports", str(reports), "--out", str(out := tmp_path / "s.jsonl"), "--labeller", "openai",
+               "--base-url", fake_llm, "--model", "fake-model", "--cache", str(tmp_path / "cache"), "--workers", "4"])
+    assert FakeLLM.requests == 3
+    got = data.read_sentence_labels(out)
+    assert [got[f"valid_1_a_{i}.nii.gz"] for i in (1, 2, 3)] == 3 * [{
+        "findings": [("Trachea is open.", False), ("Cardiomegaly is seen.", True)],
+        "impressions": [("Cardiomegaly.", True)]}]
+    assert got["valid_2_a_1.nii.gz"] == {"findings": [("Pleural effusion is seen.", True)], "impressions": None}
+    assert [json.loads(line)["VolumeName"] for line in out.read_text().splitlines()] == [r[0] for r in rows]
 
 
 # ------------------------------------------------ VQA, prompts and targets ---------------------------------------
