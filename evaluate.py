@@ -80,7 +80,7 @@ PTB_BRACKETS = dict(zip("()[]{}", ["-lrb-", "-rrb-", "-lsb-", "-rsb-", "-lcb-", 
 # ============================================ report metrics (table 2) ============================================
 def tokenize(text: str) -> str:
     """A regex approximation of pycocoevalcap's PTBTokenizer: lower case, punctuation dropped, clitics split ("is
-    n't", "patient 's"), brackets as -lrb- etc., "3.5", "1/2", "i.e." whole (it differs on e.g. "3.5x2" -> "3.5 x2")."""
+    n't", "patient 's"), brackets as -lrb- etc., "3.5", "1/2", "i.e." whole ("3.5x2" too, where PTB gives "3.5 x2")."""
     words = re.findall(r"(?:[a-z]\.){2,}|[a-z]+(?=n't\b)|n't\b|'(?:s|re|ve|ll|d|m)\b|[a-z0-9]+(?:[./-][a-z0-9]+)*"
                        r"|\.\.\.|--|\S", text.lower())
     return " ".join(PTB_BRACKETS.get(w, w) for w in words if w not in PTB_PUNCTUATION)

@@ -57,7 +57,7 @@ def volumes(n, seed=0):
 # ---- vision encoder ------------------------------------------------------------------------------------------------
 
 def brgsa_layout(width=768, depth=12, mlp=3072, patch=(16, 16, 8), tokens=2744):
-    """The published BrgSA_vision_encoder.pth layout (SPEC §2), written out independently of model.py."""
+    """The published BrgSA_vision_encoder.pth layout (timm names), written out independently of model.py."""
     shapes = {"cls_token": (1, 1, width), "pos_embed": (1, tokens + 1, width),
               "patch_embed.proj.weight": (width, 1, *patch), "patch_embed.proj.bias": (width,),
               "norm.weight": (width,), "norm.bias": (width,)}
