@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from runtime import (at_least, free_space, lock_folder, pid_alive, read_appended, unlock_folder, writable_dir,
-                     write_atomic)
+from runtime import (at_least, free_space, lock_folder, make_parser, pid_alive, read_appended, unlock_folder,
+                     writable_dir, write_atomic)
 
 REPORT_COLUMNS = ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"]
 # CT-RATE's 18 abnormalities, in its label columns' order, and the RAD-ChestCT labels each is read from (BrgSA's
@@ -332,14 +332,12 @@ def _pool(workers: int) -> ProcessPoolExecutor:
 def _worker_start(parent: int) -> None:
     """A pool worker: one torch thread, and a watch that ends it once `parent` (the pool's process) is gone; killed
     there, it would wait for work forever."""
+    def exit_after_parent() -> None:
+        while pid_alive(parent):
+            time.sleep(1)
+        os._exit(1)
     torch.set_num_threads(1)
-    threading.Thread(target=_exit_after, args=(parent,), daemon=True).start()
-
-
-def _exit_after(pid: int) -> None:
-    while pid_alive(pid):
-        time.sleep(1)
-    os._exit(1)
+    threading.Thread(target=exit_after_parent, daemon=True).start()
 
 
 def _completed(pool: ProcessPoolExecutor, jobs: list) -> Iterator[dict]:
@@ -460,9 +458,8 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
                     if "file" in rec:  # named once listed: a crash never leaves a .npy outside the manifest
                         os.replace(out / f"{volume_key(rec['VolumeName'])}.tmp.npy", out / rec["file"])
         except OSError as e:   # a full disk, a file-size limit: every volume after would fail the same way
-            raise OSError(f"{out}: cannot write the cache ({e.strerror or e}; "
-                          f"{free_space(out)}): make room and rerun, what is "
-                          f"written stays done") from e
+            raise OSError(f"{out}: cannot write the cache ({e.strerror or e}; {free_space(out)}): make room and rerun, "
+                          f"what is written stays done") from e
         finally:
             if pool:
                 pool.shutdown(cancel_futures=True)
@@ -723,15 +720,15 @@ def read_sentence_labels(jsonl) -> dict[str, dict]:
 def read_labels(csv_path) -> dict[str, np.ndarray]:
     """CT-RATE multi-abnormality CSV -> {VolumeName: int64 (18,)} in ABNORMALITIES order (column order checked)."""
     rows = read_csv_rows(csv_path)
-    if rows and (columns := list(next(iter(rows.values())))[1:]) != ABNORMALITIES:
+    if (columns := list(next(iter(rows.values())))[1:]) != ABNORMALITIES:
         raise ValueError(f"{csv_path}: the label columns are not data.ABNORMALITIES, in order (missing: "
                          f"{[a for a in ABNORMALITIES if a not in columns]}, other: "
                          f"{[c for c in columns if c not in ABNORMALITIES]})")
-    return {k: np.array([_label(csv_path, k, a, r[a], {"0", "1", "0.0", "1.0"}) for a in ABNORMALITIES], np.int64)
-            for k, r in rows.items()}
+    return {k: np.array([_label(csv_path, k, a, r[a]) for a in ABNORMALITIES], np.int64) for k, r in rows.items()}
 
 
-def _label(csv_path, key: str, column: str, value: str, allowed: set) -> float:
+def _label(csv_path, key: str, column: str, value: str) -> float:
+    allowed = {"0", "1", "0.0", "1.0"}
     if value.strip() not in allowed:
         raise ValueError(f"{csv_path}: {key}, column {column}: {value!r} is not a label (one of {sorted(allowed)})")
     return float(value)
@@ -741,14 +738,14 @@ def read_radchestct_labels(csv_path) -> dict[str, np.ndarray]:
     """RAD-ChestCT labels (84 collapsed columns, or the 84x52 'abnormality*location' file) -> {NoteAcc_DEID:
     float (18,)} in ABNORMALITIES order: the max over the mapped columns; NaN where the mapping has none."""
     rows = read_csv_rows(csv_path, "NoteAcc_DEID")
-    header = list(next(iter(rows.values())))[1:] if rows else []
+    header = list(next(iter(rows.values())))[1:]
     sources = [h.split("*")[0] for h in header]
-    if rows and (missing := sorted(MAPPED - set(sources))):
+    if missing := sorted(MAPPED - set(sources)):
         raise ValueError(f"{csv_path}: no RAD-ChestCT label column for {missing}")
     cols = [[i for i, s in enumerate(sources) if s in RAD_TO_CTRATE[name]] for name in ABNORMALITIES]
-    out, allowed = {}, {"0", "1", "0.0", "1.0"}
+    out = {}
     for k, r in rows.items():
-        vals = np.array([_label(csv_path, k, h, r[h], allowed) if s in MAPPED else 0 for h, s in zip(header, sources)])
+        vals = np.array([_label(csv_path, k, h, r[h]) if s in MAPPED else 0 for h, s in zip(header, sources)])
         out[k] = np.array([float(vals[c].max() > 0) if c else np.nan for c in cols])
     return out
 
@@ -1019,8 +1016,7 @@ class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__[__doc__.index("Run:"):],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = make_parser(__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     command = lambda name, help: sub.add_parser(name, help=help, formatter_class=_ShowDefaults)
     a = command("preprocess", ".nii.gz / .npz -> int16 .npy cache (resumable)")
