@@ -557,8 +557,7 @@ def output_key(ckpt, caches: dict, questions: dict, reports: dict, report_names:
 
 def kept_outputs(path: Path, key: str) -> dict | None:
     """The outputs an earlier evaluation kept at `path` under the same key, else None (a file that does not read is
-    said and replaced). Rank 0 reads it and tells the other ranks, which then skip the run's generation too (and get
-    {})."""
+    said and replaced). Rank 0 reads it and tells the other ranks, which then skip the run's generation too ({})."""
     kept = None
     if get_rank() == 0 and path.is_file():
         try:
@@ -650,9 +649,8 @@ def provenance(args, argv: list[str]) -> dict:
     code = versions()   # the commit of this code, wherever evaluate.py is run from
     pkgs = ["torch", "transformers", "pycocoevalcap", "rouge-score", "bert-score", "scipy", "openai", "numpy"]
     return {"argv": list(argv), "args": dict(vars(args)),
-            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "git_commit": code["git_commit"], "python": code["python"], "versions": {p: _version(p) for p in pkgs},
-            "world_size": world_size(),
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": code["git_commit"],
+            "python": code["python"], "versions": {p: _version(p) for p in pkgs}, "world_size": world_size(),
             "java": shutil.which("java") is not None, "data_root": args.data_root, "preset": args.preset,
             "question_files": {},
             "judge_prompts_sha256": hashlib.sha256((LLM_SCORE_PROMPT + REASONING_PROMPT).encode()).hexdigest(),
@@ -805,7 +803,7 @@ def find_checkpoints(args) -> tuple[list[tuple[str, Path]], dict]:
         if not model.is_vlm_dir(c):
             hint = f"; {c / 'vlm'} is one" if model.is_vlm_dir(c / "vlm") else ""
             raise SystemExit(f"--ckpt {c} is not a VLM checkpoint (config.json and llm/){hint}")
-    found += [(Path(c).parent.name if Path(c).name == "vlm" else Path(c).name, Path(c)) for c in args.ckpt or []]
+        found.append((c.parent.name if c.name == "vlm" else c.name, c))   # <run>/vlm is labelled <run>
     first = {}
     for label, d in found:   # results.json keys runs by label: one would overwrite the other
         if label in first:
