@@ -522,15 +522,14 @@ class Run:
     """A stage's output folder: metrics.jsonl, resumable checkpoints under ckpt/, and stop requests.
 
     A fresh run starts a new metrics.jsonl and removes an earlier run's checkpoints (with --overwrite also its other
-    outputs: vlm/, curves.png, the encoder and its config.json). With resume=True the newest complete checkpoint is
-    loaded (`run.state`, or None; set it to None once loaded: it maps the checkpoint's file, which a later save may
-    delete), this rank's RNG state restored, and metrics.jsonl keeps the rows up to the step resumed from; a
-    checkpoint written with other flags (`args`, except RESUME_MAY_CHANGE) or another world size is refused: the run
-    would not continue as it began. `skipped` counts the optimizer steps the loop skipped (a
-    non-finite loss or gradient), over the whole run: it is saved with each checkpoint and resumed. An input of the
-    run (`inputs`: a checkpoint, a model folder) where the run writes is refused. Create it after
-    the model is built (building consumes RNG), before the loop. The folder is locked until cleanup_distributed: a
-    second process running there (an --overwrite would wipe the first's outputs) is refused."""
+    RUN_OUTPUTS). With resume=True the newest complete checkpoint is loaded (`run.state`, or None; set it to None once
+    loaded: it maps the checkpoint's file, which a later save may delete), this rank's RNG state restored, and
+    metrics.jsonl keeps the rows up to the step resumed from; a checkpoint written with other flags (`args`, except
+    RESUME_MAY_CHANGE) or another world size is refused: the run would not continue as it began. `skipped` counts the
+    optimizer steps the loop skipped (a non-finite loss or gradient), over the whole run: it is saved with each
+    checkpoint and resumed. An input of the run (`inputs`: a checkpoint, a model folder) where the run writes is
+    refused. Create it after the model is built (building consumes RNG), before the loop. The folder is locked until
+    cleanup_distributed: a second process running there (an --overwrite would wipe the first's outputs) is refused."""
 
     def __init__(self, out: str | Path, resume: bool, overwrite: bool = False, stop_at: int | None = None,
                  keep: int = 2, curves: tuple[str, ...] = (), save_every: int = 0, save_last: bool = False,
@@ -552,9 +551,9 @@ class Run:
         if self.world > 1:
             dist.barrier()  # every rank has looked at the folder before rank 0 changes it
         self.state = latest_train_state(self.out / "ckpt") if resume else None
-        self.start = self.state["step"] if self.state is not None else 0
-        self.skipped = self.state.get("skipped", 0) if self.state is not None else 0
+        self.start, self.skipped = 0, 0
         if self.state is not None:
+            self.start, self.skipped = self.state["step"], self.state.get("skipped", 0)
             rngs, saved = self.state["rng"], self.state.get("args") or {}
             same = lambda a, b: a == b or isinstance(a, str) and isinstance(b, str) and \
                 os.path.realpath(a) == os.path.realpath(b)   # a path spelled otherwise: "../x/" for "/tmp/x"
@@ -642,8 +641,8 @@ class Run:
 
     def close(self) -> None:
         """Restore the signal handlers, close metrics.jsonl and plot its curves (also after a stop request)."""
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if self._log is not None:
             self._log.close()
             self._log = None
