@@ -62,8 +62,8 @@ def test_help_keeps_the_flags_own_format_and_escapes_only_the_defaults_shown():
     p.add_argument("--warmup-frac", type=float, default=0.03, help="warm-up, 3 %% of the steps")
     p.add_argument("--n", type=int, default=4, help="n (%(type)s)")
     p.add_argument("--tag", default="5%", help="a tag")
-    p.add_argument("--vqa", action=argparse.BooleanOptionalAction, default=True,
-                   help="VQA items (default: %(default)s)")                  # what Python 3.10 makes of this flag
+    vqa = p.add_argument("--vqa", action=argparse.BooleanOptionalAction, default=True, help="VQA items")
+    vqa.help = "VQA items (default: %(default)s)"   # what Python 3.10's BooleanOptionalAction makes of it, on any Python
     p.add_argument("--enc", help="an encoder; unset = <data-root>/enc")
     p.add_argument("--mb", type=int, help="micro-batch; unset = all", default=8)
     runtime.parse_with_preset(p, [], {"tag": "10%", "vqa": False, "mb": None})
