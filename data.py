@@ -66,6 +66,7 @@ KNOWN_BAD = {"train_1267_a_4", "train_11755_a_3", "train_11755_a_4", "train_1438
 HU_MIN, HU_MAX, PAD_HU = -1000, 1000, -1024
 NORM_MEAN, NORM_STD = 0.4978, 0.2449  # the published encoder's normalisation
 RAD_SPACING = (0.8, 0.8, 0.8)  # RAD-ChestCT's isotropic voxel (mm): its .npz files store none
+LABEL_VALUES = ("0", "0.0", "1", "1.0")  # a label cell in CT-RATE's and RAD-ChestCT's labels CSVs
 
 
 @dataclass(frozen=True)
@@ -728,9 +729,8 @@ def read_labels(csv_path) -> dict[str, np.ndarray]:
 
 
 def _label(csv_path, key: str, column: str, value: str) -> float:
-    allowed = {"0", "1", "0.0", "1.0"}
-    if value.strip() not in allowed:
-        raise ValueError(f"{csv_path}: {key}, column {column}: {value!r} is not a label (one of {sorted(allowed)})")
+    if value.strip() not in LABEL_VALUES:
+        raise ValueError(f"{csv_path}: {key}, column {column}: {value!r} is not a label (one of {list(LABEL_VALUES)})")
     return float(value)
 
 
