@@ -67,9 +67,9 @@ PHANTOM = dict(llm="runs/warmup", vision_weights="runs/clip3d/vision_encoder.saf
                vqa=False, cache_features=True, lr=3e-3, epochs=6, batch_size=8)
 
 
-def parse_args(argv=None, phantom: dict = PHANTOM, doc: str = __doc__, prog: str | None = None):
+def parse_args(argv=None, phantom: dict = PHANTOM, doc: str = __doc__, prog: str | None = None, hide=()):
     """The flags with the paper's defaults, `phantom` overriding them under --preset phantom (the warm-up reuses
-    this parser with its own overrides, docstring and program name)."""
+    this parser with its own overrides, docstring and program name, and `hide`s from --help the flags it refuses)."""
     p = runtime.make_parser(doc, prog)
     g = runtime.data_flags(p)
     g.add_argument("--vqa", action=argparse.BooleanOptionalAction, default=True, help="VQA items besides reports")
@@ -101,6 +101,8 @@ def parse_args(argv=None, phantom: dict = PHANTOM, doc: str = __doc__, prog: str
     g.add_argument("--log-every", type=at_least(1), default=10)
     g.add_argument("--max-steps", type=at_least(1), default=None, help=HIDDEN)   # cap the schedule
     g.add_argument("--inject-nan", default=None, help=HIDDEN)            # STEP:RANK, poison that rank's input
+    for a in (a for a in p._actions if a.dest in hide):
+        a.help = HIDDEN
     return runtime.parse_with_preset(p, argv, phantom)
 
 

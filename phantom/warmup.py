@@ -101,7 +101,7 @@ def save_llm_dir(vlm: model.VLM, code: FindingCode, out: Path, meta: dict) -> No
 
 
 def main(argv=None) -> dict:
-    args, default = (sft.parse_args(a, WARMUP, __doc__, "python -m phantom warmup") for a in (argv, []))
+    args, default = (sft.parse_args(a, WARMUP, __doc__, "python -m phantom warmup", NOT_READ) for a in (argv, []))
     if given := [f"--{k.replace('_', '-')}" for k in NOT_READ if getattr(args, k) != getattr(default, k)]:
         raise SystemExit(f"python -m phantom warmup does not read {', '.join(given)}: leave them out")
     _, _, _, device = runtime.setup_distributed()

@@ -83,6 +83,19 @@ def test_warmup_refuses_the_sft_flags_it_does_not_read(tmp_path):
     assert not (tmp_path / "none").exists() and not (tmp_path / "out").exists()
 
 
+def test_warmup_help_lists_the_flags_it_reads_and_none_it_refuses(capsys):
+    """`python -m phantom warmup --help` shows sft.py's flags that the warm-up reads, with their defaults, and none
+    of those it refuses (it would stop on them)."""
+    with pytest.raises(SystemExit) as stop:
+        warmup.main(["--help"])
+    shown = capsys.readouterr().out
+    assert stop.value.code == 0 and shown.startswith("usage: python -m phantom warmup")
+    refused = {f"--{k.replace('_', '-')}" for k in warmup.NOT_READ} | {"--no-ram", "--no-vqa", "--no-grad-ckpt"}
+    assert not {f for f in re.findall(r"--[a-z-]+", shown) if f in refused}
+    for flag in ("--data-root", "--llm", "--lr", "--epochs", "--arw-lambda", "--out", "--resume", "--seed"):
+        assert f"  {flag} " in shown or f"  {flag}\n" in shown, flag
+
+
 def test_ensure_world_builds_the_tiny_llm_once_and_it_learns_the_phantom_language(phantom_world):
     out = phantom_world["tiny_llm"]
     assert out == Path(phantom_world["root"]) / "tiny_llm"
