@@ -63,7 +63,7 @@ def test_help_keeps_the_flags_own_format_and_escapes_only_the_defaults_shown():
     p.add_argument("--n", type=int, default=4, help="n (%(type)s)")
     p.add_argument("--tag", default="5%", help="a tag")
     vqa = p.add_argument("--vqa", action=argparse.BooleanOptionalAction, default=True, help="VQA items")
-    vqa.help = "VQA items (default: %(default)s)"   # what Python 3.10's BooleanOptionalAction makes of it, on any Python
+    vqa.help = "VQA items (default: %(default)s)"   # Python 3.10's BooleanOptionalAction makes this, on any Python
     p.add_argument("--enc", help="an encoder; unset = <data-root>/enc")
     p.add_argument("--mb", type=int, help="micro-batch; unset = all", default=8)
     runtime.parse_with_preset(p, [], {"tag": "10%", "vqa": False, "mb": None})
