@@ -103,6 +103,8 @@ def parse_args(argv=None, phantom: dict = PHANTOM, doc: str = __doc__, prog: str
     g.add_argument("--inject-nan", default=None, help=HIDDEN)            # STEP:RANK, poison that rank's input
     for a in (a for a in p._actions if a.dest in hide):
         a.help = HIDDEN
+    if "preset" in hide:   # no --preset to choose (the warm-up's): the overrides are the defaults --help shows
+        p.set_defaults(**phantom); phantom = {}
     return runtime.parse_with_preset(p, argv, phantom)
 
 

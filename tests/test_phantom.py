@@ -84,8 +84,8 @@ def test_warmup_refuses_the_sft_flags_it_does_not_read(tmp_path):
 
 
 def test_warmup_help_lists_the_flags_it_reads_and_none_it_refuses(capsys):
-    """`python -m phantom warmup --help` shows sft.py's flags that the warm-up reads, with their defaults, and none
-    of those it refuses (it would stop on them)."""
+    """`python -m phantom warmup --help` shows sft.py's flags that the warm-up reads, with the warm-up's defaults
+    (there is no --preset to choose), and none of those it refuses (it would stop on them)."""
     with pytest.raises(SystemExit) as stop:
         warmup.main(["--help"])
     shown = capsys.readouterr().out
@@ -94,6 +94,9 @@ def test_warmup_help_lists_the_flags_it_reads_and_none_it_refuses(capsys):
     assert not {f for f in re.findall(r"--[a-z-]+", shown) if f in refused}
     for flag in ("--data-root", "--llm", "--lr", "--epochs", "--arw-lambda", "--out", "--resume", "--seed"):
         assert f"  {flag} " in shown or f"  {flag}\n" in shown, flag
+    flags = " ".join(shown[shown.index("options:"):].split())
+    default = lambda k: re.search(rf"--{k.replace('_', '-')} \S+ (?:(?! --).)*?\(default: ([^)]*)\)", flags)[1]
+    assert "phantom:" not in shown and all(default(k) == str(warmup.WARMUP[k]) for k in ("out", "lr", "vit_preset"))
 
 
 def test_ensure_world_builds_the_tiny_llm_once_and_it_learns_the_phantom_language(phantom_world):
