@@ -101,8 +101,8 @@ def parse_args(argv=None, phantom: dict = PHANTOM, doc: str = __doc__, prog: str
     g.add_argument("--log-every", type=at_least(1), default=10)
     g.add_argument("--max-steps", type=at_least(1), default=None, help=HIDDEN)   # cap the schedule
     g.add_argument("--inject-nan", default=None, help=HIDDEN)            # STEP:RANK, poison that rank's input
-    for a in (a for a in p._actions if a.dest in hide):
-        a.help = HIDDEN
+    for action in p._actions:
+        action.help = HIDDEN if action.dest in hide else action.help
     if "preset" in hide:   # no --preset to choose (the warm-up's): the overrides are the defaults --help shows
         p.set_defaults(**phantom); phantom = {}
     return runtime.parse_with_preset(p, argv, phantom)
