@@ -416,7 +416,8 @@ def our_grpo_step(vlm, ref, optimizer, qs: list[dict], consistency, grpo_args, s
 
 
 def trl_grpo(args, hf_dir: Path, items: list[dict], consistency, out_dir: Path) -> dict:
-    """The same update with TRL's GRPOTrainer: same LLM, prompts, rewards, G, lengths, beta, lr, AdamW, clip."""
+    """The same update with TRL's GRPOTrainer: same LLM, prompts, rewards, G, lengths, beta, lr, AdamW, clip, and
+    no activation checkpointing."""
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -439,7 +440,8 @@ def trl_grpo(args, hf_dir: Path, items: list[dict], consistency, out_dir: Path) 
                      top_p=1.0, top_k=0, beta=args.beta, epsilon=0.2, num_iterations=1, loss_type="grpo",
                      learning_rate=args.lr, lr_scheduler_type="constant", weight_decay=0.0, optim="adamw_torch",
                      max_grad_norm=1.0, max_steps=args.grpo_steps + 1, use_cpu=True, bf16=False, report_to="none",
-                     save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, dataloader_num_workers=0)
+                     save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+                     **{ckpt_name(GRPOConfig): False})   # TRL's default is on; ours runs --no-grad-ckpt
     timer = StepTimer()
     trainer = GRPOTrainer(model=str(hf_dir), reward_funcs=[reward], args=cfg, train_dataset=ds,
                           processing_class=AutoTokenizer.from_pretrained(hf_dir), callbacks=[timer])
@@ -454,6 +456,7 @@ def trl_grpo(args, hf_dir: Path, items: list[dict], consistency, out_dir: Path) 
     trainer.train()
     tot = timer.times[1:]
     return {"sec_per_step": statistics.median(tot), "sec_all": [round(t, 4) for t in tot],
+            "grad_ckpt": bool(getattr(trainer.model, f"is_{ckpt_name(trainer.model)}")),
             "update_sec": statistics.median(t - r for t, r in zip(tot, rollout_times[1:])),
             "completion_len": statistics.mean(h["completions/mean_length"] for h in trainer.state.log_history
                                               if "completions/mean_length" in h)}
@@ -472,13 +475,13 @@ def bench_grpo(args, paths: dict, llm_dir, workdir: Path) -> dict:
     ref = copy.deepcopy(vlm).requires_grad_(False)
     vlm.set_trainable(vit=False, bridge=False, llm=True)               # text only: the LLM is the policy
     opt = runtime.adamw([p for p in vlm.parameters() if p.requires_grad], args.lr, 0.0)
-    gargs = grpo_args(args, args.grpo_new_tokens, "--no-grad-ckpt")   # as TRL runs it
+    gargs = grpo_args(args, args.grpo_new_tokens, "--no-grad-ckpt")   # as trl_grpo runs TRL
     ours = [our_grpo_step(vlm, ref, opt, items[k * Q:(k + 1) * Q], consistency, gargs, k)
             for k in range(n)][1:]
     tot = [o["rollout_sec"] + o["update_sec"] for o in ours]
     res = {"prompts": Q, "G": args.grpo_g, "max_new_tokens": args.grpo_new_tokens, "beta": args.beta,
            "ours": {"sec_per_step": statistics.median(tot), "sec_all": [round(t, 4) for t in tot],
-                    "update_sec": statistics.median(o["update_sec"] for o in ours),
+                    "grad_ckpt": gargs.grad_ckpt, "update_sec": statistics.median(o["update_sec"] for o in ours),
                     "completion_len": statistics.mean(o["completion_len"] for o in ours)}}
     del vlm, ref, opt
     try:
@@ -705,13 +708,20 @@ def autocast_cpu(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def ckpt_name(obj) -> str:
+    """transformers' name for activation checkpointing on a model or a training config: activation_checkpointing
+    where it has it (5.25+; the gradient_checkpointing names warn there), else gradient_checkpointing."""
+    return "activation_checkpointing" if hasattr(obj, "activation_checkpointing") or hasattr(
+        obj, "activation_checkpointing_enable") else "gradient_checkpointing"
+
+
 def set_llm_ckpt(llm, on: bool) -> None:
-    """The activation_checkpointing_* names where transformers has them (its gradient_checkpointing_* ones warn)."""
-    name = "activation" if hasattr(llm, "activation_checkpointing_enable") else "gradient"
+    """Activation checkpointing of an HF model on or off, under ckpt_name's names."""
+    name = ckpt_name(llm)
     if on:
-        getattr(llm, f"{name}_checkpointing_enable")({"use_reentrant": False})
-    elif getattr(llm, f"is_{name}_checkpointing"):
-        getattr(llm, f"{name}_checkpointing_disable")()
+        getattr(llm, f"{name}_enable")({"use_reentrant": False})
+    elif getattr(llm, f"is_{name}"):
+        getattr(llm, f"{name}_disable")()
 
 
 @contextmanager
