@@ -12,7 +12,8 @@ What it measures (every figure is the median of --repeats runs; ratios are alter
  2. sft         one SFT optimizer step (bridge trainable; ViT and LLM frozen) with the tiny and base ViT presets,
                 with and without --cache-features (the frozen ViT's tokens computed once and reused): sft.train_step.
  3. grpo        one GRPO update on the same tiny LLM, text-only prompts, same G, lengths, beta, lr, AdamW and grad
-                clip: ours (grpo.train_step) vs TRL's GRPOTrainer (transformers generate, no vLLM).
+                clip, neither with activation checkpointing: ours (grpo.train_step) vs TRL's GRPOTrainer
+                (transformers generate, no vLLM).
  4. cuda        (only when torch.cuda.is_available()) SFT samples/s, GRPO generated tokens/s, peak GPU memory and
                 model-FLOPs utilisation with the base ViT and a randomly initialised LLM of Qwen2.5-3B's shape,
                 through the same sft.train_step and grpo.train_step.
