@@ -2,11 +2,11 @@
 
 What it measures (every figure is the median of --repeats runs; ratios are alternative / ours, > 1 = we are faster):
  1. preprocess  one CT-RATE-sized int16 .nii.gz (512x512x300, 0.7x0.7x1.0 mm, synthesised in a temp dir):
-                (a) one-time preprocessing, data.py vs a CT-CLIP-style pipeline (float64 get_fdata + trilinear
-                torch resample + crop/pad) vs the equivalent MONAI transforms: seconds, peak RSS, max HU difference
+                (a) one-time preprocessing, data.py vs CT-CLIP's script (float64 get_fdata, float32 trilinear
+                torch resample, crop/pad) vs the equivalent MONAI transforms: seconds, peak RSS, max HU difference
                 of the outputs, and the share of our time spent decoding the gzip;
-                (b) what a training step pays per sample: our int16 cache (memmap + online_transform) vs loading the
-                .nii.gz on the fly the CT-CLIP way;
+                (b) what a training step pays per sample: our int16 cache (memmap + online_transform) vs CT-CLIP's
+                training input (a float32 .npz) and vs decoding and resampling the .nii.gz on the fly;
                 (c) sft.py's reading of a step's volumes around a GPU step (emulated by a wait, --gpu-ms-per-sample):
                 in the step, or read ahead in its thread during the step before.
  2. sft         one SFT optimizer step (bridge trainable; ViT and LLM frozen) with the tiny and base ViT presets,
@@ -239,8 +239,9 @@ def crop_or_pad(x: torch.Tensor, shape, fill: float) -> torch.Tensor:
 
 
 def ctclip_preprocess(path: Path, spacing, preset) -> np.ndarray:
-    """The CT-CLIP way: float64 get_fdata, trilinear torch resample to the target spacing, crop/pad, clamp."""
-    hu = nib.load(path).get_fdata()                                     # float64, v2 volumes are already HU
+    """CT-CLIP's preprocessing script in its dtypes: float64 get_fdata, float32 trilinear torch resample to the target
+    spacing, crop/pad, clamp (after the resample, as ours: CT-CLIP clamps before, which moves edges by up to ~24 HU)."""
+    hu = nib.load(path).get_fdata().astype(np.float32)                 # float64 decode; v2 volumes are already HU
     x = torch.from_numpy(hu)[None, None]                                # (1, 1, X, Y, Z)
     x = F.interpolate(x, size=resampled_size(hu.shape, spacing, preset.spacing), mode="trilinear", align_corners=False)
     x = crop_or_pad(x[0, 0], preset.shape, -1024.0)
@@ -283,21 +284,32 @@ def bench_preprocess(args, workdir: Path) -> dict:
     del runs, decode, ref
     gc.collect()
 
-    # (b) per-sample cost in a training step: our cache (memmap + online transform) vs CT-CLIP-style on-the-fly
+    # (b) per-sample cost in a training step: our cache (memmap + online transform) vs CT-CLIP's training input (a
+    # float32 .npz its preprocessing wrote: HU / 1000, (Z, X, Y)) and vs decoding and resampling the .nii.gz per sample
     csv = workdir / "metadata.csv"
     csv.write_text(",".join(meta) + "\n" + ",".join(f'"{v}"' for v in meta.values()) + "\n")
     data.preprocess_dir(workdir / "dataset" / "valid_fixed", workdir / "cache", metadata=csv, preset=preset,
                         progress=False)
     cache, rng = data.VolumeCache(workdir / "cache"), np.random.default_rng(0)
     cached = measure(lambda: data.online_transform(cache.load(meta["VolumeName"]), preset, train=True, rng=rng), n * 3)
+    npz = workdir / "ctclip_train.npz"
+    np.savez(npz, (np.asarray(cache.load(meta["VolumeName"]), np.float32) / 1000).transpose(2, 0, 1))
+
+    def ctclip_npz():   # CT-CLIP's training loader: load, back to (X, Y, Z) and HU, clip; our crop and normalisation
+        vol = np.clip(np.load(npz)["arr_0"].transpose(1, 2, 0) * 1000, -1000, 1000)
+        return data.online_transform(vol, preset, train=True, rng=rng)
+
+    npz_run = measure(ctclip_npz, n * 3)
 
     def on_the_fly():
         vol = ctclip_preprocess(path, spacing, preset)                  # CT-CLIP decodes + resamples per sample
         return data.online_transform(vol, preset, train=True, rng=rng)
 
     fly = measure(on_the_fly, n)
-    res["per_sample"] = {"cache_sec": cached["sec"], "cache_peak_mb": cached["peak_mb"], "on_the_fly_sec": fly["sec"],
-                         "on_the_fly_peak_mb": fly["peak_mb"], "ratio": fly["sec"] / cached["sec"]}
+    res["per_sample"] = {"cache_sec": cached["sec"], "cache_peak_mb": cached["peak_mb"], "npz_sec": npz_run["sec"],
+                         "npz_peak_mb": npz_run["peak_mb"], "npz_ratio": npz_run["sec"] / cached["sec"],
+                         "on_the_fly_sec": fly["sec"], "on_the_fly_peak_mb": fly["peak_mb"],
+                         "ratio": fly["sec"] / cached["sec"]}
 
     # (c) sft.py's volume reading around a GPU step: in the step (serial) or read ahead in its thread
     gpu, steps = args.gpu_ms_per_sample / 1e3, 8
@@ -428,10 +440,11 @@ def trl_grpo(args, hf_dir: Path, items: list[dict], consistency, out_dir: Path) 
         def on_step_begin(self, *a, **k): self.t0 = time.perf_counter()
         def on_step_end(self, *a, **k): self.times.append(time.perf_counter() - self.t0)
 
-    def reward(completions, answer, options, report, **_):
-        texts = [c[0]["content"] for c in completions]                  # TRL strips the EOS; count all as finished
+    def reward(completions, completion_ids, answer, options, report, **_):
+        texts = [c[0]["content"] for c in completions]                  # decoded without the EOS, which the ids
+        finished = [bool(ids) and ids[-1] == eos for ids in completion_ids]   # keep: truncated ones as ours read them
         qs = [{"answer": a, "options": json.loads(o)} for a, o in zip(answer, options)]
-        return grpo_rewards(texts, [True] * len(texts), qs, list(report), consistency).tolist()
+        return grpo_rewards(texts, finished, qs, list(report), consistency).tolist()
 
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": data.mmvqa_prompt(q, think=True)}],
                              "answer": q["answer"], "options": json.dumps(q["options"]),
@@ -442,10 +455,12 @@ def trl_grpo(args, hf_dir: Path, items: list[dict], consistency, out_dir: Path) 
                      learning_rate=args.lr, lr_scheduler_type="constant", weight_decay=0.0, optim="adamw_torch",
                      max_grad_norm=1.0, max_steps=args.grpo_steps + 1, use_cpu=True, bf16=False, report_to="none",
                      save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+                     use_bias_correction_kl=False,       # TRL's default multiplies the KL by the ratio; ours: k3
                      **{ckpt_name(GRPOConfig): False})   # TRL's default is on; ours runs --no-grad-ckpt
-    timer = StepTimer()
+    timer, tokenizer = StepTimer(), AutoTokenizer.from_pretrained(hf_dir)
+    eos = tokenizer.eos_token_id
     trainer = GRPOTrainer(model=str(hf_dir), reward_funcs=[reward], args=cfg, train_dataset=ds,
-                          processing_class=AutoTokenizer.from_pretrained(hf_dir), callbacks=[timer])
+                          processing_class=tokenizer, callbacks=[timer])
     rollout, rollout_times = trainer._generate_and_score_completions, []   # generate + rewards + reference log-probs
 
     def timed_rollout(*a, **k):
@@ -477,12 +492,13 @@ def bench_grpo(args, paths: dict, llm_dir, workdir: Path) -> dict:
     vlm.set_trainable(vit=False, bridge=False, llm=True)               # text only: the LLM is the policy
     opt = runtime.adamw([p for p in vlm.parameters() if p.requires_grad], args.lr, 0.0)
     gargs = grpo_args(args, args.grpo_new_tokens, "--no-grad-ckpt")   # as trl_grpo runs TRL
+    vlm.set_grad_checkpointing(gargs.grad_ckpt)
     ours = [our_grpo_step(vlm, ref, opt, items[k * Q:(k + 1) * Q], consistency, gargs, k)
             for k in range(n)][1:]
     tot = [o["rollout_sec"] + o["update_sec"] for o in ours]
     res = {"prompts": Q, "G": args.grpo_g, "max_new_tokens": args.grpo_new_tokens, "beta": args.beta,
            "ours": {"sec_per_step": statistics.median(tot), "sec_all": [round(t, 4) for t in tot],
-                    "grad_ckpt": gargs.grad_ckpt, "update_sec": statistics.median(o["update_sec"] for o in ours),
+                    "grad_ckpt": bool(vlm.ckpt_layers), "update_sec": statistics.median(o["update_sec"] for o in ours),
                     "completion_len": statistics.mean(o["completion_len"] for o in ours)}}
     del vlm, ref, opt
     try:
@@ -963,7 +979,8 @@ def table(res: dict) -> str:
     if p:
         rows += [f"preprocess gzip+NIfTI decode {p['decode']['sec']:.2f} s "
                  f"= {p['decode']['share_of_ours']:.0%} of ours",
-                 f"per sample: cache {p['per_sample']['cache_sec'] * 1e3:.0f} ms, on the fly "
+                 f"per sample: cache {p['per_sample']['cache_sec'] * 1e3:.0f} ms, CT-CLIP's .npz "
+                 f"{p['per_sample']['npz_sec'] * 1e3:.0f} ms ({p['per_sample']['npz_ratio']:.1f}x), on the fly "
                  f"{p['per_sample']['on_the_fly_sec']:.2f} s ({p['per_sample']['ratio']:.0f}x)",
                  f"sft per sample around a {p['read_ahead']['gpu_ms_per_sample']:.0f} ms GPU step: reading in the step "
                  f"{p['read_ahead']['serial_ms_per_sample']:.1f} ms, read ahead "

@@ -43,6 +43,7 @@ def test_preprocess_runs_and_writes_json(tmp_path):
             assert p[k]["sec_per_volume"] > 0 and p[k]["peak_mb"] >= 0
             assert p[k]["max_hu_diff_vs_ours"] <= 1, k     # same pipeline up to float rounding
     assert 0 < p["decode"]["share_of_ours"] and p["per_sample"]["cache_sec"] > 0
+    assert p["per_sample"]["npz_ratio"] == pytest.approx(p["per_sample"]["npz_sec"] / p["per_sample"]["cache_sec"])
     reading = p["read_ahead"]                                  # every emulated step waits for its GPU time
     assert reading["serial_ms_per_sample"] >= 24 and reading["read_ahead_ms_per_sample"] >= 24
     assert res["preprocess"]["ours"]["sec_per_volume"] == p["ours"]["sec_per_volume"]
