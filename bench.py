@@ -161,19 +161,27 @@ def rss_peak_mb():
 def measure(fn, repeats: int, warmup: int = 1) -> dict:
     """Run fn() `warmup` times untimed (first-call costs: lazy imports, allocator growth, caches), then `repeats`
     times: median seconds, median peak RSS above the RSS before the call (MB, `rss_peak_mb`), last output."""
-    for _ in range(warmup):
-        fn()
-    times, peaks, out = [], [], None
+    return measure_each({"fn": fn}, repeats, warmup)["fn"]
+
+
+def measure_each(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """measure() of each function, their repeats taken in turn (one of each per round), so that a slow phase of the
+    machine (this VM has some, of seconds to minutes) falls on every side alike rather than on one side's block."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times, peaks, outs = ({k: [] for k in fns} for _ in range(3))
     for _ in range(repeats):
-        out = None
-        gc.collect()
-        with rss_peak_mb() as peak:
-            t0 = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - t0)
-        peaks.append(peak["mb"])
-    return {"sec": statistics.median(times), "sec_all": [round(t, 4) for t in times],
-            "peak_mb": statistics.median(peaks), "out": out}
+        for k, fn in fns.items():
+            outs[k] = None
+            gc.collect()
+            with rss_peak_mb() as peak:
+                t0 = time.perf_counter()
+                outs[k] = fn()
+                times[k].append(time.perf_counter() - t0)
+            peaks[k].append(peak["mb"])
+    return {k: {"sec": statistics.median(times[k]), "sec_all": [round(t, 4) for t in times[k]],
+                "peak_mb": statistics.median(peaks[k]), "out": outs[k]} for k in fns}
 
 
 def max_hu_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -270,12 +278,14 @@ def bench_preprocess(args, workdir: Path) -> dict:
 
     res = {"volume": {"shape": list(shape), "spacing_mm": list(spacing), "preset": preset.name,
                       "nii_gz_mb": round(path.stat().st_size / 2**20, 1)}}
-    runs = {"ours": measure(ours, n), "ctclip": measure(lambda: ctclip_preprocess(path, spacing, preset), n)}
+    fns = {"ours": ours, "ctclip": lambda: ctclip_preprocess(path, spacing, preset),
+           "decode": lambda: np.asanyarray(nib.load(path).dataobj)}   # gzip + NIfTI decode of the int16 voxels
     try:
-        runs["monai"] = measure(monai_preprocess(path, spacing, preset), n)
+        fns["monai"] = monai_preprocess(path, spacing, preset)
     except ImportError as e:
         res["monai_skipped"] = f"MONAI not installed ({e}); pip install -r requirements-bench.txt"
-    decode = measure(lambda: np.asanyarray(nib.load(path).dataobj), n)  # gzip + NIfTI decode of the int16 voxels
+    runs = measure_each(fns, n)
+    decode = runs.pop("decode")
     ref = runs["ours"]["out"]
     for k, r in runs.items():
         res[k] = {"sec_per_volume": r["sec"], "sec_all": r["sec_all"], "peak_mb": r["peak_mb"],
@@ -291,7 +301,6 @@ def bench_preprocess(args, workdir: Path) -> dict:
     data.preprocess_dir(workdir / "dataset" / "valid_fixed", workdir / "cache", metadata=csv, preset=preset,
                         progress=False)
     cache, rng = data.VolumeCache(workdir / "cache"), np.random.default_rng(0)
-    cached = measure(lambda: data.online_transform(cache.load(meta["VolumeName"]), preset, train=True, rng=rng), n * 3)
     npz = workdir / "ctclip_train.npz"
     np.savez(npz, (np.asarray(cache.load(meta["VolumeName"]), np.float32) / 1000).transpose(2, 0, 1))
 
@@ -299,7 +308,9 @@ def bench_preprocess(args, workdir: Path) -> dict:
         vol = np.clip(np.load(npz)["arr_0"].transpose(1, 2, 0) * 1000, -1000, 1000)
         return data.online_transform(vol, preset, train=True, rng=rng)
 
-    npz_run = measure(ctclip_npz, n * 3)
+    cached, npz_run = measure_each({"cache": lambda: data.online_transform(cache.load(meta["VolumeName"]), preset,
+                                                                          train=True, rng=rng),
+                                    "npz": ctclip_npz}, n * 3).values()
 
     def on_the_fly():
         vol = ctclip_preprocess(path, spacing, preset)                  # CT-CLIP decodes + resamples per sample

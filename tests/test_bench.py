@@ -105,6 +105,14 @@ def test_measure_reports_median_and_peak_memory():
     assert 100 < r["peak_mb"] < 400 and r["out"] == 128 * 256
 
 
+def test_measure_each_takes_the_sides_repeats_in_turn():
+    """A comparison's sides run one repeat each per round, so that a slow phase of the machine is shared by all."""
+    calls = []
+    r = bench.measure_each({k: (lambda k=k: calls.append(k) or k) for k in ("ours", "alt")}, 3)
+    assert calls == ["ours", "alt"] + ["ours", "alt"] * 3                   # warm-ups, then three rounds
+    assert [r[k]["out"] for k in ("ours", "alt")] == ["ours", "alt"] and len(r["alt"]["sec_all"]) == 3
+
+
 def test_peak_memory_is_sampled_where_vmhwm_misses_it(monkeypatch):
     if not rss_counts_held_pages():
         pytest.skip("this kernel's RSS does not count pages a process fills and holds: no peak can be measured")
