@@ -165,15 +165,17 @@ def measure(fn, repeats: int, warmup: int = 1) -> dict:
 
 
 def measure_each(fns: dict, repeats: int, warmup: int = 1) -> dict:
-    """measure() of each function, their repeats taken in turn (one of each per round), so that a slow phase of the
-    machine (this VM has some, of seconds to minutes) falls on every side alike rather than on one side's block."""
+    """measure() of each function, their repeats taken in turn (one of each per round, the order rotated from round to
+    round), so that neither a slow phase of the machine nor what the function before left in memory (this VM's page
+    faults cost 2-4x more after some functions than after others) falls on one side more than on another."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times, peaks, outs = ({k: [] for k in fns} for _ in range(3))
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            outs[k] = None
+    keys = list(fns)
+    for r in range(repeats):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            fn, outs[k] = fns[k], None
             gc.collect()
             with rss_peak_mb() as peak:
                 t0 = time.perf_counter()
