@@ -97,6 +97,8 @@ def test_warmup_help_lists_the_flags_it_reads_and_none_it_refuses(capsys):
     flags = " ".join(shown[shown.index("options:"):].split())
     default = lambda k: re.search(rf"--{k.replace('_', '-')} \S+ (?:(?! --).)*?\(default: ([^)]*)\)", flags)[1]
     assert "phantom:" not in shown and all(default(k) == str(warmup.WARMUP[k]) for k in ("out", "lr", "vit_preset"))
+    out_help = re.search(r"--out OUT (.*?) \(default", flags)[1]   # what the warm-up writes, not sft.py's vlm/
+    assert out_help.startswith(warmup.OUTPUTS) and "vlm/" not in out_help
 
 
 def test_ensure_world_builds_the_tiny_llm_once_and_it_learns_the_phantom_language(phantom_world):
