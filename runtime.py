@@ -674,7 +674,7 @@ def plot_curves(metrics: str | Path, series: tuple[str, ...], png: str | Path) -
 
 
 # ==== Command lines: the paper's defaults on the flags, the phantom world's overrides in one dict per stage ========
-HIDDEN = argparse.SUPPRESS  # help text of flags only the tests use (--stop-at, --max-steps, --inject-nan)
+HIDDEN = argparse.SUPPRESS  # help text of flags only tests use (--stop-at, --max-steps, --inject-nan) or a caller hides
 
 
 def at_least(low: int | float, high: float = math.inf):

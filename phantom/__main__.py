@@ -18,7 +18,7 @@ def main(argv=None) -> None:
         sys.exit(runtime.exit_code())
     ap = argparse.ArgumentParser(prog="python -m phantom", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("quickstart", help="every stage in turn, then the time and results tables (--fresh: redo all)")
+    sub.add_parser("quickstart", help="every stage, two at a time, then the time and result tables (--fresh: redo all)")
     sub.add_parser("warmup", help="train the tiny LLM (flags: python -m phantom warmup --help)")
     for name, text in (("world", "build the whole world (dataset, caches, labels, questions, tiny models)"),
                        ("dataset", "write only the raw dataset (CT-RATE v2 layout + RAD-ChestCT subset)")):
