@@ -30,6 +30,9 @@ def test_whole_chain_hands_off(phantom_world, tmp_path):
         "--tasks", "mmvqa,reports", "--n-mmvqa", "2", "--n-reports", "1", "--max-new-tokens", "8",
         "--max-report-tokens", "8")
     results = json.loads((runs / "eval" / "results.json").read_text())
-    text = json.dumps(results)
-    assert "sft" in text and "grpo" in text  # both stages' checkpoints were found, loaded and evaluated
-    assert (runs / "eval" / "results.md").read_text().strip()
+    assert sorted(results["runs"]) == ["grpo", "sft"]   # both stages' checkpoints were found, loaded and evaluated
+    for evaluated in results["runs"].values():
+        assert [s[p]["n"] for s in evaluated["mmvqa"].values() for p in ("think", "no_think")] == [2] * 4
+        assert evaluated["reports"]["per_item"] and all(len(v) == 1 for v in evaluated["reports"]["per_item"].values())
+    table = (runs / "eval" / "results.md").read_text()
+    assert all(f"\n| {label} |" in table for label in ("sft", "grpo"))
