@@ -585,17 +585,15 @@ class Chat:
     rejects (None or ValueError) is an error, never retried or cached. Valid replies are cached per (endpoint, model,
     prompt) under `cache_dir` when given. The key comes from the variable `key_env`, never logged or saved."""
 
-    def __init__(self, base_url, model, key_env="OPENAI_API_KEY", cache_dir=None, timeout=60.0, retries=3, workers=4,
-                 client=None):
+    def __init__(self, base_url, model, key_env="OPENAI_API_KEY", cache_dir=None, timeout=60.0, retries=3, workers=4):
         import openai
-        if not model or not (base_url or client):
+        if not model or not base_url:
             raise ValueError(f"an OpenAI-compatible endpoint needs a base URL (a flag's or $OPENAI_BASE_URL) and a "
                              f"model, got {base_url!r}, {model!r}")
         self.base_url, self.model, self.retries, self.workers = base_url, model, retries, max(1, workers)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._key = os.environ.get(key_env) or "EMPTY"  # local servers accept any key
-        self.client = client or openai.OpenAI(base_url=base_url, api_key=self._key, timeout=timeout,
-                                              max_retries=retries)
+        self.client = openai.OpenAI(base_url=base_url, api_key=self._key, timeout=timeout, max_retries=retries)
 
     def ask(self, prompt: str, parse, max_tokens: int | None = None) -> tuple[object, str | None]:
         """(parse(reply), None), or (None, the error) for a failed request or a rejected reply."""

@@ -99,8 +99,8 @@ JUDGE_PROMPT = ("You grade a model's diagnostic reasoning about a chest CT again
 
 
 def make_consistency_scorer(spec: str, thresholds: list[float] | None = None, levels: list[float] | None = None,
-                            device: str | torch.device = "cpu", judge_failures: str = "fail",
-                            client=None) -> Callable[[list[str], list[str]], list[float]]:
+                            device: str | torch.device = "cpu",
+                            judge_failures: str = "fail") -> Callable[[list[str], list[str]], list[float]]:
     """Build `score(thinks, reports) -> levels` for --consistency offline | rm:PATH | judge:MODEL | none. A completion
     without a <think> text scores 0 without consulting any model; a judge call that fails or does not return an
     integer raises (judge_failures="fail") or yields NaN (="exclude"; the trainer drops that group)."""
@@ -134,9 +134,9 @@ def make_consistency_scorer(spec: str, thresholds: list[float] | None = None, le
                         add_special_tokens=not tok.chat_template).to(device)                  # holds BOS already
             return rm(**batch).logits[:, 0].float().tolist()
     else:
-        if not (os.environ.get("OPENAI_BASE_URL") or client):
+        if not os.environ.get("OPENAI_BASE_URL"):
             raise ValueError(f"--consistency {spec} needs the endpoint's URL in $OPENAI_BASE_URL")
-        chat = data.Chat(os.environ.get("OPENAI_BASE_URL"), arg, client=client)
+        chat = data.Chat(os.environ["OPENAI_BASE_URL"], arg)
 
         def judge_one(think: str, report: str) -> float:
             grade, error = chat.ask(JUDGE_PROMPT.format(report=report, think=think), max_tokens=8,

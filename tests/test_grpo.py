@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -186,19 +188,51 @@ def test_model_scorers_need_a_local_directory_or_an_endpoint(tmp_path, monkeypat
         make_consistency_scorer("judge:deepseek-chat")
 
 
-class FakeJudge:
-    def __init__(self, replies):
-        self.replies, self.calls = list(replies), 0
-        self.chat = self
-        self.completions = self
+class ScriptedJudge:
+    """A local OpenAI-compatible endpoint that gives `replies` in turn: a str is the reply's text, an int an HTTP
+    error status (400: one the client does not retry)."""
 
-    def create(self, **kw):
-        self.calls += 1
-        reply = self.replies.pop(0)
-        if isinstance(reply, Exception):
-            raise reply
-        msg = type("M", (), {"content": reply})
-        return type("R", (), {"choices": [type("C", (), {"message": msg})]})
+    def __init__(self, replies):
+        self.replies, self.requests = list(replies), 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests += 1
+                reply = outer.replies.pop(0)
+                status, answer = (reply, {"error": {"message": "bad request"}}) if isinstance(reply, int) else (
+                    200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                          "choices": [{"index": 0, "finish_reason": "stop",
+                                       "message": {"role": "assistant", "content": reply}}]})
+                raw = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def judge_at(monkeypatch):
+    """start(replies): a ScriptedJudge, which $OPENAI_BASE_URL then names."""
+    servers = []
+
+    def start(replies):
+        servers.append(ScriptedJudge(replies))
+        monkeypatch.setenv("OPENAI_BASE_URL", servers[-1].url)
+        return servers[-1]
+    yield start
+    for s in servers:
+        s.httpd.shutdown()
+        s.httpd.server_close()
 
 
 def test_a_judge_scorer_without_an_endpoint_names_the_variable(monkeypatch):
@@ -207,15 +241,22 @@ def test_a_judge_scorer_without_an_endpoint_names_the_variable(monkeypatch):
         make_consistency_scorer("judge:m")
 
 
-def test_judge_scorer():
-    score = make_consistency_scorer("judge:some-model", client=FakeJudge(["7", " 10 ", "1"]))
+def test_judge_scorer(judge_at, monkeypatch):
+    """GRPO's `judge:` scorer against a real endpoint: replies 0-10 become levels; a failed request or an unparseable
+    reply stops the run, or with judge_failures="exclude" gives NaN; an empty <think> asks nothing."""
+    judge_at(["7", " 10 ", "1"])
+    score = make_consistency_scorer("judge:some-model")
     assert score(["a", "b", "c"], [REPORT] * 3) == [0.8, 1.0, 0.0]
-    judge = FakeJudge(["9", ConnectionError("down"), "maybe"])
-    score = make_consistency_scorer("judge:m", client=judge, judge_failures="exclude")
+    judge = judge_at(["9", 400, "maybe"])
+    score = make_consistency_scorer("judge:m", judge_failures="exclude")
     got = score(["a", "b", "c", ""], [REPORT] * 4)
-    assert got[0] == 0.8 and math.isnan(got[1]) and math.isnan(got[2]) and got[3] == 0.0 and judge.calls == 3
-    with pytest.raises(RuntimeError, match="judge"):
-        make_consistency_scorer("judge:m", client=FakeJudge([ConnectionError("down")]))(["a"], [REPORT])
+    assert got[0] == 0.8 and math.isnan(got[1]) and math.isnan(got[2]) and got[3] == 0.0 and judge.requests == 3
+    judge_at([400])
+    with pytest.raises(RuntimeError, match="judge 'm' failed: BadRequestError"):
+        make_consistency_scorer("judge:m")(["a"], [REPORT])
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")       # nothing listens: after the client's retries
+    with pytest.raises(RuntimeError, match="judge 'm' failed: APIConnectionError after 4 attempts"):
+        make_consistency_scorer("judge:m")(["a"], [REPORT])
 
 
 # --------------------------------------------------------------------------------------------------------------------
