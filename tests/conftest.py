@@ -1,6 +1,7 @@
 """Shared fixtures: a small phantom world built once per test session."""
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,10 @@ def curve_points(png) -> dict:
         return json.loads(im.info["Description"])["points"]
 
 
-def group(pid: int) -> list[str]:
-    """The pids still in process group `pid`."""
-    return subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.split()
+def group(pid: int, wait: float = 0.0) -> list[str]:
+    """The pids still in process group `pid`; with `wait`, those left after up to `wait` seconds for it to empty."""
+    deadline = time.monotonic() + wait
+    while (left := subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.split()) \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left

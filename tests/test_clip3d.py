@@ -381,15 +381,13 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits(phanto
     assert proc.returncode == 143 and "Traceback" not in out, out[-2000:]
     step = int(out.split("stopped by SIGTERM after step ")[1].split(":")[0])
     assert (tmp_path / "ckpt" / f"step_{step:08d}" / "state.pt").is_file()
-    time.sleep(1)
-    assert group(proc.pid) == []                                           # no orphan
+    assert group(proc.pid, wait=30) == []                                  # no orphan
 
 
 def test_an_error_with_loader_workers_alive_ends_the_process(phantom_world, tmp_path):
     """A volume that does not load fails in a DataLoader worker and ends the run with that error and a non-zero
     status. The error's traceback keeps the workers' iterator alive, and the workers ignore SIGTERM (above), so at exit
     multiprocessing would wait for them forever: runtime.data_loader's workers are killed there instead."""
-    import time
     root = Path(shutil.copytree(phantom_world["root"], tmp_path / "world"))
     cache = root / Path(phantom_world["train_cache"]).relative_to(phantom_world["root"])
     for f in cache.glob("*.npy"):
@@ -401,8 +399,7 @@ def test_an_error_with_loader_workers_alive_ends_the_process(phantom_world, tmp_
         os.killpg(proc.pid, 9)
         raise AssertionError("clip3d.py hung after its error") from None
     assert proc.returncode == 1 and "not the int16" in out and "preprocess it again" in out, out[-2000:]
-    time.sleep(1)
-    assert group(proc.pid) == []                                           # no orphan
+    assert group(proc.pid, wait=30) == []                                  # no orphan
 
 
 def test_a_skipped_step_is_counted_in_the_checkpoint(phantom_world, tmp_path, monkeypatch):

@@ -683,6 +683,8 @@ class FakeLLM(BaseHTTPRequestHandler):
         FakeLLM.requests += 1
         time.sleep(FakeLLM.delay)      # a slow endpoint: concurrent requests overlap
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if FakeLLM.mode == "429" and not FakeLLM.limited_until:   # rate-limited for 0.8 s from the first request
+            FakeLLM.limited_until = time.monotonic() + 0.8
         limited = FakeLLM.mode == "429" and time.monotonic() < FakeLLM.limited_until
         if self.path != "/v1/chat/completions" or FakeLLM.mode == "error" or limited:
             self.send_response(429 if limited else 500)
@@ -770,7 +772,7 @@ def test_openai_labeller_names_replies_that_hold_no_labels_and_counts_only_the_a
 
 def test_openai_labeller_waits_out_a_rate_limit(fake_llm, tmp_path):
     lab = data.OpenAILabeller(fake_llm, "fake-model", "NO_KEY_ENV", tmp_path / "cache", timeout=5, retries=2)
-    FakeLLM.mode, FakeLLM.limited_until = "429", time.monotonic() + 0.8     # rate-limited for 0.8 s from now on
+    FakeLLM.mode, FakeLLM.limited_until = "429", 0.0
     assert lab(["Cardiomegaly is seen."]) == [True] and FakeLLM.requests == 2   # 429, waited as told, then served
 
 

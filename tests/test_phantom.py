@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -130,11 +129,7 @@ def test_ensure_world_in_a_script_without_the_main_guard_fails_with_the_fix_not_
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 1, out[-2000:]
     assert "call it under `if __name__ == '__main__':`" in out
-    for _ in range(20):   # the workers end within seconds of their parent (init reaps them)
-        if not (left := group(proc.pid)):
-            break
-        time.sleep(0.5)
-    assert left == [], left
+    assert group(proc.pid, wait=10) == []   # the workers end within seconds of their parent (init reaps them)
 
 
 @pytest.mark.parametrize("argv, message", [
