@@ -561,6 +561,7 @@ def test_an_empty_rescale_cell_of_a_raw_volume_is_named(tmp_path):
         data.read_ctrate_volume(path, {**row, "RescaleSlope": "1", "RescaleIntercept": ""})
 
 
+@needs_real
 def test_summary_counts_every_file_and_the_cli_fails_on_bad_files(tmp_path, capsys):
     rows = real_meta_rows()
     names = sorted(rows)[:4]

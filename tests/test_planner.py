@@ -71,7 +71,7 @@ def test_the_planned_reference_is_the_frozen_models_bytes(tmp_path):
     assert plan(tmp_path)["grpo ddp"]["reference policy"] == pytest.approx(sum(held.values()), rel=5e-3)
 
 
-def test_bad_inputs_are_named(tmp_path):
+def test_bad_inputs_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--llm-config .*missing.json: no such file"):
         plan(tmp_path, "--llm-config", tmp_path / "missing.json")
     (tmp_path / "cfg").mkdir()
@@ -80,6 +80,7 @@ def test_bad_inputs_are_named(tmp_path):
         plan(tmp_path, "--llm-config", tmp_path / "cfg")
     with pytest.raises(SystemExit):
         bench.parse_args(["--micro-batch", "-1"])
+    assert "--micro-batch: must be at least 0, not -1" in capsys.readouterr().err
 
 
 def test_live_bytes_counts_storages_once_and_leaves_out_gradients():

@@ -4,6 +4,7 @@ import ast
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -370,7 +371,9 @@ def test_numeric_flags_refuse_values_no_run_can_use(stage, argv, said, capsys):
     with pytest.raises(SystemExit):
         parse(argv)
     assert said in capsys.readouterr().err
-    assert parse([argv[0], "1"])   # the smallest value in range parses
+    low = re.search(r"at least ([-\d.e]+)", said)                          # the smallest value in range parses
+    value = low[1] if low else "1"
+    assert float(getattr(parse([argv[0], value]), argv[0][2:].replace("-", "_"))) == float(value)
 
 
 def test_data_commands_refuse_a_spacing_or_share_no_run_can_use(capsys):
@@ -577,8 +580,8 @@ def test_writes_cut_short_by_a_full_disk_keep_the_earlier_files_and_leave_no_tem
 
 def test_an_out_folder_that_cannot_be_written_stops_the_run_naming_it_and_the_flag(tmp_path):
     """--out an existing file, or (as a user other than root, whom permissions do not stop) a read-only folder: a
-    stage, preprocessing and evaluation stop naming the folder and --out (a FileExistsError or PermissionError
-    traceback before)."""
+    stage and preprocessing stop naming the folder and --out (a FileExistsError or PermissionError traceback before;
+    evaluate.py's --out is tested in test_evaluate.py)."""
     (tmp_path / "file").write_text("")
     bad = [tmp_path / "file", tmp_path / "file" / "sub"]
     if os.geteuid() != 0:
