@@ -1,4 +1,5 @@
 """Shared fixtures: a small phantom world built once per test session."""
+import os
 import subprocess
 import sys
 import time
@@ -34,3 +35,14 @@ def group(pid: int, wait: float = 0.0) -> list[str]:
             and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
+
+
+def torchrun(nproc: int, *args, timeout=900) -> subprocess.CompletedProcess:
+    """`args` (a script and its arguments) under torchrun with `nproc` processes (gloo on the CPU); it must succeed."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
+    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "Grad strides do not match" not in res.stderr                   # DDP copies no gradient
+    return res

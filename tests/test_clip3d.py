@@ -14,22 +14,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import curve_points, group
+from conftest import curve_points, group, torchrun
 import clip3d
 import model as M
 
 ROOT = Path(__file__).resolve().parents[1]
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def torchrun(nproc: int, *args, timeout=900):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "Grad strides do not match" not in res.stderr                   # DDP copies no gradient
-    return res
 
 
 def test_loss_equals_reference_on_fixed_embeddings():
@@ -259,6 +250,21 @@ def test_micro_batches_give_the_loss_and_gradient_of_the_whole_batch(phantom_wor
         loss.backward()
         own.append(loss.item())
     assert abs(sum(own) - whole_loss) > 1e-2 and relative_difference([p.grad for p in net.parameters()], whole) > 0.1
+
+
+def test_the_learned_temperature_stays_between_0_01_and_1(phantom_world):
+    """logit_scale is the log of the logits' scale: after each step it is clamped to [0, log 100], so the temperature
+    stays within [0.01, 1] (a clamp at 100 would let the scale reach e^100 and the logits overflow)."""
+    from types import SimpleNamespace
+    net, tok = clip_net(phantom_world["text_encoder"], dropout=0.0)
+    volumes = torch.randn(2, 1, 64, 64, 32, generator=torch.Generator().manual_seed(1))
+    args = SimpleNamespace(seed=0, max_text_len=64, grad_clip=0.0, nan_policy="stop")
+    for start, end in ((6.0, math.log(100)), (-1.0, 0.0)):
+        with torch.no_grad():
+            net.logit_scale.fill_(start)
+        out = clip3d.train_step(net, net, GradRecorder(net.parameters()), [(volumes, TEXTS[:2])], tok, args, 0,
+                                torch.device("cpu"))
+        assert net.logit_scale.item() == pytest.approx(end) and out["temperature"] == pytest.approx(1 / math.exp(end))
 
 
 def test_gradient_caching_replays_the_dropout_of_the_first_pass(phantom_world, monkeypatch):

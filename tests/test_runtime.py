@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import curve_points
+from conftest import curve_points, torchrun
 import clip3d
 import data
 import evaluate
@@ -149,6 +149,30 @@ def test_resume_drops_a_torn_metrics_line_and_refuses_overwrite(tmp_path, capsys
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     with pytest.raises(SystemExit, match="--resume and --overwrite exclude each other"):
         runtime.Run(tmp_path, resume=True, overwrite=True)
+
+
+FINITE_SCRIPT = """
+import json, sys, torch, runtime
+rank = runtime.setup_distributed()[0]
+value = lambda on_rank_1, on_rank_0=1.0: torch.tensor(on_rank_1 if rank == 1 else on_rank_0)
+seen = {"finite on both": runtime.all_ranks_finite(value(2.0)),
+        "nan on rank 1": runtime.all_ranks_finite(value(float("nan"))),
+        "inf on rank 0": runtime.all_ranks_finite(value(1.0, float("inf"))),
+        "two values, one nan on rank 1": runtime.all_ranks_finite(value(1.0), value(float("nan")))}
+json.dump(seen, open(f"{sys.argv[1]}.{rank}", "w"))
+runtime.cleanup_distributed()
+"""
+
+
+@pytest.mark.slow
+def test_a_non_finite_value_on_one_rank_is_seen_by_every_rank(tmp_path):
+    """runtime.all_ranks_finite under torchrun (2 processes): one rank's NaN or inf makes every rank skip the step,
+    so that no rank steps while another does not."""
+    (tmp_path / "finite.py").write_text(FINITE_SCRIPT)
+    torchrun(2, tmp_path / "finite.py", tmp_path / "seen")
+    expected = {"finite on both": True, "nan on rank 1": False, "inf on rank 0": False,
+                "two values, one nan on rank 1": False}
+    assert [json.loads((tmp_path / f"seen.{rank}").read_text()) for rank in (0, 1)] == [expected, expected]
 
 
 def test_resume_restores_this_ranks_rng_state(tmp_path):
