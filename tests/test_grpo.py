@@ -574,15 +574,37 @@ def test_sigterm_saves_and_exits(phantom_world, sft_ckpt, tmp_path, monkeypatch)
     assert not (tmp_path / "vlm").exists() and curve_points(tmp_path / "curves.png")["reward"] == 1  # curves so far
 
 
+def rl_questions(phantom_world, n: int) -> tuple[data.VolumeCache, list[dict]]:
+    """The training volumes and the first n RL questions, each with its scan's findings as "report"."""
+    volumes = data.VolumeCache(phantom_world["train_cache"])
+    qs = [q for q in data.read_questions(phantom_world["mmvqa_rl"]) if q["VolumeName"] in volumes][:n]
+    reports = {n: r["findings"] for n, r in data.read_reports(phantom_world["train_reports"]).items()}
+    return volumes, [{**q, "report": reports[q["VolumeName"]]} for q in qs]
+
+
+def test_the_reward_is_the_sum_of_format_accuracy_and_consistency(phantom_world, sft_ckpt, monkeypatch):
+    """r = r_fmt + r_acc + r_con, each with weight 1, and a completion cut at --max-new-tokens earns no format reward
+    (rewards stood in by constants, so that each term's share of the logged sums is known)."""
+    for name, value in (("format_reward", 0.25), ("answer_only_reward", 0.25), ("accuracy_reward", 0.5)):
+        monkeypatch.setattr(grpo, name, lambda *a, value=value: value)
+    volumes, qs = rl_questions(phantom_world, 2)
+    args = grpo.parse_args(run_args(phantom_world, sft_ckpt, "unused", "--max-new-tokens", 256))
+    vlm, ref = model.VLM.load(sft_ckpt).eval(), model.VLM.load(sft_ckpt).eval().requires_grad_(False)
+    out = grpo.train_step(grpo.PolicyLogprobs(vlm), ref, torch.optim.SGD(vlm.parameters(), lr=0.1), qs,
+                          volumes.batch(q["VolumeName"] for q in qs), lambda thinks, reports: [0.125] * len(thinks),
+                          args, 0, [0, 1])
+    s = out["sums"]
+    assert s["n"] == 2 * args.group_size and s["r_acc"] == 0.5 * s["n"] and s["r_con"] == 0.125 * s["n"]
+    assert s["r_fmt"] == 0.25 * (s["n"] - s["truncated"])
+    assert s["reward"] == pytest.approx(s["r_fmt"] + s["r_acc"] + s["r_con"])
+
+
 def test_micro_batches_and_grad_checkpointing_give_the_one_pass_update(phantom_world, sft_ckpt, monkeypatch):
     """--micro-batch 2 and 3 (3 splits the groups of G = 4 unevenly) and --grad-ckpt: the same policy, reference and
     old-policy log-probs, loss and gradients as one pass over all 8 rows, for both loss reductions, so the same
     weights after one step of mu = 2 policy iterations (SGD, so that the weights show the gradients themselves)."""
     monkeypatch.setattr(grpo, "accuracy_reward", stand_in_accuracy)
-    volumes = data.VolumeCache(phantom_world["train_cache"])
-    qs = [q for q in data.read_questions(phantom_world["mmvqa_rl"]) if q["VolumeName"] in volumes][:2]
-    reports = {n: r["findings"] for n, r in data.read_reports(phantom_world["train_reports"]).items()}
-    qs = [{**q, "report": reports[q["VolumeName"]]} for q in qs]
+    volumes, qs = rl_questions(phantom_world, 2)
     start = model.VLM.load(sft_ckpt).state_dict()
 
     def step(*extra):
