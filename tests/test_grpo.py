@@ -578,7 +578,7 @@ def rl_questions(phantom_world, n: int) -> tuple[data.VolumeCache, list[dict]]:
     """The training volumes and the first n RL questions, each with its scan's findings as "report"."""
     volumes = data.VolumeCache(phantom_world["train_cache"])
     qs = [q for q in data.read_questions(phantom_world["mmvqa_rl"]) if q["VolumeName"] in volumes][:n]
-    reports = {n: r["findings"] for n, r in data.read_reports(phantom_world["train_reports"]).items()}
+    reports = {name: r["findings"] for name, r in data.read_reports(phantom_world["train_reports"]).items()}
     return volumes, [{**q, "report": reports[q["VolumeName"]]} for q in qs]
 
 
