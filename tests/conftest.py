@@ -1,8 +1,11 @@
 """Shared fixtures: a small phantom world built once per test session."""
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -46,3 +49,42 @@ def torchrun(nproc: int, *args, timeout=900) -> subprocess.CompletedProcess:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "Grad strides do not match" not in res.stderr                   # DDP copies no gradient
     return res
+
+
+class ChatEndpoint:
+    """A local OpenAI-compatible chat-completions server on a free port (`url`): `reply(request body)` gives (HTTP
+    status, text): the completion's text for 200, the error's message otherwise. `requests` lists what it was sent."""
+
+    def __init__(self, reply):
+        self.requests = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                status, text = reply(body)
+                answer = {"error": {"message": text}} if status != 200 else {
+                    "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": text}}]}
+                raw = json.dumps(answer).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(raw)))
+                    self.end_headers()
+                    self.wfile.write(raw)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass                                          # the client gave up (a timeout)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

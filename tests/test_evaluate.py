@@ -9,9 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +17,7 @@ import pytest
 import torch
 from scipy import stats
 
+from conftest import ChatEndpoint
 import data
 import evaluate as E
 import grpo
@@ -311,54 +310,22 @@ def test_llm_embedder_mean_pools_input_embeddings():
 # The judge against a real HTTP server speaking /v1/chat/completions
 # ---------------------------------------------------------------------------------------------------------------------
 
-class ChatServer:
+def judge_reply(body) -> tuple[int, str]:
     """Replies by a marker in the prompt: GOOD -> valid JSON, BAD -> prose, SLOW -> sleeps past the client timeout."""
-
-    def __init__(self):
-        self.requests = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-                prompt = body["messages"][-1]["content"]
-                if "SLOW" in prompt:
-                    time.sleep(2.0)
-                if "BAD" in prompt:
-                    content = "I would give this report a score of about 70."
-                elif "clinical_correctness" in prompt:
-                    content = '```json\n{"clinical_correctness": 4, "clarity": 3, "differential_diagnosis": 2, ' \
-                              '"conciseness": 5}\n```'
-                else:
-                    content = '{"score": 80}'
-                payload = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                                      "choices": [{"index": 0, "finish_reason": "stop",
-                                                   "message": {"role": "assistant", "content": content}}]}).encode()
-                try:
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass                                          # the client gave up (timeout test)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    prompt = body["messages"][-1]["content"]
+    if "SLOW" in prompt:
+        time.sleep(2.0)
+    if "BAD" in prompt:
+        return 200, "I would give this report a score of about 70."
+    if "clinical_correctness" in prompt:
+        return 200, ('```json\n{"clinical_correctness": 4, "clarity": 3, "differential_diagnosis": 2, '
+                     '"conciseness": 5}\n```')
+    return 200, '{"score": 80}'
 
 
 @pytest.fixture
 def server():
-    s = ChatServer()
+    s = ChatEndpoint(judge_reply)
     yield s
     s.close()
 

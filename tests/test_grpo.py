@@ -6,14 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import curve_points
+from conftest import ChatEndpoint, curve_points
 import data
 import grpo
 import model
@@ -188,51 +186,21 @@ def test_model_scorers_need_a_local_directory_or_an_endpoint(tmp_path, monkeypat
         make_consistency_scorer("judge:deepseek-chat")
 
 
-class ScriptedJudge:
-    """A local OpenAI-compatible endpoint that gives `replies` in turn: a str is the reply's text, an int an HTTP
-    error status (400: one the client does not retry)."""
-
-    def __init__(self, replies):
-        self.replies, self.requests = list(replies), 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests += 1
-                reply = outer.replies.pop(0)
-                status, answer = (reply, {"error": {"message": "bad request"}}) if isinstance(reply, int) else (
-                    200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                          "choices": [{"index": 0, "finish_reason": "stop",
-                                       "message": {"role": "assistant", "content": reply}}]})
-                raw = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-
 @pytest.fixture
 def judge_at(monkeypatch):
-    """start(replies): a ScriptedJudge, which $OPENAI_BASE_URL then names."""
+    """start(replies): a local endpoint, which $OPENAI_BASE_URL then names, giving `replies` in turn: a str is the
+    reply's text, an int an HTTP error status (400: one the client does not retry)."""
     servers = []
 
     def start(replies):
-        servers.append(ScriptedJudge(replies))
+        replies = list(replies)
+        servers.append(ChatEndpoint(lambda body: (r, "bad request") if isinstance(r := replies.pop(0), int)
+                                    else (200, r)))
         monkeypatch.setenv("OPENAI_BASE_URL", servers[-1].url)
         return servers[-1]
     yield start
     for s in servers:
-        s.httpd.shutdown()
-        s.httpd.server_close()
+        s.close()
 
 
 def test_a_judge_scorer_without_an_endpoint_names_the_variable(monkeypatch):
@@ -250,7 +218,7 @@ def test_judge_scorer(judge_at, monkeypatch):
     judge = judge_at(["9", 400, "maybe"])
     score = make_consistency_scorer("judge:m", judge_failures="exclude")
     got = score(["a", "b", "c", ""], [REPORT] * 4)
-    assert got[0] == 0.8 and math.isnan(got[1]) and math.isnan(got[2]) and got[3] == 0.0 and judge.requests == 3
+    assert got[0] == 0.8 and math.isnan(got[1]) and math.isnan(got[2]) and got[3] == 0.0 and len(judge.requests) == 3
     judge_at([400])
     with pytest.raises(RuntimeError, match="judge 'm' failed: BadRequestError"):
         make_consistency_scorer("judge:m")(["a"], [REPORT])
