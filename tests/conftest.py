@@ -1,4 +1,5 @@
-"""Shared fixtures: a small phantom world built once per test session."""
+"""Shared fixtures and helpers: a small phantom world built once per test session, process groups, torchrun, a local
+OpenAI-compatible endpoint."""
 import json
 import os
 import subprocess
