@@ -67,10 +67,9 @@ PHANTOM = dict(llm="runs/warmup", vision_weights="runs/clip3d/vision_encoder.saf
                vqa=False, cache_features=True, lr=3e-3, epochs=6, batch_size=8)
 
 
-def parse_args(argv=None, phantom: dict = PHANTOM, doc: str = __doc__, prog: str | None = None, hide=(),
-               outputs: str = "vlm/, ckpt/"):
+def parse_args(argv=None, phantom: dict = PHANTOM, doc: str = __doc__, prog: str | None = None, helps=None):
     """The flags with the paper's defaults, `phantom` overriding them under --preset phantom (the warm-up reuses this
-    parser with its own overrides, docstring, program name and --out `outputs`, and `hide`s the flags it refuses)."""
+    parser with its own overrides, docstring, program name and `helps`: help texts by flag, HIDDEN to hide one)."""
     p = runtime.make_parser(doc, prog)
     g = runtime.data_flags(p)
     g.add_argument("--vqa", action=argparse.BooleanOptionalAction, default=True, help="VQA items besides reports")
@@ -96,15 +95,16 @@ def parse_args(argv=None, phantom: dict = PHANTOM, doc: str = __doc__, prog: str
     g.add_argument("--grad-clip", type=at_least(0.0), default=1.0, help="0 = off")
     g.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=False,
                    help="encode each volume once and reuse its encoder tokens")
-    g = runtime.run_flags(p, "runs/sft", outputs, save_every=100)
+    g = runtime.run_flags(p, "runs/sft", "vlm/, ckpt/", save_every=100)
     g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute the LLM's activations in the backward pass (less memory, one more forward)")
     g.add_argument("--log-every", type=at_least(1), default=10)
     g.add_argument("--max-steps", type=at_least(1), default=None, help=HIDDEN)   # cap the schedule
     g.add_argument("--inject-nan", default=None, help=HIDDEN)            # STEP:RANK, poison that rank's input
+    helps = helps or {}
     for action in p._actions:
-        action.help = HIDDEN if action.dest in hide else action.help
-    if "preset" in hide:   # no --preset to choose (the warm-up's): the overrides are the defaults --help shows
+        action.help = helps.get(action.dest, action.help)
+    if helps.get("preset") == HIDDEN:   # no --preset to choose (the warm-up's): its overrides are the defaults shown
         p.set_defaults(**phantom); phantom = {}
     return runtime.parse_with_preset(p, argv, phantom)
 

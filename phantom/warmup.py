@@ -28,10 +28,11 @@ from phantom.llm import mmvqa_target
 
 # The warm-up's defaults on top of sft.py's (the whole tiny LLM trains from scratch: lr 3e-4, docs/NOTES.md).
 WARMUP = dict(llm=None, vision_weights=None, vit_preset="tiny", lr=3e-4, epochs=2, batch_size=8, out="runs/warmup")
-OUTPUTS = "the LLM's HF files (config.json, model.safetensors, tokenizer), ckpt/"   # --out's help
 BLANK = "blank"  # the label vector of the copy exercises: no finding
 NOT_READ = ("preset", "vqa", "no_ram", "vision_weights", "lora", "lora_rank", "lora_alpha", "lora_dropout",
             "feature_stats", "cache_features", "grad_ckpt")   # sft.py flags it refuses: phantom world, whole LLM
+HELPS = {**dict.fromkeys(NOT_READ, runtime.HIDDEN), "llm": "HF LLM directory (unset = the phantom world's tiny LLM)",
+         "out": "the LLM's HF files (config.json, model.safetensors, tokenizer), ckpt/, metrics.jsonl, curves.png"}
 
 
 class FindingCode(nn.Module):
@@ -102,8 +103,7 @@ def save_llm_dir(vlm: model.VLM, code: FindingCode, out: Path, meta: dict) -> No
 
 
 def main(argv=None) -> dict:
-    args, default = (sft.parse_args(a, WARMUP, __doc__, "python -m phantom warmup", NOT_READ, OUTPUTS)
-                     for a in (argv, []))
+    args, default = (sft.parse_args(a, WARMUP, __doc__, "python -m phantom warmup", HELPS) for a in (argv, []))
     if given := [f"--{k.replace('_', '-')}" for k in NOT_READ if getattr(args, k) != getattr(default, k)]:
         raise SystemExit(f"python -m phantom warmup does not read {', '.join(given)}: leave them out")
     _, _, _, device = runtime.setup_distributed()

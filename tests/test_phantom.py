@@ -97,7 +97,9 @@ def test_warmup_help_lists_the_flags_it_reads_and_none_it_refuses(capsys):
     default = lambda k: re.search(rf"--{k.replace('_', '-')} \S+ (?:(?! --).)*?\(default: ([^)]*)\)", flags)[1]
     assert "phantom:" not in shown and all(default(k) == str(warmup.WARMUP[k]) for k in ("out", "lr", "vit_preset"))
     out_help = re.search(r"--out OUT (.*?) \(default", flags)[1]   # what the warm-up writes, not sft.py's vlm/
-    assert out_help.startswith(warmup.OUTPUTS) and "vlm/" not in out_help
+    assert out_help == warmup.HELPS["out"] and "vlm/" not in out_help
+    llm_help = re.search(r"--llm LLM (.*?) --", flags)[1]         # unset: the tiny LLM, not sft.py's Qwen2.5-3B
+    assert llm_help == warmup.HELPS["llm"] and "Qwen" not in llm_help and "default" not in llm_help
 
 
 def test_ensure_world_builds_the_tiny_llm_once_and_it_learns_the_phantom_language(phantom_world):
