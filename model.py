@@ -25,6 +25,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 from collections import OrderedDict
 from importlib.metadata import version
 from pathlib import Path
@@ -148,6 +149,10 @@ def load_vision_weights(vit: ViT3D, path: str | Path) -> ViT3D:
                  else torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:   # missing, truncated, or pickled objects that weights_only refuses: name the file
         why = (str(e).splitlines() or ["no message"])[0]   # a first line (an empty file's EOFError has none)
+        if isinstance(e, pickle.UnpicklingError):   # torch's own text offers weights_only=False, which we never use
+            obj = str(e).split("GLOBAL ")[1].split()[0] if "GLOBAL " in str(e) else None
+            why = (f"it pickles {obj}, which weights_only=True refuses: from a copy you trust, save its tensors alone"
+                   if obj else "no PyTorch file that weights_only=True reads; is it the encoder's weights?")
         raise RuntimeError(f"{path}: cannot load encoder weights ({type(e).__name__}: {why})") from e
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

@@ -114,8 +114,15 @@ def test_brgsa_pth_loads_strictly(tmp_path):
     with pytest.raises(RuntimeError, match="list.pth: holds a list, not a dict of encoder weights"):
         M.load_vision_weights(M.ViT3D.from_preset("tiny"), tmp_path / "list.pth")
     torch.save({"args": argparse.Namespace(lr=1.0), "model": fake}, tmp_path / "trainer.pth")
-    with pytest.raises(RuntimeError, match="trainer.pth: cannot load encoder weights .UnpicklingError"):
+    with pytest.raises(RuntimeError, match="trainer.pth: cannot load encoder weights .UnpicklingError: it pickles "
+                       "argparse.Namespace, which weights_only=True refuses: from a copy you trust, save its tensors "
+                       "alone") as err:
         M.load_vision_weights(M.ViT3D.from_preset("tiny"), tmp_path / "trainer.pth")
+    assert "weights_only` set to `False" not in str(err.value) and "\x1b" not in str(err.value)   # torch's advice
+    (tmp_path / "metrics.pth").write_text('{"step": 1, "loss": 2.5}\n')           # another file given by mistake
+    with pytest.raises(RuntimeError, match="metrics.pth: cannot load encoder weights .UnpicklingError: no PyTorch "
+                       "file that weights_only=True reads; is it the encoder's weights"):
+        M.load_vision_weights(M.ViT3D.from_preset("tiny"), tmp_path / "metrics.pth")
     (tmp_path / "empty.pth").write_bytes(b"")                     # an interrupted copy: torch.load's EOFError('')
     with pytest.raises(RuntimeError, match="empty.pth: cannot load encoder weights .EOFError: no message"):
         M.load_vision_weights(M.ViT3D.from_preset("tiny"), tmp_path / "empty.pth")
