@@ -873,10 +873,6 @@ def main(argv=None) -> dict | None:
     model_tasks = tasks & {"mmvqa", "reports", "reasoning"}
     paths = eval_paths(args) if model_tasks or not args.bias_reports else {}
     results = {"provenance": provenance(args, argv), "runs": {}}
-    if "bias" in tasks and rank == 0:   # its figure is written first
-        writable_dir(out_dir)
-        results["positional_bias"] = positional_bias(args.bias_reports or paths["train_reports"],
-                                                     out_dir / "positional_bias.png")
     ckpts, results["selection"] = find_checkpoints(args) if model_tasks else ([], None)
     if model_tasks and not ckpts:
         raise SystemExit(f"none of the runs {', '.join(DEFAULT_RUNS)} has a checkpoint under {args.runs} (<run>/vlm): "
@@ -884,6 +880,10 @@ def main(argv=None) -> dict | None:
     labels = [label for label, _ in ckpts]
     if args.reference is not None and args.reference not in labels:   # before any model work
         raise SystemExit(f"--reference {args.reference} is not one of the runs {labels}")
+    if "bias" in tasks and rank == 0:   # its figure is written first, once the runs are known to be there
+        writable_dir(out_dir)
+        results["positional_bias"] = positional_bias(args.bias_reports or paths["train_reports"],
+                                                     out_dir / "positional_bias.png")
     if model_tasks:
         caches, questions, reports, report_names = load_inputs(args, tasks, paths, results["provenance"])
     if rank == 0:

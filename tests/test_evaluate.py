@@ -516,7 +516,8 @@ def test_run_selection(phantom_world, tmp_path, capsys):
         ["test_run", "sft"]                                                            # named: exactly those
     argv = ["--data-root", str(phantom_world["root"]), "--runs", str(runs), "--tasks", "mmvqa", "--out", str(tmp_path)]
     with pytest.raises(SystemExit, match=f"run sft_noram: {runs / 'sft_noram/vlm'}/config.json does not exist"):
-        E.main(["sft", "sft_noram"] + argv)
+        E.main(["sft", "sft_noram"] + argv[:4] + ["--out", str(tmp_path / "out")])     # every task, bias's figure too
+    assert not (tmp_path / "out").exists()                                 # nothing written before the runs are found
     with pytest.raises(SystemExit, match="none of the runs sft, sft_noram, sft_noarw, sft_lora, grpo, grpo_nocon has"):
         E.main(argv[:2] + ["--runs", str(tmp_path / "empty")] + argv[4:])
     with pytest.raises(SystemExit, match=f"--data-root {tmp_path / 'nowhere'} is not a directory"):
