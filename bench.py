@@ -59,6 +59,7 @@ import grpo
 import model
 import runtime
 import sft
+from runtime import at_least
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -68,49 +69,53 @@ def parse_args(argv=None) -> argparse.Namespace:
     # what and where
     p.add_argument("--which", default="all", choices=["preprocess", "sft", "grpo", "cuda", "memory", "all"])
     p.add_argument("--out", default="runs/bench/bench.json")
-    p.add_argument("--repeats", type=int, default=3, help="N of every median-of-N")
+    p.add_argument("--repeats", type=at_least(1), default=3, help="N of every median-of-N")
     p.add_argument("--workdir", default=None, help="keep the synthetic volume here (default: a temp dir)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, = the cores)")
+    p.add_argument("--threads", type=at_least(1), default=None,
+                   help="torch CPU threads (default: torch's, = the cores)")
     # 1. preprocessing
     p.add_argument("--shape", default="512,512,300", help="synthetic volume X,Y,Z")
     p.add_argument("--spacing", default="0.7,0.7,1.0", help="synthetic volume spacing x,y,z mm")
     p.add_argument("--preset", default="real", help="data.PRESETS key the volume is preprocessed to")
-    p.add_argument("--gpu-ms-per-sample", type=float, default=24.0,
+    p.add_argument("--gpu-ms-per-sample", type=at_least(0.0), default=24.0,
                    help="GPU time of an SFT sample that volume reading can hide behind (docs/NOTES.md: H100 estimate)")
     # 2. SFT
     p.add_argument("--sft-presets", default="tiny,base", help="ViT presets to time")
-    p.add_argument("--sft-batch", type=int, default=2)
-    p.add_argument("--sft-steps", type=int, default=3, help="steps per setting (median; the first includes warm-up)")
+    p.add_argument("--sft-batch", type=at_least(1), default=2)
+    p.add_argument("--sft-steps", type=at_least(1), default=3,
+                   help="steps per setting (median; the first includes warm-up)")
     # 3. GRPO
-    p.add_argument("--grpo-prompts", type=int, default=2, help="prompts per step")
-    p.add_argument("--grpo-g", type=int, default=4, help="G completions per prompt")
-    p.add_argument("--grpo-new-tokens", type=int, default=48)
-    p.add_argument("--grpo-steps", type=int, default=4, help="timed steps per side (after one untimed)")
-    p.add_argument("--beta", type=float, default=0.04)
-    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--grpo-prompts", type=at_least(1), default=2, help="prompts per step")
+    p.add_argument("--grpo-g", type=at_least(2), default=4, help="G completions per prompt")
+    p.add_argument("--grpo-new-tokens", type=at_least(1), default=48)
+    p.add_argument("--grpo-steps", type=at_least(1), default=4, help="timed steps per side (after one untimed)")
+    p.add_argument("--beta", type=at_least(0.0), default=0.04)
+    p.add_argument("--lr", type=at_least(0.0), default=1e-6)
     p.add_argument("--llm", default=None, help="HF LLM dir for the GRPO/SFT runs (default: the phantom tiny LLM)")
     p.add_argument("--data-root", default="runs/phantom", help="phantom world (built if missing) for texts and MCQs")
     # 4. CUDA
-    p.add_argument("--cuda-llm-layers", type=int, default=36, help="Qwen2.5-3B has 36")
-    p.add_argument("--cuda-new-tokens", type=int, default=256, help="completion length of the GRPO rollout")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100/H200 SXM: 989)")
+    p.add_argument("--cuda-llm-layers", type=at_least(1), default=36, help="Qwen2.5-3B has 36")
+    p.add_argument("--cuda-new-tokens", type=at_least(1), default=256, help="completion length of the GRPO rollout")
+    p.add_argument("--peak-tflops", type=at_least(1.0), default=989.0,
+                   help="the GPU's dense bf16 peak (H100/H200 SXM: 989)")
     # 5. memory plan of the real presets
     p.add_argument("--llm-config", default=str(QWEN25_CONFIG), help="the LLM's config.json (default: Qwen2.5-3B's)")
     p.add_argument("--vit-preset", default="base", choices=list(model.VIT_PRESETS))
-    p.add_argument("--world", type=runtime.at_least(1), default=8,
+    p.add_argument("--world", type=at_least(1), default=8,
                    help="GPUs, one process each (FSDP shards over them)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
                    help="bf16: CUDA's (bf16 autocast, fp32 trained weights, frozen ones held in bf16); fp32: the CPU's")
     p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None,
                    help="gradient checkpointing (default: each stage's real preset, SFT off, GRPO on)")
-    p.add_argument("--micro-batch", type=runtime.at_least(0), default=None,
+    p.add_argument("--micro-batch", type=at_least(0), default=None,
                    help="GRPO rows per pass, 0 = all (default: grpo.py's)")
-    p.add_argument("--rm-params", type=float, default=0.0,
+    p.add_argument("--rm-params", type=at_least(0.0), default=0.0,
                    help="billions of parameters of an rm: reward model, held like frozen weights (RM-Mistral-7B 7.11)")
-    p.add_argument("--prompt-text-tokens", type=int, default=128,
+    p.add_argument("--prompt-text-tokens", type=at_least(0), default=128,
                    help="GRPO prompt tokens besides the image's (Qwen2.5 template + MMVQA question: ~440 characters)")
-    p.add_argument("--sft-tokens", type=int, default=None, help="tokens per SFT example (default: sft.py's --max-len)")
-    p.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory; a plan fits under 90 %% of it")
+    p.add_argument("--sft-tokens", type=at_least(1), default=None,
+                   help="tokens per SFT example (default: sft.py's --max-len)")
+    p.add_argument("--gpu-gb", type=at_least(1.0), default=80.0, help="GPU memory; a plan fits under 90 %% of it")
     p.add_argument("--measure", action="store_true", help="measure the per-token figures again first (minutes)")
     return p.parse_args(argv)
 
