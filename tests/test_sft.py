@@ -432,16 +432,16 @@ def test_targets_cut_at_max_len_are_counted_and_a_prompt_too_long_names_its_exam
 
 
 def test_a_missing_llm_directory_or_a_vlm_checkpoint_as_llm_is_named(tmp_path):
-    vit = tmp_path / "vision.safetensors"
+    vit, out = tmp_path / "vision.safetensors", str(tmp_path / "out")   # not runs/sft: a user's run may be there
     vit.touch()
     for preset, remedy in (("phantom", "run `python -m phantom warmup` first"), ("real", "check --llm")):
         with pytest.raises(SystemExit, match=f"{tmp_path}/none is not an LLM directory .no config.json.: {remedy}"):
-            sft.main(["--preset", preset, "--llm", str(tmp_path / "none"), "--vision-weights", str(vit)])
+            sft.main(["--preset", preset, "--llm", str(tmp_path / "none"), "--vision-weights", str(vit), "--out", out])
     (tmp_path / "vlm" / "llm").mkdir(parents=True)       # a VLM checkpoint given as --llm: transformers said only
     (tmp_path / "vlm" / "config.json").write_text("{}")   # "Unrecognized model in ..."
     with pytest.raises(SystemExit, match=f"--llm {tmp_path / 'vlm'} is a VLM checkpoint, not an LLM directory "
                                          f".its LLM: {tmp_path / 'vlm' / 'llm'}.$"):
-        sft.main(["--llm", str(tmp_path / "vlm"), "--vision-weights", str(vit)])
+        sft.main(["--llm", str(tmp_path / "vlm"), "--vision-weights", str(vit), "--out", out])
 
 
 def test_a_feature_cache_too_big_for_host_memory_stops_at_the_start():
