@@ -14,7 +14,7 @@ Deliberate choices:
 6. Greedy decoding; global batch k runs on rank k % world, so sharded results equal single-process ones. Every run
    is generated first; then rank 0 alone scores and judges, the other ranks done (none waits on a slow judge). On
    CUDA the LLM is held in bf16 and runs under bf16 autocast, as in training (runtime.compute_dtype); fp32 on the CPU.
-7. results.json records the provenance of every number: argv, commit, package versions, hashes of the inputs.
+7. results.json records the provenance of every number: argv, commit and files edited since, versions, input hashes.
 8. Case sheets (PNG): a few questions per set, labelled scans with distinct answers first: the model's view of the
    scan, its true findings, the question, and every run's rationale and answers side by side, sft (S1) next to grpo.
 9. Each run's outputs are kept in <out>/generated/<run>.json as soon as they are made. An evaluation with the same
@@ -650,9 +650,9 @@ def provenance(args, argv: list[str]) -> dict:
     pkgs = ["torch", "transformers", "pycocoevalcap", "rouge-score", "bert-score", "scipy", "openai", "numpy"]
     return {"argv": list(argv), "args": dict(vars(args)),
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": code["git_commit"],
-            "python": code["python"], "versions": {p: _version(p) for p in pkgs}, "world_size": world_size(),
-            "java": shutil.which("java") is not None, "data_root": args.data_root, "preset": args.preset,
-            "question_files": {},
+            "git_changed": code["git_changed"], "python": code["python"], "versions": {p: _version(p) for p in pkgs},
+            "world_size": world_size(), "java": shutil.which("java") is not None, "data_root": args.data_root,
+            "preset": args.preset, "question_files": {},
             "judge_prompts_sha256": hashlib.sha256((LLM_SCORE_PROMPT + REASONING_PROMPT).encode()).hexdigest(),
             "decoding": "greedy", "max_new_tokens": args.max_new_tokens, "max_report_tokens": args.max_report_tokens,
             "answer_fallback_embedding": args.sentence_encoder or "the evaluated LLM's input embeddings"}
@@ -673,7 +673,9 @@ def markdown(results: dict) -> str:
         blocks = [f"## {title}"] * bool(title) + [note] * bool(note) + [row(*columns)]
         return [line for block in blocks for line in ("", block)] + ["|---" * len(columns) + "|"]
 
-    lines = ["# Med3D-R1 evaluation", "", f"Provenance: `results.json` (commit {results['provenance']['git_commit']})."]
+    changed = ", ".join(results["provenance"].get("git_changed") or [])
+    lines = ["# Med3D-R1 evaluation", "", f"Provenance: `results.json` (commit {results['provenance']['git_commit']}"
+             + (f", with uncommitted changes to {changed}" if changed else "") + ")."]
     if any("mmvqa" in run for run in runs.values()):
         columns = ["Method"] + [f"{q} {w} think" for q in QSETS for w in ("w", "w/o")]
         accuracy = table("MMVQA accuracy (%), paper table 1", f"\\* p < 0.05, † p < 0.005 vs. `{ref}` (exact "

@@ -320,15 +320,18 @@ def local_dir(path, what: str = "") -> None:
 
 
 def versions() -> dict:
-    """What wrote a checkpoint: the git commit of this code and the versions that change numerics or formats."""
+    """What wrote a checkpoint: the git commit of this code, the tracked files changed since that commit (a fork's
+    edits), and the versions that change numerics or formats."""
     from importlib.metadata import version
+    git = lambda *a: subprocess.run(["git", *a], cwd=Path(__file__).parent, capture_output=True, text=True,
+                                    timeout=10).stdout
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
+        commit, changed = git("rev-parse", "HEAD").strip() or None, git("diff", "HEAD", "--name-only").split()
     except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"git_commit": commit, "python": sys.version.split()[0], "torch": str(torch.__version__),
-            "transformers": version("transformers"), "safetensors": version("safetensors")}
+        commit, changed = None, []
+    return {"git_commit": commit, "git_changed": changed, "python": sys.version.split()[0],
+            "torch": str(torch.__version__), "transformers": version("transformers"),
+            "safetensors": version("safetensors")}
 
 
 _stop_signal: int | None = None  # the SIGINT / SIGTERM that asked this process to stop

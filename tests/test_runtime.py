@@ -273,6 +273,25 @@ def test_a_checkpoint_records_the_code_and_package_versions(tmp_path):
     assert saved["torch"] == str(torch.__version__) and saved["transformers"] and len(saved["git_commit"]) == 40
 
 
+def test_versions_name_the_files_changed_since_the_commit(tmp_path, monkeypatch):
+    """A fork's edits are recorded: a checkpoint or results.json made from changed tracked files names them."""
+    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *a],
+                                    check=True, capture_output=True, text=True).stdout
+    git("init", "-q")
+    for name in ("grpo.py", "model.py"):
+        (tmp_path / name).write_text("r = 1\n")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    monkeypatch.setattr(runtime, "__file__", str(tmp_path / "runtime.py"))   # versions() asks git where the code is
+    assert runtime.versions()["git_commit"] == git("rev-parse", "HEAD").strip()
+    assert runtime.versions()["git_changed"] == []
+    (tmp_path / "grpo.py").write_text("r = 2\n")                               # edited
+    (tmp_path / "new.py").write_text("")                                      # untracked: not the code that ran
+    assert runtime.versions()["git_changed"] == ["grpo.py"]
+    md = evaluate.markdown({"runs": {}, "reference": None, "significance": {}, "provenance": runtime.versions()})
+    assert f"(commit {git('rev-parse', 'HEAD').strip()}, with uncommitted changes to grpo.py)." in md
+
+
 def test_a_save_clears_what_killed_saves_left_in_the_ckpt_root(tmp_path):
     """A kill inside atomic_dir at a step never saved again: its temporary goes at the next save of any step; an old
     version whose final is missing is put back; a live process's temporary stays."""
