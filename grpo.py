@@ -257,10 +257,6 @@ def validate(vlm, questions: list[dict], volumes, max_new_tokens: int, batch: in
 
 
 # ==== One GRPO step: rollout -> rewards -> advantages -> loss -> update ===============================================
-LOGGED = ["r_fmt", "r_acc", "r_con", "reward", "reward_std", "zero_std_frac", "completion_len", "truncated",
-          "excluded", "n", "groups", "kl", "clip_frac", "loss"]
-
-
 def train_step(net, ref: model.VLM, optimizer, qs: list[dict], x: torch.Tensor | None, consistency, args, step: int,
                question_ids: list[int]) -> dict:
     """One GRPO step on this rank's questions `qs` (each with its scan's "report": data.attach_reports; volumes x:
@@ -333,12 +329,13 @@ def train_step(net, ref: model.VLM, optimizer, qs: list[dict], x: torch.Tensor |
     # 5. logging sums over ranks; rewards over the rows left in the loss (an excluded group's r_con is unknown)
     kept = ~excluded.cpu()
     groups = rewards.view(-1, G)[kept.view(-1, G)[:, 0]]                        # (groups left in, G)
-    sums = all_reduce(torch.tensor([
-        r_fmt[kept].sum(), r_acc[kept].sum(), r_con[kept].sum(), groups.sum(), groups.std(1).sum(),
-        (groups == groups[:, :1]).all(1).sum(), lengths.sum(), (~finished).sum(), excluded.sum(), len(texts),
-        len(groups), *(weight * v for v in (stats["kl"], stats["clip_frac"], loss.item()))], dtype=torch.float64,
-        device=vlm.device), "sum")
-    return {"sums": dict(zip(LOGGED, sums.tolist(), strict=True)), "grad_norm": grad_norm.item(), "applied": applied,
+    local = {"r_fmt": r_fmt[kept].sum(), "r_acc": r_acc[kept].sum(), "r_con": r_con[kept].sum(), "reward": groups.sum(),
+             "reward_std": groups.std(1).sum(), "zero_std_frac": (groups == groups[:, :1]).all(1).sum(),
+             "completion_len": lengths.sum(), "truncated": (~finished).sum(), "excluded": excluded.sum(),
+             "n": len(texts), "groups": len(groups), "kl": weight * stats["kl"],
+             "clip_frac": weight * stats["clip_frac"], "loss": weight * loss.item()}
+    sums = all_reduce(torch.tensor(list(local.values()), dtype=torch.float64, device=vlm.device), "sum")
+    return {"sums": dict(zip(local, sums.tolist())), "grad_norm": grad_norm.item(), "applied": applied,
             "texts": texts, "tokens": int(lengths.sum()), "generate_sec": t_generate, "rollout_sec": t_rollout,
             "update_sec": time.perf_counter() - t0 - t_rollout}
 
