@@ -1,5 +1,5 @@
-"""Shared fixtures and helpers: a small phantom world built once per test session, process groups, torchrun, a local
-OpenAI-compatible endpoint."""
+"""Shared fixtures and helpers: an empty working directory per test, a small phantom world built once per test
+session, process groups, torchrun, a local OpenAI-compatible endpoint."""
 import json
 import os
 import subprocess
@@ -14,6 +14,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, so `import data` works from tests/
 
 import phantom  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def empty_working_dir(tmp_path_factory, monkeypatch):
+    """Every test runs in an empty directory: a stage's default paths (runs/...) never meet a user's runs."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 @pytest.fixture(scope="session")
