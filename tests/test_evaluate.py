@@ -230,8 +230,10 @@ def test_an_out_that_is_a_file_and_reasoning_without_mmvqa_stop_before_any_work(
     """The positional-bias figure was written first, so --out naming a file failed with a FileExistsError traceback;
     table 4 grades task mmvqa's rationales, and alone it wrote nothing and said nothing."""
     (file := tmp_path / "file").write_text("")
+    (tmp_path / "runs" / "sft" / "vlm").mkdir(parents=True)     # a run to evaluate: the figure comes after the runs
+    (tmp_path / "runs" / "sft" / "vlm" / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match=rf"^{file}: cannot write there \(.+\): choose another --out$"):
-        E.main(["--data-root", str(phantom_world["root"]), "--out", str(file)])
+        E.main(["--data-root", str(phantom_world["root"]), "--runs", str(tmp_path / "runs"), "--out", str(file)])
     with pytest.raises(SystemExit, match="--tasks reasoning grades the rationales of task mmvqa: add mmvqa"):
         E.main(["--data-root", str(phantom_world["root"]), "--tasks", "reports,reasoning", "--out", str(tmp_path)])
 
