@@ -335,11 +335,16 @@ class VLM(nn.Module):
             raise RuntimeError(f"{ckpt_dir}: written with transformers {written}, read with {version('transformers')}:"
                                f" the LLM's rope theta reads as {rope_theta(llm.config)}, not {config['rope_theta']}; "
                                f"load it with transformers {str(written).split('.')[0]}.x")
-        vit = ViT3D(**config["vit"])
-        vit.load_state_dict(read_checkpoint_file(ckpt_dir / "vision.safetensors"), strict=True)
-        bridge_state = read_checkpoint_file(ckpt_dir / "bridge.safetensors")
+        vit, bridge_state = ViT3D(**config["vit"]), read_checkpoint_file(ckpt_dir / "bridge.safetensors")
         bridge = Bridge(vit.width, vit.grid, config["llm_dim"], bridge_state["anchor"], ram=config["ram"])
-        bridge.load_state_dict(bridge_state, strict=True)
+        try:
+            vit.load_state_dict(read_checkpoint_file(ckpt_dir / "vision.safetensors"), strict=True)
+            bridge.load_state_dict(bridge_state, strict=True)
+        except RuntimeError as e:   # written by other model code (another commit, a fork's bridge): say which
+            code, lines = config.get("versions", {}), str(e).splitlines()
+            edited = ", ".join(code.get("git_changed", ["not recorded"])) or "none"
+            raise RuntimeError(f"{ckpt_dir} does not fit this model.py: written by commit {code.get('git_commit')} "
+                               f"(edited: {edited})\n" + "\n".join(lines[:6])) from e
         return cls(vit, bridge, llm, tokenizer, config).to(device)
 
     def save(self, ckpt_dir: str | Path, meta: dict | None = None) -> Path:

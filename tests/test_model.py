@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import model as M
@@ -549,6 +550,20 @@ def test_a_checkpoint_file_cut_short_is_named(vlm, tmp_path, part):
         M.VLM.load(tmp_path / "vlm")
     (tmp_path / "vlm" / part).write_bytes(whole)
     assert M.VLM.load(tmp_path / "vlm").config["ram"] == vlm.config["ram"]
+
+
+def test_a_checkpoint_of_other_model_code_names_the_commit_that_wrote_it(vlm, tmp_path):
+    """A bridge written by other model code (another commit, a fork's pooling) stops naming the checkpoint, the commit
+    and edited files that wrote it, then torch's first lines (not one line per mismatched key)."""
+    ckpt = vlm.save(tmp_path / "vlm")
+    state = load_file(ckpt / "bridge.safetensors")
+    save_file({**state, "pool.weight": torch.zeros(8, 8, 1, 1, 1)}, ckpt / "bridge.safetensors")   # another pooling
+    written = json.loads((ckpt / "config.json").read_text())["versions"]
+    edited = ", ".join(written["git_changed"]) or "none"
+    with pytest.raises(RuntimeError, match=re.escape(f"{ckpt} does not fit this model.py: written by commit "
+                                                     f"{written['git_commit']} (edited: {edited})\n")) as err:
+        M.VLM.load(ckpt)
+    assert "size mismatch for pool.weight" in str(err.value) and len(str(err.value).splitlines()) <= 7
 
 
 def test_interrupted_save_leaves_previous_checkpoint_loadable(vlm, tmp_path):
