@@ -165,10 +165,15 @@ def load_vision_weights(vit: ViT3D, path: str | Path) -> ViT3D:
         width = state["norm.weight"].shape[0] if "norm.weight" in state else None
         fits = [n for n, p in VIT_PRESETS.items() if p["width"] == width != vit.width]
         hint = f"; it holds a width-{width} encoder, the {fits[0]!r} ViT preset" if fits else ""
-        lines = str(e).splitlines()
         raise RuntimeError(f"{path} does not fit this ViT3D (width {vit.width}, depth {len(vit.blocks)}){hint}:\n"
-                           + "\n".join(lines[:6] + [f"... ({len(lines) - 6} more lines)"] * (len(lines) > 6))) from e
+                           + first_lines(e)) from e
     return vit
+
+
+def first_lines(error: Exception, n: int = 6) -> str:
+    """An error's first n lines and how many more there are (torch's load_state_dict lists every key, a line each)."""
+    lines = str(error).splitlines()
+    return "\n".join(lines[:n] + [f"... ({len(lines) - n} more lines)"] * (len(lines) > n))
 
 
 def save_vision_weights(vit: ViT3D, path: str | Path, metadata: dict | None = None) -> Path:
@@ -341,10 +346,10 @@ class VLM(nn.Module):
             vit.load_state_dict(read_checkpoint_file(ckpt_dir / "vision.safetensors"), strict=True)
             bridge.load_state_dict(bridge_state, strict=True)
         except RuntimeError as e:   # written by other model code (another commit, a fork's bridge): say which
-            code, lines = config.get("versions", {}), str(e).splitlines()
+            code = config.get("versions", {})
             edited = ", ".join(code.get("git_changed", ["not recorded"])) or "none"
             raise RuntimeError(f"{ckpt_dir} does not fit this model.py: written by commit {code.get('git_commit')} "
-                               f"(edited: {edited})\n" + "\n".join(lines[:6])) from e
+                               f"(edited: {edited})\n" + first_lines(e)) from e
         return cls(vit, bridge, llm, tokenizer, config).to(device)
 
     def save(self, ckpt_dir: str | Path, meta: dict | None = None) -> Path:
