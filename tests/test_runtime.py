@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import curve_points, torchrun
+import bench
 import clip3d
 import data
 import evaluate
@@ -405,12 +406,18 @@ def test_resume_and_overwrite_together_stop_at_the_command_line(capsys):
     ("evaluate", ["--max-new-tokens", "0"], "--max-new-tokens: must be at least 1, not 0"),
     ("evaluate", ["--n-mmvqa", "-2"], "--n-mmvqa: must be at least 0, not -2"),
     ("sft", ["--batch-size", "two"], "--batch-size: invalid int value: 'two'"),
+    ("bench", ["--repeats", "0"], "--repeats: must be at least 1, not 0"),              # a median of no runs
+    ("bench", ["--grpo-g", "1"], "--grpo-g: must be at least 2, not 1"),                # nothing to compare
+    ("bench", ["--sft-steps", "-3"], "--sft-steps: must be at least 1, not -3"),
+    ("bench", ["--peak-tflops", "0"], "--peak-tflops: must be at least 1.0, not 0"),    # MFU divides by it
+    ("bench", ["--gpu-gb", "-80"], "--gpu-gb: must be at least 1.0, not -80"),
+    ("bench", ["--prompt-text-tokens", "-1"], "--prompt-text-tokens: must be at least 0, not -1"),
 ])
 def test_numeric_flags_refuse_values_no_run_can_use(stage, argv, said, capsys):
     """A batch of 0, a negative learning rate or count, a share above 1: each stops at the command line with the
-    flag's name (before, some trained nothing and wrote a model, others failed deep inside the run)."""
+    flag's name (before, some trained nothing and wrote a model, others failed deep inside the run); bench.py's too."""
     parse = {"clip3d": clip3d.parse_args, "sft": sft.parse_args, "grpo": grpo.parse_args,
-             "evaluate": evaluate.parse_args}[stage]
+             "evaluate": evaluate.parse_args, "bench": bench.parse_args}[stage]
     with pytest.raises(SystemExit):
         parse(argv)
     assert said in capsys.readouterr().err
