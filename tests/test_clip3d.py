@@ -20,8 +20,6 @@ import model as M
 
 ROOT = Path(__file__).resolve().parents[1]
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def test_loss_equals_reference_on_fixed_embeddings():
     g = torch.Generator().manual_seed(0)
@@ -146,8 +144,8 @@ def losses(out: Path) -> list[float]:
 
 @pytest.mark.slow
 def test_two_ranks_equal_one_rank_with_same_global_batch(phantom_world, tmp_path):
-    torchrun(1, REPO / "clip3d.py", *run_args(phantom_world, tmp_path / "one", "--max-steps", 3))
-    torchrun(2, REPO / "clip3d.py", *run_args(phantom_world, tmp_path / "two", "--max-steps", 3))
+    torchrun(1, ROOT / "clip3d.py", *run_args(phantom_world, tmp_path / "one", "--max-steps", 3))
+    torchrun(2, ROOT / "clip3d.py", *run_args(phantom_world, tmp_path / "two", "--max-steps", 3))
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 3
     assert two[0] == pytest.approx(one[0], rel=1e-5)      # same weights, same samples: same loss
@@ -168,8 +166,8 @@ def test_two_ranks_equal_one_rank_with_same_global_batch(phantom_world, tmp_path
 def test_two_ranks_of_micro_batches_equal_one_rank_with_the_whole_batch(phantom_world, tmp_path):
     """Gradient caching under DDP: 2 ranks x 2 micro-batches of 1 (DDP syncing on the last) train like one process
     with batch 4, whose InfoNCE sees all 4 pairs."""
-    torchrun(1, REPO / "clip3d.py", *run_args(phantom_world, tmp_path / "one", "--max-steps", 2))
-    torchrun(2, REPO / "clip3d.py", *run_args(phantom_world, tmp_path / "two", "--max-steps", 2, "--micro-batch", 1))
+    torchrun(1, ROOT / "clip3d.py", *run_args(phantom_world, tmp_path / "one", "--max-steps", 2))
+    torchrun(2, ROOT / "clip3d.py", *run_args(phantom_world, tmp_path / "two", "--max-steps", 2, "--micro-batch", 1))
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert two[0] == pytest.approx(one[0], rel=1e-5) and two[1] == pytest.approx(one[1], rel=2e-3)
     a, b = (load_file(tmp_path / run / "vision_encoder.safetensors") for run in ("one", "two"))
