@@ -24,6 +24,7 @@ import argparse
 import ast
 import csv
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -107,22 +108,40 @@ class VolumeReadError(ValueError):
     """A volume that cannot be read; the message always names the file."""
 
 
+def read_text(path) -> str:
+    """A UTF-8 text file (a byte-order mark read past); other bytes (Excel's cp1252, UTF-16) are an error naming the
+    file and line, never a decoder's bare position."""
+    raw = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path} line {line}: byte {raw[e.start]:#04x} is not UTF-8 (a file saved as cp1252 or "
+                         f"UTF-16?): save it as UTF-8") from None
+
+
 def read_csv_rows(csv_path, key: str = "VolumeName") -> dict[str, dict]:
-    """{row[key]: row} of a CSV with a header (UTF-8, a byte-order mark ignored); no key column, no row, a row of
-    another length than the header, or a key listed twice with other values is an error naming the file (and line)."""
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader, out = csv.DictReader(f), {}
-        if key not in (reader.fieldnames or []):
-            raise ValueError(f"{csv_path}: no {key} column (header starts {(reader.fieldnames or [])[:3]})")
-        for row in reader:
-            if None in row.values() or None in row:
-                raise ValueError(f"{csv_path} line {reader.line_num}: not the header's {len(reader.fieldnames)} fields")
-            if out.get(row[key], row) != row:
-                raise ValueError(f"{csv_path} line {reader.line_num}: {row[key]} is listed twice, with other values")
-            out[row[key]] = row
-        if not out:
-            raise ValueError(f"{csv_path}: a header and no rows")
-        return out
+    """{row[key]: row} of a CSV with a header (UTF-8); a row of empty cells reads as a blank line. No key column, a
+    column named twice, no row, a row of another length than the header or without a key, or a key listed twice with
+    other values is an error naming the file (and line)."""
+    reader, out = csv.DictReader(io.StringIO(read_text(csv_path), newline="")), {}
+    if key not in (reader.fieldnames or []):
+        raise ValueError(f"{csv_path}: no {key} column (header starts {(reader.fieldnames or [])[:3]})")
+    if twice := sorted({c for c in reader.fieldnames if reader.fieldnames.count(c) > 1}):
+        raise ValueError(f"{csv_path}: the header names column {twice[0]!r} twice (a later one would hide the first)")
+    for row in reader:
+        if None in row.values() or None in row:
+            raise ValueError(f"{csv_path} line {reader.line_num}: not the header's {len(reader.fieldnames)} fields")
+        if not row[key].strip():
+            if any(v.strip() for v in row.values()):
+                raise ValueError(f"{csv_path} line {reader.line_num}: no {key}")
+            continue                                     # a row of empty cells (a spreadsheet's cleared row)
+        if out.get(row[key], row) != row:
+            raise ValueError(f"{csv_path} line {reader.line_num}: {row[key]} is listed twice, with other values")
+        out[row[key]] = row
+    if not out:
+        raise ValueError(f"{csv_path}: a header and no rows")
+    return out
 
 
 def read_metadata(csv_path) -> dict[str, dict]:
@@ -182,6 +201,9 @@ def read_ctrate_volume(path, meta_row: dict, how: dict | None = None) -> tuple[n
         hu += inter
     how = {} if how is None else how
     if is_hu(hu):  # v2: HU as stored, turned to (L, P, S) by its affine (a view: preprocess_volume avoids the copy)
+        if not (hu > -300).any():   # e.g. the intercept applied twice: air near -2048, the body near -1000
+            raise VolumeReadError(f"{path}: no tissue (no voxel above -300 HU; values {hu.min():g} to {hu.max():g}): "
+                                  f"not the HU a CT holds, shifted by a rescale too many?")
         values = f"HU as stored (v2), after {scaling}" if scaled else "HU as stored (v2)"
         if not (img.header["qform_code"] or img.header["sform_code"]):   # nibabel would make up an (L, A, S) affine
             how.update(values=values, orientation="LPS as stored (no qform or sform in the header)")
@@ -286,7 +308,7 @@ class VolumeCache:
         if not (self.dir / "preset.json").exists():
             raise FileNotFoundError(f"{self.dir} is not a preprocessed cache (no preset.json); run "
                                     f"`python data.py preprocess ... --out {self.dir}`")
-        p = json.loads((self.dir / "preset.json").read_text())
+        p = read_json(self.dir / "preset.json")
         self.preset = Preset(p["name"], tuple(p["spacing"]), tuple(p["shape"]), tuple(p["crop"]))
         manifest = self.dir / "manifest.jsonl"
         try:
@@ -305,7 +327,10 @@ class VolumeCache:
     def load(self, name) -> np.ndarray:
         if name not in self:
             raise KeyError(f"volume {name!r} is not in the cache {self.dir}")
-        arr = np.load(path := self._files[volume_key(name)], mmap_mode="r")
+        try:
+            arr = np.load(path := self._files[volume_key(name)], mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:   # a copy cut short, an empty file
+            raise ValueError(f"{path}: cannot read ({type(e).__name__}: {e}); preprocess it again") from None
         if arr.shape != self.preset.shape or arr.dtype != np.int16:   # never cropped or padded into shape silently
             raise ValueError(f"{path}: {arr.dtype} {arr.shape}, not the int16 {self.preset.shape} of {self.dir}'s "
                              f"preset.json; preprocess it again")
@@ -394,7 +419,7 @@ def files_under(src: Path) -> list[Path]:
 def check_preset(cache_dir, preset: Preset) -> None:
     """A cache made with another preset is an error naming both: one cache never mixes two."""
     file = Path(cache_dir) / "preset.json"
-    if file.exists() and json.loads(file.read_text()) != json.loads(json.dumps(asdict(preset))):
+    if file.exists() and read_json(file) != json.loads(json.dumps(asdict(preset))):
         raise ValueError(f"{cache_dir} was preprocessed with another preset ({file.read_text()}), not {preset}: "
                          f"preprocess into another folder, or delete this one")
 
@@ -428,7 +453,7 @@ def preprocess_dir(src, out, fmt="ctrate", metadata=None, preset: Preset = REAL,
             stale.unlink()
         manifest = out / "manifest.jsonl"
         meta = read_metadata(metadata) if metadata else {}
-        listed = {volume_key(n) for n in Path(no_chest).read_text("utf-8-sig").split()} if no_chest else set()
+        listed = {volume_key(n) for n in read_text(no_chest).split()} if no_chest else set()
         if unmatched := len(listed - {volume_key(p.name) for p in found}):
             print(f"note: {unmatched} of the {len(listed)} volumes in {no_chest} are not under {src} (another split's "
                   f"list, or a partial download?)", flush=True)
@@ -693,8 +718,8 @@ def label_reports(reports: dict, out_path, labeller=None, workers=1, progress=Tr
 def read_json(path, lines: bool = False):
     """A JSON file, or (lines=True) the records of a JSON-lines file, blank lines skipped. A byte-order mark is read
     past; text that does not parse is an error naming the file (and line)."""
-    out, text = [], Path(path).read_text(encoding="utf-8-sig")
-    for n, chunk in enumerate(text.splitlines() if lines else [text], 1):
+    out, text = [], read_text(path)
+    for n, chunk in enumerate(text.split("\n") if lines else [text], 1):   # JSON lines end at \n alone
         try:
             out += [json.loads(chunk)] if chunk.strip() or not lines else []
         except json.JSONDecodeError as e:
@@ -703,17 +728,21 @@ def read_json(path, lines: bool = False):
 
 
 def read_sentence_labels(jsonl) -> dict[str, dict]:
-    """{VolumeName: {'findings': [(sentence, abnormal)]|None, 'impressions': [...]|None}}; a label other than
-    true/false/0/1 (the string "0" would read as abnormal), or a volume listed twice with other labels, is an error
-    naming the file and volume."""
-    recs, seen = read_json(jsonl, lines=True), {}
-    for r in recs:
-        if bad := [a for k in ("findings", "impressions") for _, a in r[k] or [] if a not in (0, 1)]:
+    """{VolumeName: {'findings': [(sentence, abnormal)]|None, 'impressions': [...]|None}}; a record of another shape,
+    a label other than true/false/0/1 (the string "0" would read as abnormal), or a volume listed twice with other
+    labels is an error naming the file and record or volume."""
+    recs, seen, parts = read_json(jsonl, lines=True), {}, ("findings", "impressions")
+    for n, r in enumerate(recs, 1):
+        check_fields(f"{jsonl} record {n}", r, {"VolumeName": str, "findings": object, "impressions": object})
+        if not all(isinstance(r[k], list | None) and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+                                                         for p in r[k] or []) for k in parts):
+            raise ValueError(f"{jsonl}: {r['VolumeName']}: findings and impressions must each be null or a list of "
+                             f"[sentence, label] pairs")
+        if bad := [a for k in parts for _, a in r[k] or [] if a not in (0, 1)]:
             raise ValueError(f"{jsonl}: {r['VolumeName']}: sentence label {bad[0]!r} is not true, false, 0 or 1")
         if seen.setdefault(r["VolumeName"], r) != r:
             raise ValueError(f"{jsonl}: {r['VolumeName']} is listed twice, with other labels")
-    return {r["VolumeName"]: {k: [(s, bool(a)) for s, a in r[k]] if r[k] else None for k in ("findings", "impressions")}
-            for r in recs}
+    return {r["VolumeName"]: {k: [(s, bool(a)) for s, a in r[k]] if r[k] else None for k in parts} for r in recs}
 
 
 def read_labels(csv_path) -> dict[str, np.ndarray]:
@@ -766,8 +795,10 @@ def read_vqa(json_path, skipped: Counter | None = None) -> list[dict]:
     question/answer turn; <image> and task tokens are stripped. Text-only items (no image) and questions without an
     answer (a last turn, or an empty answer) are skipped, and counted in `skipped` if given; turns must alternate
     human, gpt."""
-    out, skipped = [], Counter() if skipped is None else skipped
-    for i, item in enumerate(read_json(json_path)):
+    out, skipped, items = [], Counter() if skipped is None else skipped, read_json(json_path)
+    if not isinstance(items, list):
+        raise ValueError(f"{json_path}: must be a list of VQA items, got {type(items).__name__}")
+    for i, item in enumerate(items):
         where = f"{json_path} item {i}"
         check_fields(where, item, {})
         if "conversations" in item:
@@ -783,7 +814,7 @@ def read_vqa(json_path, skipped: Counter | None = None) -> list[dict]:
             skipped["text-only items"] += not item.get("image")
             skipped["questions without an answer"] += (len(turns) + 1) // 2 - len(answered)
             for q, a in answered:
-                task = next((t for t in _TASKS if f"<{t}>" in q["value"]), item.get("id", "").rsplit("_", 1)[0])
+                task = next((t for t in _TASKS if f"<{t}>" in q["value"]), str(item.get("id", "")).rsplit("_", 1)[0])
                 kind, answer = _TASKS.get(task, "open"), a["value"].strip()
                 if kind == "yes_no" and not re.match(r"(yes|no)\b", answer, re.I):
                     kind = "open"
@@ -791,8 +822,9 @@ def read_vqa(json_path, skipped: Counter | None = None) -> list[dict]:
                             "answer": answer, "kind": kind})
         elif "Question" in item:
             check_fields(where, item, {"Question": str, "Answer": object, "Image Path": str})
-            choices = {c: item.get(f"Choice {c}") for c in "ABCD" if item.get(f"Choice {c}")}
-            question, answer = item["Question"].strip(), str(item["Answer"]).strip()
+            cells = {c: cell_text(f'{where} "Choice {c}"', item.get(f"Choice {c}")) for c in "ABCD"}
+            choices = {c: v for c, v in cells.items() if v}
+            question, answer = item["Question"].strip(), cell_text(f'{where} "Answer"', item["Answer"]).strip()
             if not answer:
                 skipped["questions without an answer"] += 1
                 continue
@@ -801,8 +833,8 @@ def read_vqa(json_path, skipped: Counter | None = None) -> list[dict]:
             elif choices:
                 kind = "multiple_choice"
                 question += " " + " ".join(f"{c}) {v}" for c, v in choices.items())
-                if item.get("Answer Choice"):
-                    answer = f"{item['Answer Choice']}) {answer}"
+                if letter := cell_text(f'{where} "Answer Choice"', item.get("Answer Choice")):
+                    answer = f"{letter}) {answer}"
             else:
                 kind = "yes_no" if answer.lower().rstrip(".") in ("yes", "no") else "open"
             out.append({"VolumeName": Path(item["Image Path"]).name, "question": question, "answer": answer,
@@ -810,6 +842,14 @@ def read_vqa(json_path, skipped: Counter | None = None) -> list[dict]:
         else:
             raise ValueError(f"{where}: unknown VQA item format (keys {sorted(item)})")
     return out
+
+
+def cell_text(where: str, value) -> str:
+    """A JSON cell as text: null and NaN (a table's missing cell, as pandas writes it) are no text, never "None"; a
+    list or an object is an error naming `where`."""
+    if isinstance(value, (list, dict)):
+        raise ValueError(f"{where}: must be text, got {type(value).__name__}")
+    return "" if value is None or value != value else str(value)
 
 
 def check_fields(where: str, item, fields: dict) -> None:

@@ -232,7 +232,7 @@ def read_appended(path: str | Path) -> list[tuple[str, dict]]:
     so that the next append starts a line of its own."""
     path = Path(path)
     text, rows, torn = path.read_text("utf-8") if path.exists() else "", [], 0
-    for line in filter(str.strip, text.splitlines()):
+    for line in filter(str.strip, text.split("\n")):
         try:
             rows.append((line, json.loads(line)))
         except json.JSONDecodeError:
@@ -658,7 +658,7 @@ def plot_curves(metrics: str | Path, series: tuple[str, ...], png: str | Path) -
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in Path(metrics).read_text().split("\n") if line.strip()]
     n_rows = math.ceil(len(series) / 3)
     fig, axes = plt.subplots(n_rows, 3, figsize=(12, 2.6 * n_rows), squeeze=False)
     counts = {}

@@ -532,13 +532,13 @@ def ensure_world(root="runs/phantom", n_train=None, n_valid=None, n_rad=None, se
         if writable:
             fcntl.flock(lock, fcntl.LOCK_EX)  # torchrun ranks (or parallel tests) wait for the first builder
         # a parameter left out keeps the value the existing world was built with (else the default)
-        built = json.loads((root / "phantom.json").read_text()) if (root / "phantom.json").exists() else {}
+        built = data.read_json(root / "phantom.json") if (root / "phantom.json").exists() else {}
         params = {k: v if v is not None else built.get(k, PHANTOM_DEFAULTS[k]) for k, v in asked.items()}
         n_train, n_valid, n_rad, seed, rl_frac = params.values()
         if built and built != params:
             raise ValueError(f"{root} holds a phantom world built with {built}, not {params}: use another root")
         if not built:
-            (root / "phantom.json").write_text(json.dumps(params))
+            data.write_json(root / "phantom.json", params)   # atomic: never an empty file after a kill
         if (ds / ".done").exists() and (ds / ".done").read_text() != PHANTOM_VERSION:
             raise RuntimeError(f"{root} was built by an older phantom generator; delete it (rm -rf {root}) and rerun")
         if not (ds / ".done").exists():

@@ -21,6 +21,7 @@ import torch
 
 import data
 import phantom
+import runtime
 from phantom import llm, world
 
 # the team's shared/ folder lies beside the checkout (CI copies it there); /work/shared on the development machines
@@ -863,6 +864,65 @@ def test_json_inputs_read_past_a_bom_and_blank_lines_and_name_what_does_not_pars
     assert data.read_vqa(vqa) == []
 
 
+def test_files_saved_by_spreadsheets_and_editors_are_read_or_named_with_their_line(tmp_path):
+    """What Excel and PowerShell leave: cp1252 or UTF-16 bytes are an error naming the file and line (not a decoder's
+    bare offset, which names no file among several --labels); a column named twice is refused (the later one would
+    hide the first); rows of empty cells read as blank lines, a row with values but no key is named."""
+    header = "VolumeName," + ",".join(data.ABNORMALITIES)
+    row = lambda name: f"{name}," + ",".join(["1"] + ["0"] * 17)
+    (labels := tmp_path / "labels.csv").write_bytes(f"{header}\n{row('valid_1_a_1')}\n".encode()
+                                                    + row("valid_2_a_1\xe9").encode("cp1252") + b"\n")
+    with pytest.raises(ValueError, match=rf"{labels} line 3: byte 0xe9 is not UTF-8 .*save it as UTF-8"):
+        data.read_labels(labels)
+    (reports := tmp_path / "reports.csv").write_text(",".join(data.REPORT_COLUMNS) + "\n", encoding="utf-16")
+    with pytest.raises(ValueError, match=rf"{reports} line 1: byte 0xff is not UTF-8"):
+        data.read_reports(reports)
+    labels.write_text(f"{header},Cardiomegaly\n{row('valid_1_a_1')},1\n")
+    with pytest.raises(ValueError, match=rf"{labels}: the header names column 'Cardiomegaly' twice"):
+        data.read_labels(labels)
+    (meta := tmp_path / "meta.csv").write_text("VolumeName,ZSpacing\r\nvalid_1_a_1,1.5\r\n,\r\nvalid_2_a_1,2\r\n,\r\n")
+    assert {k: r["ZSpacing"] for k, r in data.read_metadata(meta).items()} == {"valid_1_a_1": "1.5", "valid_2_a_1": "2"}
+    meta.write_text("VolumeName,ZSpacing\nvalid_1_a_1,1.5\n ,2\n")
+    with pytest.raises(ValueError, match=rf"{meta} line 3: no VolumeName"):
+        data.read_metadata(meta)
+    labels.write_text(f"{header}\n{row('valid_1_a_1')}\n" + " ," * 18 + "\n")
+    assert list(data.read_labels(labels)) == ["valid_1_a_1"]
+
+
+def test_json_lines_end_at_newline_only_and_other_encodings_are_named(tmp_path):
+    """A line separator (U+2028) inside a JSON string is text, not a line end, as JSON lines define it: it splits
+    neither a sentence-label record nor a line of an appended file (which would be dropped and the file rewritten
+    without it). A UTF-16 question file is named, not a decoder's offset."""
+    rec = {"VolumeName": "valid_1_a_1", "findings": [["Effusion\u2028 on the left.", 1]], "impressions": None}
+    (jsonl := tmp_path / "s.jsonl").write_text(json.dumps(rec, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert data.read_sentence_labels(jsonl)["valid_1_a_1"]["findings"] == [("Effusion\u2028 on the left.", True)]
+    before = jsonl.read_bytes()
+    assert [r for _, r in runtime.read_appended(jsonl)] == [rec] and jsonl.read_bytes() == before
+    (questions := tmp_path / "q.json").write_text("[]", encoding="utf-16")
+    with pytest.raises(ValueError, match=rf"{questions} line 1: byte 0xff is not UTF-8"):
+        data.read_questions(questions)
+
+
+def test_sentence_label_records_of_another_shape_are_named(tmp_path):
+    """A hand-made sentence-label file: a list dumped on one line, a record without a part, a part that is a string
+    or holds triples or non-text sentences: each is an error naming the file, never a bare KeyError or a label read
+    from a character."""
+    rec = {"VolumeName": "valid_1_a_1", "findings": [["Effusion.", 1]], "impressions": None}
+    shape = r": valid_1_a_1: findings and impressions must each be null or a list of \[sentence, label\] pairs"
+    cases = {"a list": ([rec], r" record 2: must be an object, got list"),
+             "null": (None, r" record 2: must be an object, got NoneType"),
+             "no impressions": ({"VolumeName": "v", "findings": None}, r' record 2: "impressions" is missing'),
+             "a number as name": ({**rec, "VolumeName": 5}, r' record 2: "VolumeName" must be a str, got int'),
+             "a string": ({**rec, "findings": "Effusion."}, shape), "an int": ({**rec, "impressions": 7}, shape),
+             "a triple": ({**rec, "findings": [["Effusion.", 1, 0.9]]}, shape),
+             "a number": ({**rec, "impressions": [[3, 1]]}, shape)}
+    jsonl = tmp_path / "s.jsonl"
+    for record, message in cases.values():
+        jsonl.write_text(json.dumps(rec) + "\n" + json.dumps(record) + "\n")
+        with pytest.raises(ValueError, match=rf"{jsonl}{message}"):
+            data.read_sentence_labels(jsonl)
+
+
 def test_read_vqa_both_formats(tmp_path):
     ctchat = [{"id": "short_answer_1", "image": "train_1_a_1.nii.gz", "conversations": [
         {"from": "human", "type": "x", "value": "<image>\nIs there an effusion? <short_answer>"},
@@ -895,6 +955,30 @@ def test_read_vqa_both_formats(tmp_path):
     assert [g["kind"] for g in got] == ["yes_no", "multiple_choice", "open"]
     assert got[1]["question"].endswith("A) Liver B) Heart C) Right lung D) Spine")
     assert got[1]["answer"] == "C) Right lung"
+
+
+def test_med3d_vqa_as_pandas_writes_it_reads_missing_cells_as_missing(tmp_path):
+    """A Med3D-format file exported by pandas: a missing answer is null or NaN, which is a question without an answer
+    (counted), never the target "None" or "nan"; numbers are text ("2"); a list is an error naming the item and field;
+    a file that is an object, not a list of items, is named as such."""
+    item = lambda **kw: {"Image Path": "/d/valid_1_a_1.nii.gz", "Question": "How many nodules?", **kw}
+    path, skipped = tmp_path / "v.json", Counter()
+    path.write_text(json.dumps([item(Answer=None), item(Answer=float("nan")), item(Answer="Two", **{"Choice D": None}),
+                                item(Answer=2, **{"Choice A": 1, "Choice B": 2, "Choice C": float("nan"),
+                                                  "Answer Choice": "B"})]))
+    got = data.read_vqa(path, skipped)
+    assert skipped["questions without an answer"] == 2
+    assert [(g["question"], g["answer"], g["kind"]) for g in got] == [
+        ("How many nodules?", "Two", "open"), ("How many nodules? A) 1 B) 2", "B) 2", "multiple_choice")]
+    path.write_text(json.dumps([item(Answer="Two"), item(Answer=["Two"])]))
+    with pytest.raises(ValueError, match=rf'{path} item 1 "Answer": must be text, got list'):
+        data.read_vqa(path)
+    path.write_text(json.dumps({"data": [item(Answer="Two")]}))
+    with pytest.raises(ValueError, match=rf"{path}: must be a list of VQA items, got dict"):
+        data.read_vqa(path)
+    path.write_text(json.dumps([{"id": 7, "image": "train_1_a_1.nii.gz", "conversations": [
+        {"from": "human", "value": "<image>\nWhy?"}, {"from": "gpt", "value": "So."}]}]))
+    assert data.read_vqa(path)[0]["kind"] == "open"                        # an integer id, as a database exports it
 
 
 def test_read_vqa_skips_empty_answers_and_refuses_malformed_conversations(tmp_path):
@@ -1096,6 +1180,11 @@ def test_a_cached_volume_of_another_shape_or_type_is_an_error_naming_its_file(ph
     with pytest.raises(ValueError, match=r"float32 \(72, 72, 36\), not the int16"):
         vc.load(name)
     assert good.shape == (1, 1, 64, 64, 32)
+    for cut in (path.stat().st_size // 2, 0):            # a copy of the cache cut short; an empty file
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        with pytest.raises(ValueError, match=rf"{path}: cannot read \((ValueError|EOFError): .*\); preprocess it"):
+            vc.load(name)
 
 
 def test_the_phantom_preset_never_replaces_other_data(tmp_path):
@@ -1234,6 +1323,9 @@ def test_arrays_that_are_not_ct_are_refused_not_cached_as_air(tmp_path):
     for name, vol in cases.items():
         with pytest.raises(data.VolumeReadError, match=f"{name}.nii.gz: neither HU .* no tissue above -300 HU"):
             data.read_ctrate_volume(write_nifti(tmp_path / f"{name}.nii.gz", vol.astype(np.float32)), meta_row())
+    for name, vol in {"twice": hu.astype(np.int32) - 1024, "air": np.full(hu.shape, -1024, np.int16)}.items():
+        with pytest.raises(data.VolumeReadError, match=f"{name}.nii.gz: no tissue .no voxel above -300 HU"):
+            data.read_ctrate_volume(write_nifti(tmp_path / f"{name}.nii.gz", vol), meta_row())   # v2, HU as stored
     rad = {"shifted": (hu + 1000).astype(np.uint16), "normalised": hu / 1000.0, "zeros": np.zeros(hu.shape)}
     for name, vol in rad.items():
         np.savez(tmp_path / f"{name}.npz", ct=vol.transpose(2, 1, 0)[::-1])

@@ -134,6 +134,15 @@ def test_ensure_world_in_a_script_without_the_main_guard_fails_with_the_fix_not_
     assert group(proc.pid, wait=10) == []   # the workers end within seconds of their parent (init reaps them)
 
 
+def test_a_phantom_json_left_empty_is_named_not_a_bare_decoder_error(tmp_path):
+    """phantom.json records what a world was built with, and is now written atomically; one that an older build left
+    empty (killed, or a full disk) stops the next build naming the file, before anything is generated."""
+    (tmp_path / "phantom.json").write_text("")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'phantom.json'}: not valid JSON"):
+        phantom.ensure_world(tmp_path, n_train=4, n_valid=2, n_rad=2)
+    assert not (tmp_path / "dataset").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["world", "--n-train", "0"], "argument --n-train: must be at least 1, not 0"),
     (["world", "--n-rad", "-2"], "argument --n-rad: must be at least 1, not -2"),
