@@ -127,7 +127,10 @@ def _bert_f1(hyps: list[str], refs: list[str], model_dir: str, layers: int | Non
     scorer = bert_score.BERTScorer(model_type=model_dir, num_layers=layers, batch_size=32)
     max_pos = getattr(scorer._model.config, "max_position_embeddings", 512)
     scorer._tokenizer.model_max_length = min(scorer._tokenizer.model_max_length, max_pos)  # dirs without the limit
-    return scorer.score(hyps, refs)[2].tolist()
+    # an empty report scores 0 (bert-score's own value) without being passed on: under transformers 5 it fails there
+    kept = [i for i, h in enumerate(hyps) if h.strip()]
+    f1 = dict(zip(kept, scorer.score([hyps[i] for i in kept], [refs[i] for i in kept])[2].tolist() if kept else []))
+    return [f1.get(i, 0.0) for i in range(len(hyps))]
 
 
 def report_metrics(hyps: list[str], refs: list[str], bert_model: str | None = None, bert_layers: int | None = None,
@@ -228,7 +231,7 @@ def parse_judge_reply(text: str, keys: list[str], lo: int, hi: int) -> dict | No
     m = re.fullmatch(r"\s*(?:```(?:json)?\s*)?(\{.*?\})\s*(?:```)?\s*", text or "", re.DOTALL)
     try:
         obj = json.loads(m.group(1)) if m else None
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):   # not JSON; a number or nesting too deep for the parser
         return None
     ok = isinstance(obj, dict) and set(obj) == set(keys)
     return obj if ok and all(type(obj[k]) is int and lo <= obj[k] <= hi for k in keys) else None
@@ -357,18 +360,19 @@ def case_sheet(png: Path, cache, q: dict, findings: list[str], recs: dict, qset:
             *(f"    {k}) {v}" + ("   ← correct" if k == q["answer"] else "") for k, v in q["options"].items())]
     ax = fig.add_subplot(grid[1])
     ax.axis("off")
-    ax.text(0, 1, "\n".join(head), va="top", fontsize=10, transform=ax.transAxes)
+    ax.text(0, 1, "\n".join(head), va="top", fontsize=10, transform=ax.transAxes, parse_math=False)   # "$" is text
 
     def mark(r: dict) -> str:   # the letter, right or wrong, and how it was read
         return f"{r['pred'] or '—'} {'✓' if r['correct'] else '✗'}{' (by similarity)' * (r['path'] == 'similarity')}"
     for ax, (label, (think, plain)) in zip(np.atleast_1d(grid[2].subgridspec(1, len(recs)).subplots()), recs.items()):
         ax.axis("off")
-        ax.set_title(label + {"sft": " (S1)", "grpo": " (S2)"}.get(label, ""), loc="left", fontweight="bold")
+        ax.set_title(label + {"sft": " (S1)", "grpo": " (S2)"}.get(label, ""), loc="left", fontweight="bold",
+                     parse_math=False)
         rationale = think_text(think["output"]) or "(no <think> block) " + think["output"]
         rationale = "".join(c if c.isprintable() or c.isspace() else "�" for c in rationale)  # control characters
         text = textwrap.fill(textwrap.shorten(rationale, int(col_in * 12) * 24, placeholder=" […]"), int(col_in * 12))
         ax.text(0, 1, f"answer: {mark(think)}\nw/o think: {mark(plain)}\n\nrationale:\n{text}", va="top", fontsize=9,
-                transform=ax.transAxes)
+                transform=ax.transAxes, parse_math=False)     # a model's $\boxed{B}$ is no formula to typeset
     with warnings.catch_warnings():   # a character the font lacks (e.g. CJK from the LLM) is drawn as a box
         warnings.filterwarnings("ignore", "Glyph .* missing from font")
         write_atomic(png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))

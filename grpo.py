@@ -58,7 +58,8 @@ def format_reward(completion: str) -> float:
 
 def answer_only_reward(completion: str) -> float:
     """r_fmt of a prompt asked without <think>: 1.0 iff the completion is one non-empty <answer> block alone."""
-    return float(re.fullmatch(r"\s*<answer>[^<>]*[^<>\s][^<>]*</answer>\s*", completion) is not None)
+    m = re.fullmatch(r"\s*<answer>([^<>]*)</answer>\s*", completion)   # one group: linear time on any completion
+    return float(m is not None and m.group(1).strip() != "")
 
 
 def accuracy_reward(completion: str, answer: str, options: dict | None = None) -> float:

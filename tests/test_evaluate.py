@@ -157,6 +157,9 @@ def test_bertscore_from_local_dir_only(tiny_bert):
     f1 = E._bert_f1(["no pleural effusion.", "the cat sat on the mat"], ["no pleural effusion.", "mild emphysema"],
                     tiny_bert, None)
     assert f1[0] == pytest.approx(1.0, abs=1e-5) and f1[1] < 0.999
+    # a generated report left empty (only tags or special tokens) scores 0, the others as they would alone
+    assert E._bert_f1(["", "the cat sat on the mat", " \n"], ["mild emphysema"] * 3, tiny_bert, None) == [
+        0.0, pytest.approx(E._bert_f1(["the cat sat on the mat"], ["mild emphysema"], tiny_bert, None)[0]), 0.0]
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         E._bert_f1(["a"], ["a"], "roberta-large", None)                # a hub name is never fetched
 
@@ -366,6 +369,7 @@ def test_report_metrics_with_judge(server, tmp_path, monkeypatch):
     ('{"score": 42}', True), ('  ```json\n{"score": 0}\n```  ', True), ('{"score": 101}', False),
     ('{"score": 4.5}', False), ('{"score": true}', False), ('{"score": "42"}', False), ('Score: 42', False),
     ('{"score": 42, "why": "x"}', False), ('{"score": 42} thanks', False), ("", False), (None, False),
+    ('{"score": ' + "[" * 100000 + "]" * 100000 + "}", False), ('{"score": ' + "9" * 5000 + "}", False),  # no raise
 ])
 def test_parse_judge_reply_is_strict(reply, ok):
     assert (E.parse_judge_reply(reply, ["score"], 0, 100) is not None) == ok
@@ -643,6 +647,25 @@ def test_case_sheets(eval_setup, tmp_path, monkeypatch):
     keys = [res["runs"]["sft"]["mmvqa"]["CT-RATE"]["think"]["records"][c["index"]]["key_option"]
             for c in saved["case_sheets"][:3]]
     assert len(set(keys)) == 3                                # different correct answers when the set has them
+
+
+def test_a_case_sheet_draws_dollar_signs_in_model_and_question_text_as_text(phantom_world, tmp_path, monkeypatch):
+    """Qwen-family models write $\\boxed{B}$ or $\\le$, and matplotlib reads text between two $ as a formula: an
+    invalid one stopped the evaluation at its case sheets, before results.json was written, and a rerun stopped
+    there again. Every text drawn from a model, a question or a run's name is drawn as it is."""
+    import matplotlib.text
+    from matplotlib.figure import Figure
+    drawn, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **kw: (drawn.extend(
+        t for t in fig.findobj(matplotlib.text.Text) if "$" in t.get_text()), savefig(fig, *a, **kw))[1])
+    cache = data.VolumeCache(phantom_world["valid_cache"])
+    q = {"VolumeName": cache.names[0], "question": "Costs $5 or $6?", "options": {"A": "$\\frac{1$", "B": "Effusion"},
+         "answer": "B"}
+    rec = {"output": "<think>So $\\boxed{B}$, $\\le$ 3 mm, $_$</think><answer>B</answer>", "pred": "B", "correct": True,
+           "path": "parsed"}
+    E.case_sheet(tmp_path / "case.png", cache, q, ["Pleural effusion"], {"run$1": (rec, rec)}, "CT-RATE")
+    assert (tmp_path / "case.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(drawn) == 3 and not any(t.get_parse_math() for t in drawn)     # question, rationale, run name
 
 
 def test_p_values_against_guessing_and_the_consistency_ablation_pair():

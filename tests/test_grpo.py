@@ -64,7 +64,8 @@ def test_answer_only_format_reward():
     """Asked without <think>, the format is one non-empty answer block alone."""
     assert grpo.answer_only_reward("<answer>C</answer>") == grpo.answer_only_reward(" <answer> C </answer>\n") == 1.0
     for bad in (GOOD, "C", "<answer></answer>", "<answer> </answer>", "<answer>\n</answer>",
-                "<answer>C</answer> because", "<answer>C</answer><answer>C</answer>"):
+                "<answer>C</answer> because", "<answer>C</answer><answer>C</answer>", "<answer> C",
+                "<answer>C<b></answer>"):
         assert grpo.answer_only_reward(bad) == 0.0
 
 
@@ -80,6 +81,8 @@ def test_parse_answer():
     assert parse_answer("<answer>C) Atelectasis</answer>", options=OPTIONS) is None
     assert parse_answer("<answer>E</answer>") is None and parse_answer("<answer>E</answer>", letters="ABCDE") == "E"
     assert accuracy_reward("C", "C") == 0.0                                    # reward needs the answer block
+    assert parse_answer("<answer>\u212a</answer>", options={**OPTIONS, "K": "x"}) is None   # the Kelvin sign: "k"
+    assert parse_answer("<answer>\n  ( b )\n\n</answer>") == "B"          # white space on both sides of a bracket
 
 
 # --------------------------------------------------------------------------------------------------------------------
