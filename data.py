@@ -1000,9 +1000,10 @@ def parse_answer(completion: str, letters: str = "ABCD", options: dict | None = 
         text = blocks[0]
     else:                                                     # no answer tags: what is left outside <think>
         text = TAG.sub(" ", re.sub(r"<think>.*?</think>", " ", completion, flags=re.DOTALL))
+    # an optional bracket as one group, trailing white space stripped in Python: linear time on any completion
     m = re.fullmatch(rf"\s*(?:[(\[]\s*)?([{letters}])\s*(?:[)\].:]\s*)?(.*)", text, re.DOTALL | re.IGNORECASE)
-    if m is None or m.group(1).upper() not in letters:       # (no adjacent \s*: linear time on long white space)
-        return None                                           # the Kelvin sign matches "k" but is no option letter
+    if m is None or m.group(1).upper() not in letters:       # the Kelvin sign matches "k" but is no option letter
+        return None
     letter, rest = m.group(1).upper(), m.group(2).rstrip()
     if rest:
         if text[m.end(1)] not in " \t\n)].:-":
