@@ -106,6 +106,8 @@ def make_consistency_scorer(spec: str, thresholds: list[float] | None = None, le
     without a <think> text scores 0 without consulting any model; a judge call that fails or does not return an
     integer raises (judge_failures="fail") or yields NaN (="exclude"; the trainer drops that group)."""
     if spec == "none":                                   # r_con = 0: the ablation without the consistency reward
+        if thresholds is not None or levels is not None:  # never ignored silently
+            raise ValueError("--con-thresholds and --con-levels grade a scorer's output: --consistency none has none")
         return lambda thinks, reports: [0.0] * len(thinks)
     kind, _, arg = spec.partition(":")
     if kind not in CON_DEFAULTS:
@@ -383,9 +385,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--mu", type=at_least(1), default=1, help="policy iterations per rollout batch")
     g.add_argument("--loss-reduction", default="sequence", choices=["sequence", "token"])
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=at_least(0.0), default=1e-6, help="peak learning rate (cosine decay to 0 over --steps)")
+    g.add_argument("--lr", type=at_least(0.0), default=1e-6, help="peak lr (after the warm-up, cosine decay to 0)")
     g.add_argument("--steps", type=at_least(1), default=1000)
-    g.add_argument("--warmup-frac", type=at_least(0.0, 1.0), default=0.0)
+    g.add_argument("--warmup-frac", type=at_least(0.0, 1.0), default=0.0, help="linear lr warm-up, share of --steps")
     g.add_argument("--weight-decay", type=at_least(0.0), default=0.0)
     g.add_argument("--grad-clip", type=at_least(0.0), default=1.0, help="0 = off")
     g.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=False,

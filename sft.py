@@ -82,8 +82,8 @@ def parse_args(argv=None, phantom: dict = PHANTOM, doc: str = __doc__, prog: str
     g.add_argument("--arw-lambda", type=at_least(0.0), default=1.10, help="eq. (5) abnormal sentences' weight, 1 = off")
     g.add_argument("--lora", action="store_true", help="also train LoRA adapters on the LLM (table 3)")
     g.add_argument("--lora-rank", type=at_least(1), default=16)
-    g.add_argument("--lora-alpha", type=at_least(0.0), default=32.0)
-    g.add_argument("--lora-dropout", type=at_least(0.0, 1.0), default=0.05, help="on the adapters' input in training")
+    g.add_argument("--lora-alpha", type=at_least(1e-3), default=32.0, help="the update's scale is alpha / rank")
+    g.add_argument("--lora-dropout", type=at_least(0.0, 0.99), default=0.05, help="on the adapters' input in training")
     g.add_argument("--feature-stats", type=at_least(2), default=1000, help="volumes for the bridge's input statistics")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=at_least(0.0), default=1e-4, help="peak learning rate (cosine schedule)")
@@ -106,7 +106,12 @@ def parse_args(argv=None, phantom: dict = PHANTOM, doc: str = __doc__, prog: str
         action.help = helps.get(action.dest, action.help)
     if helps.get("preset") == HIDDEN:   # no --preset to choose (the warm-up's): its overrides are the defaults shown
         p.set_defaults(**phantom); phantom = {}
-    return runtime.parse_with_preset(p, argv, phantom)
+    args = runtime.parse_with_preset(p, argv, phantom)
+    lora = [f"--{k.replace('_', '-')}" for k in ("lora_rank", "lora_alpha", "lora_dropout") if getattr(args, k) !=
+            p.get_default(k)]
+    if lora and not args.lora and helps.get("lora") != HIDDEN:   # never ignored silently (the warm-up refuses all)
+        p.error(f"{', '.join(lora)}: only with --lora (no LoRA adapters without it)")
+    return args
 
 
 # ---- examples: (volume, user text, target segments) -> token ids and ARW weights -------------------------------------

@@ -132,6 +132,8 @@ def test_offline_scorer_levels():
     assert make_consistency_scorer("none")(["Emphysema and coronary artery wall calcification."], [REPORT]) == [0.0]
     with pytest.raises(ValueError):
         make_consistency_scorer("bogus")
+    with pytest.raises(ValueError, match="--con-thresholds and --con-levels .*--consistency none has none"):
+        make_consistency_scorer("none", thresholds=[0.5], levels=[0.0, 5.0])      # never ignored silently
     for thresholds, levels in (([0.5, 0.25], [0.0, 0.5, 1.0]), ([0.5], [0.0, 0.5, 1.0]), ([0.25, 0.5], [0.0, 1.0])):
         with pytest.raises(ValueError, match="--con-thresholds .* must ascend and be one fewer than --con-levels"):
             make_consistency_scorer("offline", thresholds=thresholds, levels=levels)   # at build time, not mid-run

@@ -426,6 +426,19 @@ def test_numeric_flags_refuse_values_no_run_can_use(stage, argv, said, capsys):
     assert float(getattr(parse([argv[0], value]), argv[0][2:].replace("-", "_"))) == float(value)
 
 
+def test_lora_settings_need_lora_and_a_scale_and_dropout_that_let_the_adapters_train(capsys):
+    """--lora-rank, --lora-alpha or --lora-dropout without --lora were ignored (the run trained the bridge alone, as
+    if they had not been given); alpha 0 (a zero update) or dropout 1 (a zero input) made adapters that never train."""
+    for argv, said in ((["--lora-rank", "4", "--lora-dropout", "0.1"], "--lora-rank, --lora-dropout: only with --lora"),
+                       (["--lora", "--lora-alpha", "0"], "--lora-alpha: must be at least 0.001, not 0"),
+                       (["--lora", "--lora-dropout", "1"], "--lora-dropout: must be at least 0.0 and at most 0.99")):
+        with pytest.raises(SystemExit):
+            sft.parse_args(argv)
+        assert said in capsys.readouterr().err
+    args = sft.parse_args(["--lora", "--lora-rank", "4", "--lora-alpha", "0.001", "--lora-dropout", "0.99"])
+    assert (args.lora_rank, args.lora_alpha, args.lora_dropout) == (4, 0.001, 0.99)
+
+
 def test_data_commands_refuse_a_spacing_or_share_no_run_can_use(capsys):
     import data
     for argv, said in ((["preprocess", "--src", "s", "--out", "o", "--spacing", "0", "1", "1"], "--spacing: must be "
