@@ -153,7 +153,7 @@ def load_vision_weights(vit: ViT3D, path: str | Path) -> ViT3D:
             obj = str(e).split("GLOBAL ")[1].split()[0] if "GLOBAL " in str(e) else None
             why = (f"it pickles {obj}, which weights_only=True refuses: from a copy you trust, save its tensors alone"
                    if obj else "no PyTorch file that weights_only=True reads; is it the encoder's weights?")
-        raise RuntimeError(f"{path}: cannot load encoder weights ({type(e).__name__}: {why})") from e
+        raise RuntimeError(f"{path}: cannot load encoder weights ({type(e).__name__}: {why})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -164,15 +164,16 @@ def load_vision_weights(vit: ViT3D, path: str | Path) -> ViT3D:
     except RuntimeError as e:   # name the file and, for another width, the preset it fits; then torch's first lines
         width = state["norm.weight"].shape[0] if "norm.weight" in state else None
         fits = [n for n, p in VIT_PRESETS.items() if p["width"] == width != vit.width]
-        hint = f"; it holds a width-{width} encoder, the {fits[0]!r} ViT preset" if fits else ""
+        hint = f"; it holds a width-{width} encoder: the {fits[0]!r} ViT preset, --vit-preset {fits[0]}" if fits else ""
         raise RuntimeError(f"{path} does not fit this ViT3D (width {vit.width}, depth {len(vit.blocks)}){hint}:\n"
-                           + first_lines(e)) from e
+                           + first_lines(e)) from None   # not torch's whole list above it
     return vit
 
 
 def first_lines(error: Exception, n: int = 6) -> str:
-    """An error's first n lines and how many more there are (torch's load_state_dict lists every key, a line each)."""
-    lines = str(error).splitlines()
+    """An error's first n lines, each cut at 300 characters, and how many more there are (torch's load_state_dict
+    lists every mismatched key, a line each, and every missing key on one line)."""
+    lines = [line if len(line) <= 300 else line[:300] + " ..." for line in str(error).splitlines()]
     return "\n".join(lines[:n] + [f"... ({len(lines) - n} more lines)"] * (len(lines) > n))
 
 
@@ -349,7 +350,7 @@ class VLM(nn.Module):
             code = config.get("versions", {})
             edited = ", ".join(code.get("git_changed", ["not recorded"])) or "none"
             raise RuntimeError(f"{ckpt_dir} does not fit this model.py: written by commit {code.get('git_commit')} "
-                               f"(edited: {edited})\n" + first_lines(e)) from e
+                               f"(edited: {edited})\n" + first_lines(e)) from None   # not torch's whole list above it
         return cls(vit, bridge, llm, tokenizer, config).to(device)
 
     def save(self, ckpt_dir: str | Path, meta: dict | None = None) -> Path:
