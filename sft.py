@@ -107,8 +107,8 @@ def parse_args(argv=None, phantom: dict = PHANTOM, doc: str = __doc__, prog: str
     if helps.get("preset") == HIDDEN:   # no --preset to choose (the warm-up's): its overrides are the defaults shown
         p.set_defaults(**phantom); phantom = {}
     args = runtime.parse_with_preset(p, argv, phantom)
-    lora = [f"--{k.replace('_', '-')}" for k in ("lora_rank", "lora_alpha", "lora_dropout") if getattr(args, k) !=
-            p.get_default(k)]
+    lora = [f"--{k.replace('_', '-')}" for k in ("lora_rank", "lora_alpha", "lora_dropout")
+            if getattr(args, k) != p.get_default(k)]
     if lora and not args.lora and helps.get("lora") != HIDDEN:   # never ignored silently (the warm-up refuses all)
         p.error(f"{', '.join(lora)}: only with --lora (no LoRA adapters without it)")
     return args
